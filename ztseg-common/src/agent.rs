@@ -1,0 +1,58 @@
+//! The agents map: one entry per registered agent cgroup.
+
+/// The agent's kill switch is on: every decision is a deny.
+pub const FLAG_KILLED: u32 = 1 << 0;
+/// The agent is paused: new connections and sends are refused; reserved for the risk engine.
+pub const FLAG_PAUSED: u32 = 1 << 1;
+
+/// Value of the agents map, keyed by the agent's cgroup id (`u64`, the cgroup2 inode number).
+///
+/// The daemon replaces the whole value at once (never a field in place), so a program sees either
+/// the old or the new state of an agent, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentState {
+    /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) from which every decision is a deny;
+    /// 0 means the agent holds no valid token.
+    pub deadline_ns: u64,
+    /// The rule table in force: the first field of every rule key this agent's lookups use. A
+    /// table belongs to one agent only, so one agent's rules can never match another's.
+    pub table: u32,
+    /// Stable number of the agent, for per-agent counters and events.
+    pub slot: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Enforcement mode; 0 is the only one so far (enforce). Room for later modes.
+    pub mode: u32,
+}
+
+impl AgentState {
+    pub const fn killed(&self) -> bool {
+        self.flags & FLAG_KILLED != 0
+    }
+
+    pub const fn paused(&self) -> bool {
+        self.flags & FLAG_PAUSED != 0
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no padding (checked by the layout test).
+unsafe impl aya::Pod for AgentState {}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layout_is_what_the_kernel_side_reads() {
+        assert_eq!(size_of::<AgentState>(), 24);
+        assert_eq!(offset_of!(AgentState, deadline_ns), 0);
+        assert_eq!(offset_of!(AgentState, table), 8);
+        assert_eq!(offset_of!(AgentState, slot), 12);
+        assert_eq!(offset_of!(AgentState, flags), 16);
+        assert_eq!(offset_of!(AgentState, mode), 20);
+    }
+}

@@ -1,0 +1,145 @@
+//! How a decision is reached, as plain functions the kernel programs call and the unit tests
+//! exercise without a kernel.
+
+use crate::{
+    agent::AgentState,
+    rule::{RuleValue, VERDICT_ALLOW, VERDICT_DENY},
+};
+
+/// Why a decision came out the way it did. Stable numbers: they travel in events.
+pub mod reason {
+    /// Allowed by an allow rule.
+    pub const RULE: u8 = 1;
+    /// No rule of the agent's table matches: default deny.
+    pub const NO_RULE: u8 = 2;
+    /// A deny rule matches (denies win over allows).
+    pub const FORBIDDEN: u8 = 3;
+    /// The agent's token deadline has passed.
+    pub const EXPIRED: u8 = 4;
+    /// The agent holds no valid token.
+    pub const NO_TOKEN: u8 = 5;
+    /// The agent's kill switch is on.
+    pub const KILLED: u8 = 6;
+    /// The agent is paused.
+    pub const PAUSED: u8 = 7;
+    /// The process is under the agents' root cgroup but its cgroup is no registered agent.
+    pub const UNREGISTERED: u8 = 8;
+    /// A raw socket.
+    pub const RAW_SOCKET: u8 = 9;
+    /// A socket protocol ztseg does not judge (SCTP, MPTCP, UDP-Lite, ping ...): refused whole.
+    pub const PROTOCOL: u8 = 10;
+}
+
+/// Marks "no rule" in [`Decision::rule_id`].
+pub const NO_RULE_ID: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `VERDICT_ALLOW` or `VERDICT_DENY`.
+    pub verdict: u8,
+    /// One of [`reason`].
+    pub reason: u8,
+    /// The rule that decided, or [`NO_RULE_ID`].
+    pub rule_id: u32,
+}
+
+impl Decision {
+    pub const fn deny(reason: u8) -> Self {
+        Self { verdict: VERDICT_DENY, reason, rule_id: NO_RULE_ID }
+    }
+
+    /// A socket the agent may create (sock_create has no rule behind it).
+    pub const fn allow_socket() -> Self {
+        Self { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: NO_RULE_ID }
+    }
+
+    pub const fn allowed(&self) -> bool {
+        self.verdict == VERDICT_ALLOW
+    }
+}
+
+/// The agent-level checks that come before any rule: registration, kill switch, token deadline,
+/// pause. Returns the rule table to consult, or the deny that ends the decision.
+pub const fn gate(agent: Option<&AgentState>, now_boot_ns: u64) -> Result<u32, Decision> {
+    let Some(agent) = agent else {
+        return Err(Decision::deny(reason::UNREGISTERED));
+    };
+    if agent.killed() {
+        return Err(Decision::deny(reason::KILLED));
+    }
+    if agent.deadline_ns == 0 {
+        return Err(Decision::deny(reason::NO_TOKEN));
+    }
+    if now_boot_ns >= agent.deadline_ns {
+        return Err(Decision::deny(reason::EXPIRED));
+    }
+    if agent.paused() {
+        return Err(Decision::deny(reason::PAUSED));
+    }
+    Ok(agent.table)
+}
+
+/// Joins the longest matches of the destination-port bucket and the every-port bucket: a deny in
+/// either wins, then an allow in either, else default deny. Within one bucket the daemon never
+/// stores an allow under a deny that covers it, so a bucket's longest match is a deny whenever
+/// any deny of that bucket matches.
+pub const fn combine(port: Option<&RuleValue>, any_port: Option<&RuleValue>) -> Decision {
+    if let Some(v) = port
+        && v.verdict == VERDICT_DENY
+    {
+        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: v.rule_id };
+    }
+    if let Some(v) = any_port
+        && v.verdict == VERDICT_DENY
+    {
+        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: v.rule_id };
+    }
+    if let Some(v) = port
+        && v.verdict == VERDICT_ALLOW
+    {
+        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: v.rule_id };
+    }
+    if let Some(v) = any_port
+        && v.verdict == VERDICT_ALLOW
+    {
+        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: v.rule_id };
+    }
+    Decision::deny(reason::NO_RULE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{FLAG_KILLED, FLAG_PAUSED};
+
+    const fn agent(deadline_ns: u64, flags: u32) -> AgentState {
+        AgentState { deadline_ns, table: 9, slot: 3, flags, mode: 0 }
+    }
+
+    #[test]
+    fn gate_checks_registration_kill_deadline_pause_in_that_order() {
+        assert_eq!(gate(None, 5), Err(Decision::deny(reason::UNREGISTERED)));
+        assert_eq!(gate(Some(&agent(10, 0)), 5), Ok(9));
+        assert_eq!(gate(Some(&agent(10, 0)), 10), Err(Decision::deny(reason::EXPIRED)));
+        assert_eq!(gate(Some(&agent(0, 0)), 5), Err(Decision::deny(reason::NO_TOKEN)));
+        assert_eq!(gate(Some(&agent(10, FLAG_PAUSED)), 5), Err(Decision::deny(reason::PAUSED)));
+        let both = agent(10, FLAG_KILLED | FLAG_PAUSED);
+        assert_eq!(gate(Some(&both), 5), Err(Decision::deny(reason::KILLED)));
+        assert_eq!(gate(Some(&agent(0, FLAG_KILLED)), 5), Err(Decision::deny(reason::KILLED)));
+    }
+
+    #[test]
+    fn deny_in_either_bucket_wins() {
+        let allow = RuleValue::new(1, VERDICT_ALLOW);
+        let deny = RuleValue::new(2, VERDICT_DENY);
+        let forbidden = |id| Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: id };
+        let allowed = |id| Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: id };
+        assert_eq!(combine(Some(&allow), Some(&deny)), forbidden(2));
+        assert_eq!(combine(Some(&deny), Some(&allow)), forbidden(2));
+        assert_eq!(combine(Some(&allow), None), allowed(1));
+        assert_eq!(combine(None, Some(&allow)), allowed(1));
+        assert_eq!(combine(None, None), Decision::deny(reason::NO_RULE));
+        // A value with an unknown verdict grants nothing.
+        assert_eq!(combine(Some(&RuleValue::new(5, 0)), None), Decision::deny(reason::NO_RULE));
+    }
+}

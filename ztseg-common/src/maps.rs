@@ -1,0 +1,28 @@
+//! Names and sizes of the BPF maps, the one place both sides read them from.
+//!
+//! Names are at most 15 bytes (`BPF_OBJ_NAME_LEN`); the daemon pins each map under its pin dir
+//! with the same name, so `bpftool map dump pinned <pin dir>/agents` finds it.
+
+/// cgroup id (`u64`) -> [`crate::agent::AgentState`]; hash, allocated on update (no prealloc),
+/// so a program that looked up an entry keeps reading the version it found.
+pub const AGENTS: &str = "agents";
+/// LPM trie of [`crate::rule::Rule4`] -> [`crate::rule::RuleValue`].
+pub const RULES_V4: &str = "rules_v4";
+/// LPM trie of [`crate::rule::Rule6`] -> [`crate::rule::RuleValue`].
+pub const RULES_V6: &str = "rules_v6";
+/// One-slot array of maps. Updating it makes the kernel wait for every running program
+/// (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c): the daemon's RCU barrier before it
+/// reclaims a rule table that a program may still be reading.
+pub const RCU_BARRIER: &str = "rcu_barrier";
+/// The inner map that the daemon stores into [`RCU_BARRIER`]; never read.
+pub const RCU_BARRIER_INNER: &str = "rcu_barrier_in";
+
+/// Registered agents at most.
+pub const MAX_AGENTS: u32 = 65_536;
+/// Rule entries per address family at most, across all agents, including a replacement table
+/// being written while the old one is still in force.
+pub const MAX_RULES: u32 = 1 << 22;
+
+/// Version of the pinned maps' layout. The daemon stores it next to the pins and refuses to adopt
+/// pins of another layout, because reading old entries with new types would misjudge them.
+pub const LAYOUT: u32 = 1;
