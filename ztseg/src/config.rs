@@ -1,0 +1,284 @@
+//! The daemon's configuration file (`/etc/ztseg/ztseg.toml`, or `--config FILE`).
+//!
+//! Every key has a built-in default, so the daemon runs without a file. Unknown keys are an
+//! error: a typo in a security configuration must not silently change what is enforced.
+
+use std::{
+    fs, io,
+    path::{Component, Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Where the daemon looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/ztseg/ztseg.toml";
+
+/// Signature algorithms a configured issuer may be pinned to.
+pub const ALGORITHMS: [&str; 3] = ["EdDSA", "ES256", "RS256"];
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Policy files (catalogue and agent bindings), watched for changes.
+    pub policy_dir: PathBuf,
+    /// Host signing key, replay cache, last good state.
+    pub state_dir: PathBuf,
+    /// The hash-chained audit log.
+    pub audit_log: PathBuf,
+    /// The control socket; client commands take `--socket` or `ZTSEG_SOCKET`.
+    pub socket: PathBuf,
+    /// Where programs, links and maps are pinned (on bpffs).
+    pub pin_dir: PathBuf,
+    /// The agents' root cgroup, relative to the cgroup2 mount; created if missing.
+    pub cgroup_root: PathBuf,
+    /// Required `aud` of every token.
+    pub audience: String,
+    /// Longest token lifetime (`exp - iat`, or `exp - nbf`) accepted.
+    pub max_ttl_seconds: u64,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway_seconds: u64,
+    /// Group (name) whose members may use the control socket besides root; none by default.
+    pub control_group: Option<String>,
+    /// Trusted token issuers.
+    pub issuers: Vec<Issuer>,
+    pub risk: Risk,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            policy_dir: PathBuf::from("/etc/ztseg/policies"),
+            state_dir: PathBuf::from("/var/lib/ztseg"),
+            audit_log: PathBuf::from("/var/log/ztseg/audit.jsonl"),
+            socket: PathBuf::from("/run/ztseg/ztseg.sock"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/ztseg"),
+            cgroup_root: PathBuf::from("ztseg.slice"),
+            audience: "ztseg".to_owned(),
+            max_ttl_seconds: 3600,
+            leeway_seconds: 5,
+            control_group: None,
+            issuers: Vec::new(),
+            risk: Risk::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    /// The `iss` claim this issuer's tokens carry.
+    pub iss: String,
+    /// PEM public key, or JWKS file (the token's `kid` selects the key).
+    pub key: PathBuf,
+    /// The only algorithms accepted for this issuer's tokens.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["EdDSA".to_owned()]
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Risk {
+    /// Score at which an agent is paused (new connections refused, flagged for review).
+    pub pause_at: u32,
+    /// Score at which an agent is suspended (kill switch).
+    pub suspend_at: u32,
+}
+
+impl Default for Risk {
+    fn default() -> Self {
+        Self { pause_at: 70, suspend_at: 90 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}: {key} {problem}")]
+    Invalid { path: PathBuf, key: String, problem: String },
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default path means "all defaults".
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Parses and validates a config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim_end_matches('\n').to_owned(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| {
+            Err(ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), problem })
+        };
+        for (key, value) in [
+            ("policy_dir", &self.policy_dir),
+            ("state_dir", &self.state_dir),
+            ("audit_log", &self.audit_log),
+            ("socket", &self.socket),
+            ("pin_dir", &self.pin_dir),
+        ] {
+            if !value.is_absolute() {
+                return invalid(key, format!("must be an absolute path, not {value:?}"));
+            }
+        }
+        if self.cgroup_root.as_os_str().is_empty()
+            || !self.cgroup_root.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return invalid(
+                "cgroup_root",
+                format!(
+                    "must be a path relative to the cgroup2 mount without '..', not {:?}",
+                    self.cgroup_root
+                ),
+            );
+        }
+        if self.audience.is_empty() {
+            return invalid("audience", "must not be empty".to_owned());
+        }
+        if self.max_ttl_seconds == 0 {
+            return invalid("max_ttl_seconds", "must be at least 1".to_owned());
+        }
+        if self.leeway_seconds > 300 {
+            return invalid(
+                "leeway_seconds",
+                format!("is {}; more than 300 s of clock skew is not tolerated", self.leeway_seconds),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, issuer) in self.issuers.iter().enumerate() {
+            let key = |field: &str| format!("issuers[{i}].{field}");
+            if issuer.iss.is_empty() {
+                return invalid(&key("iss"), "must not be empty".to_owned());
+            }
+            if !seen.insert(&issuer.iss) {
+                return invalid(&key("iss"), format!("{:?} is configured twice", issuer.iss));
+            }
+            if issuer.algorithms.is_empty() {
+                return invalid(&key("algorithms"), "must name at least one algorithm".to_owned());
+            }
+            if let Some(bad) = issuer.algorithms.iter().find(|a| !ALGORITHMS.contains(&a.as_str())) {
+                return invalid(&key("algorithms"), format!("has {bad:?}; supported: EdDSA, ES256, RS256"));
+            }
+        }
+        let Risk { pause_at, suspend_at } = self.risk;
+        if !(1..=100).contains(&pause_at) || !(1..=100).contains(&suspend_at) || pause_at > suspend_at {
+            return invalid(
+                "risk",
+                format!("needs 1 <= pause_at <= suspend_at <= 100, got {pause_at} and {suspend_at}"),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("ztseg.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = parse(
+            r#"
+policy_dir = "/etc/ztseg/policies"
+state_dir = "/var/lib/ztseg"
+audit_log = "/var/log/ztseg/audit.jsonl"
+socket = "/run/ztseg/ztseg.sock"
+pin_dir = "/sys/fs/bpf/ztseg"
+cgroup_root = "ztseg.slice"
+audience = "ztseg"
+max_ttl_seconds = 3600
+leeway_seconds = 5
+
+[[issuers]]
+iss = "moltbot-orchestrator"
+key = "/etc/ztseg/keys/orchestrator.pub.pem"
+algorithms = ["EdDSA"]
+
+[risk]
+pause_at = 70
+suspend_at = 90
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.issuers.len(), 1);
+        assert_eq!(config.issuers[0].algorithms, ["EdDSA"]);
+        assert_eq!(config.risk, Risk::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let err = parse("audience = \"x\"\npolicy_dirr = \"/tmp\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("ztseg.toml:2:1: unknown field `policy_dirr`"), "{err}");
+        let err = parse("[risk]\npause = 5\n").unwrap_err().to_string();
+        assert!(err.contains("ztseg.toml:2:1") && err.contains("pause"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("cgroup_root = \"../escape\"", "cgroup_root"),
+            ("pin_dir = \"relative\"", "pin_dir"),
+            ("max_ttl_seconds = 0", "max_ttl_seconds"),
+            ("[risk]\npause_at = 95\nsuspend_at = 90", "risk"),
+            ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),
+            (
+                "[[issuers]]\niss = \"a\"\nkey = \"/k\"\n[[issuers]]\niss = \"a\"\nkey = \"/k\"",
+                "issuers[1].iss",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("ztseg.toml: {key} ")), "{text:?} -> {err}");
+        }
+        assert!(parse("max_ttl_seconds = \"long\"").unwrap_err().to_string().starts_with("ztseg.toml:1:19:"));
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error_but_a_missing_default_is_not() {
+        assert!(Config::load(Some(Path::new("/nonexistent/ztseg.toml"))).is_err());
+    }
+}

@@ -1,0 +1,666 @@
+//! The kernel half of enforcement: load or adopt the programs and their pinned maps, and write
+//! agents and rule tables into them.
+//!
+//! Programs are attached once, at the agents' root cgroup, through BPF links pinned under the pin
+//! dir, so they keep enforcing when the daemon is gone. A later start loads the embedded programs
+//! again, reuses the pinned maps, and swaps each link's program in place (BPF_LINK_UPDATE):
+//! nothing is detached and nothing granted is reset.
+//!
+//! A rule set is replaced without a gap: the new rules go into a fresh table that no agent uses
+//! yet, one update of the agent's entry switches to it, and the old table is deleted only after
+//! an RCU grace period, when no running program can still be reading it.
+
+mod bpf_sys;
+pub mod pins;
+pub mod table;
+
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    fs::{self, File},
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, MapInfo, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, cgroup_sock::CgroupSockAttachType,
+        cgroup_sock_addr::CgroupSockAddrAttachType, links::FdLink,
+    },
+};
+use aya_obj::generated::bpf_attach_type;
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{debug, info, warn};
+use ztseg_common::{
+    agent::{AgentState, FLAG_KILLED, FLAG_PAUSED},
+    maps,
+    rule::{Rule4, Rule6, RuleValue},
+};
+
+pub use self::{
+    pins::PinPaths,
+    table::{Entry, Verdict},
+};
+use crate::cgroup::{self, CgroupError};
+
+/// The kernel programs, built by `cargo xtask build` (empty in a plain `cargo build`).
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztseg-ebpf.o"));
+
+/// The rule table that holds no entries: what an agent without a grant points at.
+const EMPTY_TABLE: u32 = 0;
+
+/// The kernel hooks, by program name in the object.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    SockAddr(CgroupSockAddrAttachType),
+    Sock(CgroupSockAttachType),
+}
+
+impl Hook {
+    fn attach_type(self) -> u32 {
+        let t: bpf_attach_type = match self {
+            Self::SockAddr(t) => t.into(),
+            Self::Sock(t) => t.into(),
+        };
+        t as u32
+    }
+}
+
+/// Every program ztseg attaches, by name in the object (also its link's pin name).
+const PROGRAMS: [(&str, Hook); 5] = [
+    ("connect4", Hook::SockAddr(CgroupSockAddrAttachType::Connect4)),
+    ("connect6", Hook::SockAddr(CgroupSockAddrAttachType::Connect6)),
+    ("sendmsg4", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4)),
+    ("sendmsg6", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6)),
+    ("sock_create", Hook::Sock(CgroupSockAttachType::SockCreate)),
+];
+
+/// Names of the attached programs, for status output and tests.
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.iter().map(|(name, _)| *name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "this ztseg binary has no kernel programs embedded (built with plain cargo); build it with `cargo xtask build`"
+    )]
+    NoPrograms,
+    #[error("pin dir {path} is not usable: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("pin dir {path} is not on a BPF filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpfFs { path: PathBuf },
+    #[error("another ztseg process holds pin dir {path}; stop it first")]
+    Busy { path: PathBuf },
+    #[error(
+        "pinned map {path} has another layout ({found}, this ztseg expects {expected}); `ztseg uninstall` removes the old pins (and every grant)"
+    )]
+    IncompatiblePin { path: PathBuf, found: String, expected: String },
+    #[error("cannot load the kernel programs: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the kernel object lacks {0}")]
+    Missing(&'static str),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: Box<ProgramError> },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: Box<MapError> },
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: io::Error },
+    #[error(
+        "pinned link {path} is attached to cgroup id {found} with hook {found_hook}, not to the agents' root {expected} (was cgroup_root changed? `ztseg uninstall` first)"
+    )]
+    ForeignLink { path: PathBuf, found: u64, found_hook: u32, expected: u64 },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cgroup id {0} is not a registered agent")]
+    NotRegistered(u64),
+    #[error("no free agent slot: {} agents are registered", maps::MAX_AGENTS)]
+    TooManyAgents,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source: Box::new(source) }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DataplaneError {
+    move |source| DataplaneError::Program { name, source: Box::new(source) }
+}
+
+/// What `Dataplane::start` found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StartReport {
+    /// Links that existed and had their program swapped in place.
+    pub links_updated: usize,
+    /// Links created (first start, or a hook that was missing).
+    pub links_created: usize,
+    /// Agents found in the pinned agents map.
+    pub agents_adopted: usize,
+    /// Rule entries of tables no agent referenced (left by a crash), deleted.
+    pub orphans_removed: usize,
+}
+
+/// Trie keys of one table, kept so the table can be deleted without scanning the tries.
+#[derive(Default)]
+struct TableKeys {
+    v4: Vec<Key<Rule4>>,
+    v6: Vec<Key<Rule6>>,
+}
+
+impl TableKeys {
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+/// Rule tables: ids in use, their keys, and ids to reuse.
+#[derive(Default)]
+struct Tables {
+    next: u32,
+    free: Vec<u32>,
+    keys: StdHashMap<u32, TableKeys>,
+}
+
+impl Tables {
+    fn allocate(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        })
+    }
+}
+
+/// The enforcement maps, loaded or adopted, and the bookkeeping to write them safely.
+pub struct Dataplane {
+    paths: PinPaths,
+    root_cgroup: PathBuf,
+    root_cgroup_id: u64,
+    agents: HashMap<MapData, u64, AgentState>,
+    rules_v4: LpmTrie<MapData, Rule4, RuleValue>,
+    rules_v6: LpmTrie<MapData, Rule6, RuleValue>,
+    barrier: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    barrier_inner: Array<MapData, u32>,
+    tables: Tables,
+    slots: BTreeSet<u32>,
+    /// Tables switched away from, deleted after the next grace period.
+    retired: Vec<u32>,
+    _lock: Flock<File>,
+}
+
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Makes sure the pin dir exists on a BPF filesystem, mounting bpffs at /sys/fs/bpf if that is
+/// where the pin dir lives and nothing is mounted there yet (as systemd would).
+fn prepare_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        info!("mounting bpffs at /sys/fs/bpf");
+        nix::mount::mount(Some("bpf"), sys_bpf, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| DataplaneError::PinDir { path: sys_bpf.to_owned(), source: e.into() })?;
+    }
+    fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
+    if !is_bpffs(dir) {
+        return Err(DataplaneError::NotBpfFs { path: dir.to_owned() });
+    }
+    Ok(())
+}
+
+/// Exclusive hold on the pin dir: one writer of the maps at a time.
+fn lock_pin_dir(dir: &Path) -> Result<Flock<File>, DataplaneError> {
+    let file = File::open(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            DataplaneError::Busy { path: dir.to_owned() }
+        } else {
+            DataplaneError::PinDir { path: dir.to_owned(), source: errno.into() }
+        }
+    })
+}
+
+/// Refuses pinned maps whose shape differs from what these programs expect.
+fn check_pinned_layout(paths: &PinPaths) -> Result<(), DataplaneError> {
+    let expected = [
+        (maps::AGENTS, size_of::<u64>(), size_of::<AgentState>(), maps::MAX_AGENTS),
+        (maps::RULES_V4, size_of::<Key<Rule4>>(), size_of::<RuleValue>(), maps::MAX_RULES),
+        (maps::RULES_V6, size_of::<Key<Rule6>>(), size_of::<RuleValue>(), maps::MAX_RULES),
+    ];
+    for (name, key, value, max) in expected {
+        let path = paths.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        if found != (key, value, max) {
+            return Err(DataplaneError::IncompatiblePin {
+                path,
+                found: format!("key {} B, value {} B, {} entries", found.0, found.1, found.2),
+                expected: format!("key {key} B, value {value} B, {max} entries"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Loads the programs and attaches them at `root_cgroup` (an absolute cgroup2 directory,
+    /// created if missing), or, when pins exist under `pin_dir`, adopts them: the pinned maps
+    /// keep their contents and each pinned link gets the new program swapped in atomically.
+    pub fn start(pin_dir: &Path, root_cgroup: &Path) -> Result<(Self, StartReport), DataplaneError> {
+        if PROGRAM_OBJECT.is_empty() {
+            return Err(DataplaneError::NoPrograms);
+        }
+        let paths = PinPaths::new(pin_dir);
+        prepare_pin_dir(paths.dir())?;
+        let lock = lock_pin_dir(paths.dir())?;
+        check_pinned_layout(&paths)?;
+        let root_cgroup_id = cgroup::ensure(root_cgroup)?;
+
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&str, PathBuf)> = pins::PINNED_MAPS.iter().map(|m| (*m, paths.map(m))).collect();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| DataplaneError::Load(Box::new(e)))?;
+
+        let mut report = StartReport::default();
+        let links_dir = paths.links_dir();
+        fs::create_dir_all(&links_dir)
+            .map_err(|source| DataplaneError::PinDir { path: links_dir.clone(), source })?;
+        let root = File::open(root_cgroup)
+            .map_err(|source| CgroupError::Stat { path: root_cgroup.to_owned(), source })?;
+        for (name, hook) in PROGRAMS {
+            if attach(&mut ebpf, name, hook, &root, root_cgroup_id, &paths.link(name))? {
+                report.links_updated += 1;
+            } else {
+                report.links_created += 1;
+            }
+        }
+
+        let mut dataplane = Self {
+            agents: take_map(&mut ebpf, maps::AGENTS)?,
+            rules_v4: take_map(&mut ebpf, maps::RULES_V4)?,
+            rules_v6: take_map(&mut ebpf, maps::RULES_V6)?,
+            barrier: take_map(&mut ebpf, maps::RCU_BARRIER)?,
+            barrier_inner: take_map(&mut ebpf, maps::RCU_BARRIER_INNER)?,
+            paths,
+            root_cgroup: root_cgroup.to_owned(),
+            root_cgroup_id,
+            tables: Tables::default(),
+            slots: BTreeSet::new(),
+            retired: Vec::new(),
+            _lock: lock,
+        };
+        let (agents, orphans) = dataplane.adopt()?;
+        report.agents_adopted = agents;
+        report.orphans_removed = orphans;
+        info!(
+            pin_dir = %dataplane.paths.dir().display(),
+            root = %root_cgroup.display(),
+            links_updated = report.links_updated,
+            links_created = report.links_created,
+            agents = report.agents_adopted,
+            "dataplane up"
+        );
+        Ok((dataplane, report))
+    }
+
+    /// Rebuilds the bookkeeping from the pinned maps and deletes rule entries of tables no agent
+    /// references (a crash between writing a table and switching to it leaves such entries).
+    fn adopt(&mut self) -> Result<(usize, usize), DataplaneError> {
+        let mut in_use = BTreeSet::new();
+        for entry in self.agents.iter() {
+            let (_, state) = entry.map_err(map_err(maps::AGENTS))?;
+            self.slots.insert(state.slot);
+            in_use.insert(state.table);
+        }
+        let mut orphans = TableKeys::default();
+        for key in self.rules_v4.keys() {
+            let key = key.map_err(map_err(maps::RULES_V4))?;
+            let table = key.data().table;
+            if in_use.contains(&table) && table != EMPTY_TABLE {
+                self.tables.keys.entry(table).or_default().v4.push(key);
+            } else {
+                orphans.v4.push(key);
+            }
+        }
+        for key in self.rules_v6.keys() {
+            let key = key.map_err(map_err(maps::RULES_V6))?;
+            let table = key.data().table;
+            if in_use.contains(&table) && table != EMPTY_TABLE {
+                self.tables.keys.entry(table).or_default().v6.push(key);
+            } else {
+                orphans.v6.push(key);
+            }
+        }
+        self.tables.next = in_use.iter().copied().max().unwrap_or(EMPTY_TABLE);
+        let orphan_count = orphans.len();
+        if orphan_count > 0 {
+            warn!(entries = orphan_count, "deleting rule entries no agent references");
+            self.wait_for_readers()?;
+            self.delete_keys(&orphans);
+        }
+        Ok((self.slots.len(), orphan_count))
+    }
+
+    pub fn pin_paths(&self) -> &PinPaths {
+        &self.paths
+    }
+
+    pub fn root_cgroup(&self) -> &Path {
+        &self.root_cgroup
+    }
+
+    pub fn root_cgroup_id(&self) -> u64 {
+        self.root_cgroup_id
+    }
+
+    /// Registers an agent cgroup with no rights (default deny until a grant). Registering an
+    /// agent that is already registered changes nothing and returns its state.
+    pub fn register(&mut self, cgroup_id: u64) -> Result<AgentState, DataplaneError> {
+        if let Some(state) = self.agent(cgroup_id)? {
+            return Ok(state);
+        }
+        let slot =
+            (0..maps::MAX_AGENTS).find(|s| !self.slots.contains(s)).ok_or(DataplaneError::TooManyAgents)?;
+        let state = AgentState { deadline_ns: 0, table: EMPTY_TABLE, slot, flags: 0, mode: 0 };
+        self.agents.insert(cgroup_id, state, 0).map_err(map_err(maps::AGENTS))?;
+        self.slots.insert(slot);
+        debug!(cgroup_id, slot, "agent registered");
+        Ok(state)
+    }
+
+    /// Removes an agent: its cgroup falls back to "unregistered" (everything denied) and its
+    /// rule table is reclaimed.
+    pub fn unregister(&mut self, cgroup_id: u64) -> Result<(), DataplaneError> {
+        let Some(state) = self.agent(cgroup_id)? else {
+            return Ok(());
+        };
+        self.agents.remove(&cgroup_id).map_err(map_err(maps::AGENTS))?;
+        self.slots.remove(&state.slot);
+        self.retire(state.table);
+        self.reclaim()
+    }
+
+    /// The agent's state as the kernel sees it.
+    pub fn agent(&self, cgroup_id: u64) -> Result<Option<AgentState>, DataplaneError> {
+        match self.agents.get(&cgroup_id, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::AGENTS)(e)),
+        }
+    }
+
+    /// Every registered agent: cgroup id and state.
+    pub fn agents(&self) -> Result<Vec<(u64, AgentState)>, DataplaneError> {
+        self.agents.iter().map(|e| e.map_err(map_err(maps::AGENTS))).collect()
+    }
+
+    /// Replaces the agent's whole rule set and token deadline (`CLOCK_BOOTTIME` ns) at once.
+    ///
+    /// The entries go into a new table first; one update of the agent's entry then switches every
+    /// later decision to the new table and deadline together. If writing the table fails, it is
+    /// removed again and the agent keeps what it had. Returns the number of trie entries written.
+    pub fn grant(
+        &mut self,
+        cgroup_id: u64,
+        entries: &[Entry],
+        deadline_ns: u64,
+    ) -> Result<usize, DataplaneError> {
+        let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
+        let table = self.tables.allocate();
+        let encoded = table::encode(table, entries);
+        let mut written = TableKeys::default();
+        let result = (|| {
+            for (key, value) in &encoded.v4 {
+                self.rules_v4.insert(key, value, 0).map_err(map_err(maps::RULES_V4))?;
+                written.v4.push(*key);
+            }
+            for (key, value) in &encoded.v6 {
+                self.rules_v6.insert(key, value, 0).map_err(map_err(maps::RULES_V6))?;
+                written.v6.push(*key);
+            }
+            let next = AgentState { deadline_ns: deadline_ns.max(1), table, ..state };
+            self.agents.insert(cgroup_id, next, 0).map_err(map_err(maps::AGENTS))
+        })();
+        if let Err(e) = result {
+            // Nothing references the half-written table: delete it right away.
+            self.delete_keys(&written);
+            self.tables.free.push(table);
+            return Err(e);
+        }
+        let count = written.len();
+        self.tables.keys.insert(table, written);
+        self.retire(state.table);
+        self.reclaim()?;
+        debug!(cgroup_id, table, entries = count, "rule set replaced");
+        Ok(count)
+    }
+
+    /// Withdraws the agent's rights: no rules, no token. The agent stays registered.
+    pub fn revoke(&mut self, cgroup_id: u64) -> Result<(), DataplaneError> {
+        let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
+        let next = AgentState { deadline_ns: 0, table: EMPTY_TABLE, ..state };
+        self.agents.insert(cgroup_id, next, 0).map_err(map_err(maps::AGENTS))?;
+        self.retire(state.table);
+        self.reclaim()
+    }
+
+    /// Moves the agent's token deadline without touching its rules.
+    pub fn set_deadline(&mut self, cgroup_id: u64, deadline_ns: u64) -> Result<(), DataplaneError> {
+        self.update(cgroup_id, |s| s.deadline_ns = deadline_ns)
+    }
+
+    /// Turns the agent's kill switch on or off.
+    pub fn set_killed(&mut self, cgroup_id: u64, killed: bool) -> Result<(), DataplaneError> {
+        self.update(cgroup_id, |s| set_flag(&mut s.flags, FLAG_KILLED, killed))
+    }
+
+    /// Pauses the agent (new connections and sends refused) or lifts the pause.
+    pub fn set_paused(&mut self, cgroup_id: u64, paused: bool) -> Result<(), DataplaneError> {
+        self.update(cgroup_id, |s| set_flag(&mut s.flags, FLAG_PAUSED, paused))
+    }
+
+    /// Writes a whole new value for the agent (never a field in place).
+    fn update(&mut self, cgroup_id: u64, change: impl FnOnce(&mut AgentState)) -> Result<(), DataplaneError> {
+        let mut state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
+        change(&mut state);
+        self.agents.insert(cgroup_id, state, 0).map_err(map_err(maps::AGENTS))
+    }
+
+    /// Number of trie entries of the agent's table in force.
+    pub fn rule_count(&self, cgroup_id: u64) -> Result<usize, DataplaneError> {
+        let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
+        Ok(self.tables.keys.get(&state.table).map_or(0, TableKeys::len))
+    }
+
+    fn retire(&mut self, table: u32) {
+        if table != EMPTY_TABLE {
+            self.retired.push(table);
+        }
+    }
+
+    /// Deletes retired tables once no program can be reading them.
+    fn reclaim(&mut self) -> Result<(), DataplaneError> {
+        if self.retired.is_empty() {
+            return Ok(());
+        }
+        self.wait_for_readers()?;
+        for table in std::mem::take(&mut self.retired) {
+            if let Some(keys) = self.tables.keys.remove(&table) {
+                self.delete_keys(&keys);
+            }
+            self.tables.free.push(table);
+        }
+        Ok(())
+    }
+
+    /// Returns after every program that was running has finished: updating a map-in-map makes
+    /// the kernel wait for an RCU grace period (kernel/bpf/syscall.c, maybe_wait_bpf_programs).
+    fn wait_for_readers(&mut self) -> Result<(), DataplaneError> {
+        self.barrier.set(0, &self.barrier_inner, 0).map_err(map_err(maps::RCU_BARRIER))
+    }
+
+    fn delete_keys(&mut self, keys: &TableKeys) {
+        // A key that is already gone is fine; anything else leaves an unreachable entry behind,
+        // which the next start's orphan sweep removes.
+        for key in &keys.v4 {
+            if let Err(e) = self.rules_v4.remove(key)
+                && !matches!(e, MapError::KeyNotFound)
+            {
+                warn!(error = %e, "could not delete an IPv4 rule entry");
+            }
+        }
+        for key in &keys.v6 {
+            if let Err(e) = self.rules_v6.remove(key)
+                && !matches!(e, MapError::KeyNotFound)
+            {
+                warn!(error = %e, "could not delete an IPv6 rule entry");
+            }
+        }
+    }
+}
+
+fn set_flag(flags: &mut u32, flag: u32, on: bool) {
+    if on { *flags |= flag } else { *flags &= !flag }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// Loads one program and puts it behind its pinned link: swaps it into the existing link
+/// (returns true) or attaches and pins a new link (returns false).
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    hook: Hook,
+    root: &File,
+    root_id: u64,
+    link_path: &Path,
+) -> Result<bool, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing(name))?;
+    let link_err = |source| DataplaneError::Link { path: link_path.to_owned(), source };
+    let existing = match bpf_sys::obj_get(link_path) {
+        Ok(fd) => Some(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(link_err(e)),
+    };
+    if let Some(link) = &existing {
+        let info = bpf_sys::link_info(link.as_fd()).map_err(link_err)?;
+        if info.link_type != bpf_sys::LINK_TYPE_CGROUP
+            || info.cgroup_id != root_id
+            || info.attach_type != hook.attach_type()
+        {
+            return Err(DataplaneError::ForeignLink {
+                path: link_path.to_owned(),
+                found: info.cgroup_id,
+                found_hook: info.attach_type,
+                expected: root_id,
+            });
+        }
+    }
+    let fd_link: FdLink = match hook {
+        Hook::SockAddr(_) => {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
+            if let Some(link) = &existing {
+                let fd = program.fd().map_err(prog_err(name))?;
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+                return Ok(true);
+            }
+            let id = program.attach(root, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
+                .map_err(|e| link_err(io::Error::other(e.to_string())))?
+        }
+        Hook::Sock(_) => {
+            let program: &mut CgroupSock = program.try_into().map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
+            if let Some(link) = &existing {
+                let fd = program.fd().map_err(prog_err(name))?;
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+                return Ok(true);
+            }
+            let id = program.attach(root, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
+                .map_err(|e| link_err(io::Error::other(e.to_string())))?
+        }
+    };
+    fd_link.pin(link_path).map_err(|e| link_err(io::Error::other(e.to_string())))?;
+    Ok(false)
+}
+
+/// What `uninstall` removed and what it left.
+#[derive(Debug, Default)]
+pub struct UninstallReport {
+    pub links_detached: usize,
+    pub maps_unpinned: usize,
+    /// Agent cgroups that still hold processes (no longer confined) and were left in place.
+    pub busy_cgroups: Vec<PathBuf>,
+}
+
+/// Detaches every program, removes every pin and the empty agent cgroups. Explicit only: the
+/// daemon never calls it. Refuses while another process (a running daemon) holds the pin dir.
+pub fn uninstall(pin_dir: &Path, root_cgroup: &Path) -> Result<UninstallReport, DataplaneError> {
+    let paths = PinPaths::new(pin_dir);
+    let mut report = UninstallReport::default();
+    if paths.dir().exists() {
+        let _lock = lock_pin_dir(paths.dir())?;
+        for (name, _) in PROGRAMS {
+            let path = paths.link(name);
+            let link_err = |source| DataplaneError::Link { path: path.clone(), source };
+            match bpf_sys::obj_get(&path) {
+                Ok(link) => {
+                    bpf_sys::link_detach(link.as_fd()).map_err(link_err)?;
+                    fs::remove_file(&path).map_err(link_err)?;
+                    report.links_detached += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(link_err(e)),
+            }
+        }
+        for name in pins::PINNED_MAPS {
+            let path = paths.map(name);
+            match fs::remove_file(&path) {
+                Ok(()) => report.maps_unpinned += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DataplaneError::PinDir { path, source }),
+            }
+        }
+        for dir in [paths.links_dir(), paths.dir().to_owned()] {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DataplaneError::PinDir { path: dir, source }),
+            }
+        }
+    }
+    if root_cgroup.exists() {
+        let children = fs::read_dir(root_cgroup)
+            .map_err(|source| CgroupError::Stat { path: root_cgroup.to_owned(), source })?;
+        for child in children.flatten() {
+            let path = child.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if cgroup::processes(&path).map(|p| p.is_empty()).unwrap_or(false) {
+                cgroup::remove(&path)?;
+            } else {
+                report.busy_cgroups.push(path);
+            }
+        }
+        if report.busy_cgroups.is_empty() {
+            cgroup::remove(root_cgroup)?;
+        }
+    }
+    Ok(report)
+}

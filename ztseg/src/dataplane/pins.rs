@@ -1,0 +1,42 @@
+//! Every path under the pin dir, derived in one place.
+//!
+//! ```text
+//! <pin dir>/agents             agents map      (bpftool map dump pinned <pin dir>/agents)
+//! <pin dir>/rules_v4           IPv4 rule trie
+//! <pin dir>/rules_v6           IPv6 rule trie
+//! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use ztseg_common::maps;
+
+/// Maps that the programs use and that must outlive the daemon.
+pub const PINNED_MAPS: [&str; 3] = [maps::AGENTS, maps::RULES_V4, maps::RULES_V6];
+
+#[derive(Clone, Debug)]
+pub struct PinPaths {
+    dir: PathBuf,
+}
+
+impl PinPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+}

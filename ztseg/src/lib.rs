@@ -1,0 +1,10 @@
+//! ztseg: per-agent, default-deny network segmentation enforced by eBPF cgroup programs.
+//!
+//! Modules follow the daemon's concerns; pure logic (parsing, compiling, encoding) never touches
+//! the kernel and is unit-tested without root.
+
+pub mod agent_id;
+pub mod cgroup;
+pub mod clock;
+pub mod config;
+pub mod dataplane;
