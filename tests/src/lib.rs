@@ -1,0 +1,255 @@
+//! Test fixtures that own real kernel objects and remove them on drop, even when a test fails:
+//! a network namespace with addresses of its own, a pin dir, an agents' root cgroup, and the
+//! probe processes (stand-ins for agents) that the tests start.
+//!
+//! Nothing here touches an address outside the namespaces it creates.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test fixtures: a panic is the report")]
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use ztseg::cgroup::CgroupFs;
+
+/// The probe binary cargo built next to the test binaries (`target/<profile>/ztseg-probe`; test
+/// binaries live in `target/<profile>/deps`).
+pub fn probe_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("ztseg-probe");
+    assert!(bin.exists(), "{} is missing; build with `cargo test -p ztseg-integration`", bin.display());
+    bin
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+/// A network namespace with `lo` up and extra addresses on it; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates the namespace and puts `addrs` (e.g. "10.77.0.1/32", "fd77::1/128") on its `lo`.
+    pub fn new(addrs: &[&str]) -> Self {
+        let ns = Self { name: unique("ztseg-t") };
+        ip(&["netns", "add", &ns.name]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        for addr in addrs {
+            let mut args = vec!["-n", &ns.name, "addr", "add", addr, "dev", "lo"];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args);
+        }
+        ns
+    }
+
+    /// Sets a sysctl inside the namespace (e.g. `net.ipv4.ping_group_range`).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")])
+            .status()
+            .expect("run sysctl");
+        assert!(status.success(), "sysctl {key}={value} failed in {}", self.name);
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Joins this namespace and `peer` with a veth pair, addressing each end.
+    pub fn veth_to(&self, peer: &Netns, here: &str, there: &str) {
+        let (a, b) = (
+            format!("zt{}a", NEXT.fetch_add(1, Ordering::SeqCst)),
+            format!("zt{}b", NEXT.fetch_add(1, Ordering::SeqCst)),
+        );
+        ip(&["-n", &self.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &peer.name]);
+        ip(&["-n", &self.name, "addr", "add", here, "dev", &a]);
+        ip(&["-n", &peer.name, "addr", "add", there, "dev", &b]);
+        ip(&["-n", &self.name, "link", "set", &a, "up"]);
+        ip(&["-n", &peer.name, "link", "set", &b, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let ok = Command::new("ip").args(["netns", "del", &self.name]).status().is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("warning: could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+/// A process this test started; killed (by pid) and reaped on drop.
+pub struct Proc {
+    child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+    stdin: Option<ChildStdin>,
+}
+
+impl Proc {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn probe");
+        let stdout = child.stdout.take().map(BufReader::new);
+        let stdin = child.stdin.take();
+        Self { child, stdout, stdin }
+    }
+
+    /// The next line the process prints (blocks until it does).
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "process {} ended without the expected output", self.child.id());
+        line.trim_end().to_owned()
+    }
+
+    /// Closes stdin (the probe's "stop" signal) and returns everything it prints until it exits.
+    pub fn finish(mut self) -> Vec<String> {
+        drop(self.stdin.take());
+        let lines = self.stdout.take().unwrap().lines().map(Result::unwrap).collect();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "probe failed: {status}");
+        lines
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdin(&mut self) -> &mut ChildStdin {
+        self.stdin.as_mut().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Where a probe runs: inside an agent cgroup or not, inside a namespace or not.
+#[derive(Clone, Copy)]
+pub struct At<'a> {
+    pub netns: &'a Netns,
+    pub cgroup: Option<&'a Path>,
+}
+
+fn probe_command(at: At<'_>) -> Command {
+    let mut command = Command::new(probe_bin());
+    command.arg("--netns").arg(at.netns.path());
+    if let Some(cgroup) = at.cgroup {
+        command.arg("--cgroup").arg(cgroup);
+    }
+    command
+}
+
+/// Runs each op once in a fresh probe process; one outcome ("ok", "EPERM", ...) per op.
+pub fn probe(at: At<'_>, ops: &[&str]) -> Vec<String> {
+    let out = probe_command(at).arg("once").args(ops).stderr(Stdio::inherit()).output().expect("run probe");
+    assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), ops.len(), "probe output {lines:?}");
+    lines
+}
+
+/// Starts a probe that repeats `ops` until [`Proc::finish`]; returns once the first round ran.
+pub fn probe_loop(at: At<'_>, ops: &[&str]) -> Proc {
+    let mut command = probe_command(at);
+    command.arg("loop").args(ops);
+    let mut proc = Proc::spawn(command);
+    assert_eq!(proc.line(), "started");
+    proc
+}
+
+/// Counts printed by a finished loop probe: op -> (ok, EPERM, other).
+pub fn loop_counts(lines: &[String]) -> std::collections::BTreeMap<String, (u64, u64, u64)> {
+    lines
+        .iter()
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let op = parts.next().unwrap().to_owned();
+            let mut n = parts.map(|p| p.split_once('=').unwrap().1.parse::<u64>().unwrap());
+            (op, (n.next().unwrap(), n.next().unwrap(), n.next().unwrap()))
+        })
+        .collect()
+}
+
+/// Starts a server (TCP listeners and UDP sockets on `addrs`) inside `netns`; returns once bound.
+pub fn serve(netns: &Netns, addrs: &[&str]) -> Proc {
+    let mut command = Command::new(probe_bin());
+    command.arg("--netns").arg(netns.path()).arg("serve").args(addrs);
+    let mut proc = Proc::spawn(command);
+    assert_eq!(proc.line(), "ready");
+    proc
+}
+
+/// A pin dir and an agents' root cgroup of this test's own; on drop the programs are detached,
+/// the pins removed, the processes left in its cgroups killed and the cgroups removed.
+pub struct Site {
+    pub pin_dir: PathBuf,
+    pub root: PathBuf,
+    pub cgroups: CgroupFs,
+}
+
+impl Site {
+    pub fn new() -> Self {
+        let name = unique("ztseg-test");
+        let cgroups = CgroupFs::discover().unwrap();
+        let root = cgroups.resolve(Path::new(&format!("{name}.slice"))).unwrap();
+        Self { pin_dir: PathBuf::from("/sys/fs/bpf").join(&name), root, cgroups }
+    }
+
+    /// Creates a cgroup below the root (not registered with anything) and returns its path and id.
+    pub fn cgroup(&self, name: &str) -> (PathBuf, u64) {
+        let path = self.root.join(name);
+        let id = ztseg::cgroup::ensure(&path).unwrap();
+        (path, id)
+    }
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Ok(children) = fs::read_dir(&self.root) {
+            for child in children.flatten().filter(|c| c.path().is_dir()) {
+                // Kill what a failed test may have left, then wait for the cgroup to empty.
+                let _ = fs::write(child.path().join("cgroup.kill"), "1");
+                for _ in 0..200 {
+                    if ztseg::cgroup::processes(&child.path()).map(|p| p.is_empty()).unwrap_or(true) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+        match ztseg::dataplane::uninstall(&self.pin_dir, &self.root) {
+            Ok(report) if report.busy_cgroups.is_empty() => {}
+            Ok(report) => eprintln!("warning: cgroups still busy: {:?}", report.busy_cgroups),
+            Err(e) => {
+                eprintln!("warning: cleanup of {} failed: {e}", self.pin_dir.display());
+                let _ = fs::remove_dir_all(&self.pin_dir);
+            }
+        }
+    }
+}

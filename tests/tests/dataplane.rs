@@ -1,0 +1,344 @@
+//! The kernel dataplane against the real kernel: real programs, real cgroups, real sockets in
+//! network namespaces these tests create. Run as root, one test at a time (`cargo xtask test`).
+//!
+//! Every "denied" has a positive control: the same operation from a process outside the agents'
+//! root succeeds, so EPERM means enforcement and not a broken setup.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::{path::Path, thread};
+
+use ztseg::{
+    clock::boot_now_ns,
+    dataplane::{Dataplane, DataplaneError, Entry, Verdict},
+};
+use ztseg_common::rule::{PROTO_TCP, PROTO_UDP};
+use ztseg_integration::{At, Netns, Site, loop_counts, probe, probe_loop, serve};
+
+const HOUR_NS: u64 = 3_600_000_000_000;
+
+fn rule(net: &str, proto: u8, port: u16, verdict: Verdict, rule_id: u32) -> Entry {
+    Entry { net: net.parse().unwrap(), proto, port, verdict, rule_id }
+}
+
+fn allow(net: &str, proto: u8, port: u16) -> Entry {
+    rule(net, proto, port, Verdict::Allow, 0)
+}
+
+/// A namespace with two IPv4 and two IPv6 "hosts" on its loopback, each listening on 8001/8002.
+fn two_hosts() -> (Netns, ztseg_integration::Proc) {
+    let ns = Netns::new(&["10.77.0.1/32", "10.77.0.2/32", "fd77::1/128", "fd77::2/128"]);
+    let server = serve(
+        &ns,
+        &[
+            "10.77.0.1:8001",
+            "10.77.0.1:8002",
+            "10.77.0.2:8001",
+            "10.77.0.2:8002",
+            "[fd77::1]:8001",
+            "[fd77::1]:8002",
+            "[fd77::2]:8001",
+            "[fd77::2]:8002",
+            "127.0.0.1:8001",
+        ],
+    );
+    (ns, server)
+}
+
+fn start(site: &Site) -> Dataplane {
+    Dataplane::start(&site.pin_dir, &site.root).unwrap().0
+}
+
+/// Runs `ops` inside the agent cgroup and from outside the root, and returns both outcomes.
+fn inside_and_outside(ns: &Netns, cgroup: &Path, ops: &[&str]) -> (Vec<String>, Vec<String>) {
+    let inside = probe(At { netns: ns, cgroup: Some(cgroup) }, ops);
+    let outside = probe(At { netns: ns, cgroup: None }, ops);
+    (inside, outside)
+}
+
+#[test]
+fn only_the_allowed_destination_is_reachable_over_v4_v6_and_v4_mapped() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let deadline = boot_now_ns() + HOUR_NS;
+    dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001), allow("fd77::1/128", PROTO_TCP, 8001)], deadline)
+        .unwrap();
+
+    let allowed = ["tcp:10.77.0.1:8001", "tcp:[fd77::1]:8001", "tcp:[::ffff:10.77.0.1]:8001"];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &allowed);
+    assert_eq!(inside, ["ok"; 3]);
+    assert_eq!(outside, ["ok"; 3]);
+
+    let denied = [
+        // another address, every way to reach it
+        "tcp:10.77.0.2:8001",
+        "udp-sendto:10.77.0.2:8001",
+        "udp-connect:10.77.0.2:8001",
+        "tcp:[fd77::2]:8001",
+        "udp-sendto:[fd77::2]:8001",
+        "udp-connect:[fd77::2]:8001",
+        "tcp:[::ffff:10.77.0.2]:8001",
+        "udp-sendto:[::ffff:10.77.0.2]:8001",
+        "udp-connect:[::ffff:10.77.0.2]:8001",
+        // the allowed address on another port, or over UDP
+        "tcp:10.77.0.1:8002",
+        "tcp:[fd77::1]:8002",
+        "tcp:[::ffff:10.77.0.1]:8002",
+        "udp-sendto:10.77.0.1:8001",
+        // 0.0.0.0 and :: reach this host's loopback
+        "tcp:0.0.0.0:8001",
+        "tcp:[::ffff:0.0.0.0]:8001",
+        "tcp:127.0.0.1:8001",
+    ];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &denied);
+    for (op, (i, o)) in denied.iter().zip(inside.iter().zip(&outside)) {
+        assert_eq!(i, "EPERM", "{op} from the agent");
+        assert_eq!(o, "ok", "{op} from outside the root (positive control)");
+    }
+}
+
+#[test]
+fn a_deny_beats_an_overlapping_allow() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let rules = [
+        // every port of the /24, but not 10.77.0.2:8001
+        allow("10.77.0.0/24", PROTO_TCP, 0),
+        rule("10.77.0.2/32", PROTO_TCP, 8001, Verdict::Deny, 1),
+        // a specific allow under a broader every-port deny
+        allow("fd77::1/128", PROTO_TCP, 8001),
+        rule("fd77::/64", PROTO_TCP, 0, Verdict::Deny, 2),
+        // a specific allow under a broader deny of the same port
+        allow("fd77::2/128", PROTO_TCP, 8002),
+        rule("fd77::/112", PROTO_TCP, 8002, Verdict::Deny, 3),
+    ];
+    dp.grant(id, &rules, boot_now_ns() + HOUR_NS).unwrap();
+    let ops = [
+        "tcp:10.77.0.1:8001",
+        "tcp:10.77.0.2:8002",
+        "tcp:10.77.0.2:8001",
+        "tcp:[fd77::1]:8001",
+        "tcp:[fd77::2]:8002",
+    ];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
+    assert_eq!(inside, ["ok", "ok", "EPERM", "EPERM", "EPERM"]);
+    assert_eq!(outside, ["ok"; 5]);
+}
+
+#[test]
+fn an_unregistered_cgroup_under_the_root_gets_nothing() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (_agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+    let (stranger, _) = site.cgroup("stranger");
+    let ops = ["tcp:10.77.0.1:8001", "udp-sendto:10.77.0.1:8001", "tcp4-socket"];
+    let (inside, outside) = inside_and_outside(&ns, &stranger, &ops);
+    assert_eq!(inside, ["EPERM"; 3]);
+    assert_eq!(outside, ["ok"; 3]);
+}
+
+#[test]
+fn one_agents_rules_grant_nothing_to_another() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (a, a_id) = site.cgroup("agent-a");
+    let (b, b_id) = site.cgroup("agent-b");
+    dp.register(a_id).unwrap();
+    dp.register(b_id).unwrap();
+    let deadline = boot_now_ns() + HOUR_NS;
+    dp.grant(a_id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], deadline).unwrap();
+    dp.grant(b_id, &[allow("10.77.0.2/32", PROTO_TCP, 8001)], deadline).unwrap();
+    let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"];
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&a) }, &ops), ["ok", "EPERM"]);
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&b) }, &ops), ["EPERM", "ok"]);
+    assert_eq!(probe(At { netns: &ns, cgroup: None }, &ops), ["ok", "ok"]);
+}
+
+#[test]
+fn rights_lapse_at_the_deadline_with_no_userspace_action() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let (agent, id) = site.cgroup("agent");
+    let deadline = {
+        let mut dp = start(&site);
+        dp.register(id).unwrap();
+        let deadline = boot_now_ns() + 1_500_000_000;
+        dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], deadline).unwrap();
+        deadline
+        // The dataplane is dropped here: no daemon runs from now on.
+    };
+    let out = std::process::Command::new(ztseg_integration::probe_bin())
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--cgroup")
+        .arg(&agent)
+        .args(["until-denied", "tcp:10.77.0.1:8001"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("first ok"), "{text}");
+    let fields: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(fields[0], "last-ok-started", "{text}");
+    let (last_ok, denied) = (fields[1].parse::<u64>().unwrap(), fields[3].parse::<u64>().unwrap());
+    assert!(last_ok < deadline, "allowed after the deadline: {last_ok} >= {deadline}");
+    assert!(denied >= deadline, "denied before the deadline: {denied} < {deadline}");
+    assert_eq!(probe(At { netns: &ns, cgroup: None }, &["tcp:10.77.0.1:8001"]), ["ok"]);
+}
+
+#[test]
+fn the_kill_flag_refuses_everything_until_revived() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    dp.grant(
+        id,
+        &[allow("10.77.0.1/32", PROTO_TCP, 8001), allow("10.77.0.1/32", PROTO_UDP, 8001)],
+        boot_now_ns() + HOUR_NS,
+    )
+    .unwrap();
+    let ops = ["tcp:10.77.0.1:8001", "udp-sendto:10.77.0.1:8001", "udp-connect:10.77.0.1:8001"];
+    let at = At { netns: &ns, cgroup: Some(&agent) };
+    assert_eq!(probe(at, &ops), ["ok"; 3]);
+    dp.set_killed(id, true).unwrap();
+    assert_eq!(probe(at, &ops), ["EPERM"; 3]);
+    assert_eq!(probe(At { netns: &ns, cgroup: None }, &ops), ["ok"; 3]);
+    dp.set_killed(id, false).unwrap();
+    assert_eq!(probe(at, &ops), ["ok"; 3]);
+}
+
+#[test]
+fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let deadline = boot_now_ns() + HOUR_NS;
+    // Both sets allow :8001 on .1; only A allows .2:8001; neither allows .1:8002.
+    let set_a = [allow("10.77.0.1/32", PROTO_TCP, 8001), allow("10.77.0.2/32", PROTO_TCP, 8001)];
+    let set_b =
+        [allow("10.77.0.0/30", PROTO_TCP, 8001), rule("10.77.0.2/32", PROTO_TCP, 0, Verdict::Deny, 9)];
+    dp.grant(id, &set_a, deadline).unwrap();
+    let looping = probe_loop(
+        At { netns: &ns, cgroup: Some(&agent) },
+        &["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002", "tcp:10.77.0.2:8001"],
+    );
+    let mut switches = 0;
+    for round in 0..300 {
+        let set: &[Entry] = if round % 2 == 0 { &set_b } else { &set_a };
+        dp.grant(id, set, deadline).unwrap();
+        switches += 1;
+        thread::yield_now();
+    }
+    let counts = loop_counts(&looping.finish());
+    let both = counts["tcp:10.77.0.1:8001"];
+    let neither = counts["tcp:10.77.0.1:8002"];
+    let only_a = counts["tcp:10.77.0.2:8001"];
+    assert_eq!(both.1 + both.2, 0, "a connect both sets allow was refused: {both:?}");
+    assert_eq!(neither.0, 0, "a connect neither set allows got through: {neither:?}");
+    assert!(both.0 > 0 && only_a.0 + only_a.1 > 0);
+    eprintln!("{switches} switches under {} connect rounds: {counts:?}", both.0);
+}
+
+#[test]
+fn a_second_start_adopts_the_pins_and_enforcement_never_lapses() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let (agent, id) = site.cgroup("agent");
+    let deadline = boot_now_ns() + HOUR_NS;
+    let mut first = start(&site);
+    first.register(id).unwrap();
+    first.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], deadline).unwrap();
+    let before = first.agent(id).unwrap().unwrap();
+
+    // While one holds the pins, another start is refused and changes nothing.
+    assert!(matches!(Dataplane::start(&site.pin_dir, &site.root), Err(DataplaneError::Busy { .. })));
+
+    let looping =
+        probe_loop(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"]);
+    drop(first);
+    let (mut second, report) = Dataplane::start(&site.pin_dir, &site.root).unwrap();
+    assert_eq!(report.links_updated, 5);
+    assert_eq!(report.links_created, 0);
+    assert_eq!(report.agents_adopted, 1);
+    assert_eq!(second.agent(id).unwrap(), Some(before));
+    assert_eq!(second.rule_count(id).unwrap(), 1);
+    // The adopted state is writable: a new grant through the second start takes effect.
+    second
+        .grant(
+            id,
+            &[allow("10.77.0.1/32", PROTO_TCP, 8001), allow("10.77.0.1/32", PROTO_TCP, 8002)],
+            deadline,
+        )
+        .unwrap();
+    let counts = loop_counts(&looping.finish());
+    assert_eq!(counts["tcp:10.77.0.1:8001"].1 + counts["tcp:10.77.0.1:8001"].2, 0, "{counts:?}");
+    assert_eq!(counts["tcp:10.77.0.2:8001"].0, 0, "{counts:?}");
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8002"]), ["ok"]);
+}
+
+#[test]
+fn raw_and_unjudged_sockets_are_refused() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    // Ping sockets are open to every group inside this namespace, as on many systemd hosts.
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647");
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+    let ops = ["raw4", "udplite4", "mptcp4", "ping4", "ping6", "tcp4-socket"];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
+    assert_eq!(inside, ["EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "ok"]);
+    assert_eq!(outside, ["ok"; 6]);
+}
+
+#[test]
+fn a_test_host_across_a_veth_link_is_reachable_only_as_granted() {
+    let site = Site::new();
+    let client = Netns::new(&[]);
+    let host = Netns::new(&[]);
+    client.veth_to(&host, "10.78.0.1/24", "10.78.0.2/24");
+    let _server = serve(&host, &["10.78.0.2:8001", "10.78.0.2:8002"]);
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    dp.grant(id, &[allow("10.78.0.2/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+    let ops = ["tcp:10.78.0.2:8001", "tcp:10.78.0.2:8002", "udp-sendto:10.78.0.2:8001"];
+    let (inside, outside) = inside_and_outside(&client, &agent, &ops);
+    assert_eq!(inside, ["ok", "EPERM", "EPERM"]);
+    assert_eq!(outside, ["ok"; 3]);
+}
+
+#[test]
+fn uninstall_detaches_everything_and_removes_the_pins() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let (agent, id) = site.cgroup("agent");
+    {
+        let mut dp = start(&site);
+        dp.register(id).unwrap();
+    }
+    let at = At { netns: &ns, cgroup: Some(&agent) };
+    assert_eq!(probe(at, &["tcp:10.77.0.1:8001"]), ["EPERM"]);
+    let report = ztseg::dataplane::uninstall(&site.pin_dir, &site.root).unwrap();
+    assert_eq!(report.links_detached, 5);
+    assert_eq!(report.maps_unpinned, 3);
+    assert!(!site.pin_dir.exists());
+    // The cgroup was empty, so it is gone too; a process in a fresh cgroup there is unconfined.
+    assert!(!agent.exists());
+    let (again, _) = site.cgroup("agent");
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&again) }, &["tcp:10.77.0.1:8001"]), ["ok"]);
+}
