@@ -335,7 +335,7 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(probe(at, &["tcp:10.77.0.1:8001"]), ["EPERM"]);
     let report = ztseg::dataplane::uninstall(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.links_detached, 5);
-    assert_eq!(report.maps_unpinned, 3);
+    assert_eq!(report.maps_unpinned, 6);
     assert!(!site.pin_dir.exists());
     // The cgroup was empty, so it is gone too; a process in a fresh cgroup there is unconfined.
     assert!(!agent.exists());

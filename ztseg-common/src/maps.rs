@@ -10,6 +10,12 @@ pub const AGENTS: &str = "agents";
 pub const RULES_V4: &str = "rules_v4";
 /// LPM trie of [`crate::rule::Rule6`] -> [`crate::rule::RuleValue`].
 pub const RULES_V6: &str = "rules_v6";
+/// Ring buffer of [`crate::event::Event`] records, one per decision.
+pub const EVENTS: &str = "events";
+/// Per-CPU count of events that found the ring buffer full.
+pub const DROPS: &str = "drops";
+/// [`crate::event::AgentStats`] by agent slot (plus one for unregistered processes).
+pub const STATS: &str = "stats";
 /// One-slot array of maps. Updating it makes the kernel wait for every running program
 /// (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c): the daemon's RCU barrier before it
 /// reclaims a rule table that a program may still be reading.
@@ -17,12 +23,11 @@ pub const RCU_BARRIER: &str = "rcu_barrier";
 /// The inner map that the daemon stores into [`RCU_BARRIER`]; never read.
 pub const RCU_BARRIER_INNER: &str = "rcu_barrier_in";
 
-/// Registered agents at most.
-pub const MAX_AGENTS: u32 = 65_536;
+/// Registered agents at most (also the size of the per-agent stats array).
+pub const MAX_AGENTS: u32 = 16_384;
 /// Rule entries per address family at most, across all agents, including a replacement table
 /// being written while the old one is still in force.
 pub const MAX_RULES: u32 = 1 << 22;
-
-/// Version of the pinned maps' layout. The daemon stores it next to the pins and refuses to adopt
-/// pins of another layout, because reading old entries with new types would misjudge them.
-pub const LAYOUT: u32 = 1;
+/// Bytes of the events ring buffer (a power of two, a multiple of the page size): 4 MiB hold
+/// about 47,000 events (80-byte records plus an 8-byte header each).
+pub const EVENTS_BYTES: u32 = 1 << 22;

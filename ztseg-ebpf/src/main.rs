@@ -1,24 +1,42 @@
 //! ztseg's kernel programs, attached once at the agents' root cgroup.
 //!
 //! Each program judges one socket operation with one chain of map lookups (agent state, then the
-//! destination's port bucket and every-port bucket of the agent's rule table) and no loops. The
-//! logic lives in `ztseg_common::decision` so it is unit-tested without a kernel; this file only
-//! reads the context, looks things up and returns the verdict.
+//! destination's port bucket and every-port bucket of the agent's rule table) and no loops, and
+//! writes one event record before it returns. The decision logic lives in
+//! `ztseg_common::decision` so it is unit-tested without a kernel; this file reads the context,
+//! looks things up, reports and returns the verdict.
 #![no_std]
 #![no_main]
+// The bpfel target has no atomic read-modify-write in `core::sync::atomic` ("atomic-cas": false),
+// but the BPF ISA has an atomic add (BPF_ATOMIC | BPF_ADD, "lock xadd" when the result is unused).
+// The intrinsic reaches it; the eBPF build already runs with RUSTC_BOOTSTRAP (-Z build-std).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, lpm_trie::Key},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        generated::bpf_get_current_comm,
+    },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use ztseg_common::{
     agent::AgentState,
-    decision::{Decision, combine, gate, reason},
-    maps::{MAX_AGENTS, MAX_RULES},
-    rule::{ANY_PORT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, effective_v4, effective_v6},
+    decision::{Decision, NO_RULE_ID, combine, gate, reason},
+    event::{
+        ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event, FAMILY_V4, FAMILY_V6,
+        UNREGISTERED_SLOT,
+    },
+    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES},
+    rule::{
+        ANY_PORT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY, effective_v4,
+        effective_v6,
+    },
 };
 
 /// Return values of cgroup programs: 1 lets the operation proceed, 0 fails it with EPERM.
@@ -37,6 +55,15 @@ static RULES_V4: LpmTrie<Rule4, RuleValue, { MAX_RULES as usize }> = LpmTrie::ne
 #[btf_map(name = "rules_v6")]
 static RULES_V6: LpmTrie<Rule6, RuleValue, { MAX_RULES as usize }> = LpmTrie::new();
 
+#[btf_map(name = "events")]
+static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[btf_map(name = "drops")]
+static DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+#[btf_map(name = "stats")]
+static STATS: Array<AgentStats, { MAX_AGENTS as usize + 1 }> = Array::new();
+
 /// Never read by a program: the daemon updates it to wait out running programs (see
 /// `ztseg_common::maps::RCU_BARRIER`).
 #[btf_map(name = "rcu_barrier")]
@@ -47,23 +74,23 @@ static RCU_BARRIER_INNER: Array<u32, 1> = Array::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    verdict(judge_v4(&ctx))
+    judge_v4(&ctx, ACTION_CONNECT)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    verdict(judge_v6(&ctx))
+    judge_v6(&ctx, ACTION_CONNECT)
 }
 
 /// Runs for unconnected UDP sends only; a connected UDP socket was judged at connect.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    verdict(judge_v4(&ctx))
+    judge_v4(&ctx, ACTION_SENDMSG)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    verdict(judge_v6(&ctx))
+    judge_v6(&ctx, ACTION_SENDMSG)
 }
 
 /// Refuses the sockets no other hook can judge: raw sockets, and protocols other than TCP and UDP
@@ -71,31 +98,138 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands a valid `bpf_sock` to cgroup/sock_create programs.
-    let (sock_type, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    let decision = match gate_of_current() {
+    let (family, sock_type, protocol) =
+        unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
+    let task = Task::current();
+    let decision = match task.gate() {
         Err(denied) if denied.reason == reason::UNREGISTERED => denied,
         _ if sock_type == SOCK_RAW => Decision::deny(reason::RAW_SOCKET),
         _ if protocol != PROTO_TCP as u32 && protocol != PROTO_UDP as u32 => Decision::deny(reason::PROTOCOL),
         _ => Decision::allow_socket(),
     };
-    verdict(decision)
+    let dest = Dest {
+        family: if family == AF_INET6 { FAMILY_V6 } else { FAMILY_V4 },
+        // Protocols above 255 (MPTCP is 262) are reported as 255.
+        proto: u8::try_from(protocol).unwrap_or(u8::MAX),
+        addr: [0; 4],
+        port: [0; 2],
+    };
+    task.report(ACTION_SOCKET, dest, &decision)
 }
 
-#[inline(always)]
-fn verdict(decision: Decision) -> i32 {
-    if decision.allowed() { ALLOW } else { DENY }
+const AF_INET6: u32 = 10;
+
+/// The destination as judged. The address is kept as network-order words: zeroing or copying
+/// 16-byte arrays makes LLVM call `memset`/`memcpy`, which with BTF become global functions the
+/// verifier refuses ("number of funcs in func_info doesn't match number of subprogs").
+#[derive(Clone, Copy)]
+struct Dest {
+    family: u8,
+    proto: u8,
+    addr: [u32; 4],
+    port: [u8; 2],
 }
 
-/// The agent checks for the current task's cgroup. Agents cannot move between cgroups, so the
-/// task's cgroup is the agent the operation belongs to.
+/// The task making the request and the agent it belongs to.
+struct Task {
+    cgroup_id: u64,
+    now: u64,
+    /// Copied out at once: the daemon may replace the entry while we run.
+    agent: Option<AgentState>,
+}
+
+impl Task {
+    /// The current task's cgroup is the agent: agents cannot move between cgroups.
+    #[inline(always)]
+    fn current() -> Self {
+        // SAFETY: plain helper calls without arguments.
+        let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+        // SAFETY: the reference is only read here, never kept.
+        let agent = unsafe { AGENTS.get(cgroup_id).copied() };
+        Self { cgroup_id, now, agent }
+    }
+
+    #[inline(always)]
+    fn gate(&self) -> Result<u32, Decision> {
+        gate(self.agent.as_ref(), self.now)
+    }
+
+    #[inline(always)]
+    fn table(&self) -> u32 {
+        self.agent.as_ref().map_or(0, |a| a.table)
+    }
+
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        self.agent.as_ref().map_or(UNREGISTERED_SLOT, |a| a.slot)
+    }
+
+    /// Writes the event, counts the decision, and returns the program's verdict. A full ring
+    /// buffer never changes the verdict: the lost record is counted instead.
+    #[inline(always)]
+    fn report(&self, action: u8, dest: Dest, decision: &Decision) -> i32 {
+        let written = match EVENTS.reserve(0) {
+            Some(mut entry) => {
+                let event = entry.as_mut_ptr();
+                // SAFETY: `event` points to the reserved, writable record; every field is written
+                // before submit (the comm helper fills all 16 bytes, NUL-padded, or zeroes them).
+                unsafe {
+                    (*event).ts_boot_ns = self.now;
+                    (*event).cgroup_id = self.cgroup_id;
+                    (*event).pid_tgid = bpf_get_current_pid_tgid();
+                    (*event).uid_gid = bpf_get_current_uid_gid();
+                    (*event).rule_id = decision.rule_id;
+                    (*event).table = self.table();
+                    bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
+                    // Volatile: for socket events these are constant zeros, which LLVM would
+                    // merge into a `memset` call (see `Dest`).
+                    let addr = (&raw mut (*event).addr).cast::<u32>();
+                    addr.write_volatile(dest.addr[0]);
+                    addr.add(1).write_volatile(dest.addr[1]);
+                    addr.add(2).write_volatile(dest.addr[2]);
+                    addr.add(3).write_volatile(dest.addr[3]);
+                    (&raw mut (*event).port).write_volatile(dest.port);
+                    (*event).family = dest.family;
+                    (*event).proto = dest.proto;
+                    (*event).action = action;
+                    (*event).verdict = decision.verdict;
+                    (*event).reason = decision.reason;
+                    (*event)._pad = 0;
+                }
+                entry.submit(0);
+                true
+            }
+            None => {
+                if let Some(drops) = DROPS.get_ptr_mut(0) {
+                    // SAFETY: this CPU's slot; programs on one CPU do not run concurrently.
+                    unsafe { *drops += 1 };
+                }
+                false
+            }
+        };
+        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
+            // SAFETY: a valid array element; the adds are atomic (BPF_ATOMIC add, no fetch).
+            unsafe {
+                count(&raw mut (*stats).decisions);
+                if decision.verdict == VERDICT_DENY {
+                    count(&raw mut (*stats).denied);
+                }
+                if !written {
+                    count(&raw mut (*stats).dropped);
+                }
+            }
+        }
+        if decision.allowed() { ALLOW } else { DENY }
+    }
+}
+
+/// # Safety
+/// `counter` points into a map value.
 #[inline(always)]
-fn gate_of_current() -> Result<u32, Decision> {
-    // SAFETY: plain helper calls without arguments.
-    let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
-    // Copy the value out at once: the daemon may replace the entry while we run.
-    // SAFETY: the reference is only read here, never kept.
-    let agent: Option<AgentState> = unsafe { AGENTS.get(cgroup_id).copied() };
-    gate(agent.as_ref(), now)
+unsafe fn count(counter: *mut u64) {
+    // SAFETY: the caller passes a valid, 8-byte aligned map value field. The old value is not
+    // used, so this compiles to the plain atomic add every BPF CPU version has.
+    let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
 }
 
 #[inline(always)]
@@ -116,57 +250,80 @@ fn port_of(ctx: &SockAddrContext) -> [u8; 2] {
 }
 
 #[inline(always)]
-fn judge_v4(ctx: &SockAddrContext) -> Decision {
-    // SAFETY: as above. `user_ip4` is network order; its bytes are the address as written.
-    let addr = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
-    match protocol_of(ctx) {
-        Ok(protocol) => decide_v4(protocol, port_of(ctx), effective_v4(addr)),
-        Err(denied) => denied,
-    }
+fn v4_dest(proto: u8, port: [u8; 2], addr: [u8; 4]) -> Dest {
+    Dest { family: FAMILY_V4, proto, addr: [u32::from_ne_bytes(addr), 0, 0, 0], port }
 }
 
 #[inline(always)]
-fn judge_v6(ctx: &SockAddrContext) -> Decision {
+fn words(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn judge_v4(ctx: &SockAddrContext, action: u8) -> i32 {
+    let task = Task::current();
+    // SAFETY: as above. `user_ip4` is network order; its bytes are the address as written.
+    let addr = effective_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes());
+    let port = port_of(ctx);
+    let (dest, decision) = match protocol_of(ctx) {
+        Ok(proto) => (v4_dest(proto, port, addr), decide_v4(&task, proto, port, addr)),
+        Err(denied) => (v4_dest(u8::MAX, port, addr), denied),
+    };
+    task.report(action, dest, &decision)
+}
+
+#[inline(always)]
+fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
+    let task = Task::current();
     // SAFETY: as above. `user_ip6` is four network-order words.
     let w = unsafe { (*ctx.sock_addr).user_ip6 };
     let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
     let addr =
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]];
-    let protocol = match protocol_of(ctx) {
-        Ok(protocol) => protocol,
-        Err(denied) => return denied,
+    let port = port_of(ctx);
+    let (dest, decision) = match (protocol_of(ctx), effective_v6(addr)) {
+        (Ok(proto), Dest6::V4(v4)) => (v4_dest(proto, port, v4), decide_v4(&task, proto, port, v4)),
+        (Ok(proto), Dest6::V6(v6)) => {
+            (Dest { family: FAMILY_V6, proto, addr: words(v6), port }, decide_v6(&task, proto, port, v6))
+        }
+        (Err(denied), _) => (Dest { family: FAMILY_V6, proto: u8::MAX, addr: w, port }, denied),
     };
-    match effective_v6(addr) {
-        Dest6::V4(addr) => decide_v4(protocol, port_of(ctx), addr),
-        Dest6::V6(addr) => decide_v6(protocol, port_of(ctx), addr),
-    }
+    task.report(action, dest, &decision)
 }
 
 #[inline(always)]
-fn decide_v4(protocol: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
-    let table = match gate_of_current() {
+fn decide_v4(task: &Task, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
+    let table = match task.gate() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
-    let at_port = Key::new(Rule4::EXACT, Rule4::new(table, protocol, port, addr));
-    let any_port = Key::new(Rule4::EXACT, Rule4::new(table, protocol, ANY_PORT, addr));
+    let at_port = Key::new(Rule4::EXACT, Rule4::new(table, proto, port, addr));
+    let any_port = Key::new(Rule4::EXACT, Rule4::new(table, proto, ANY_PORT, addr));
     let at_port: Option<RuleValue> = RULES_V4.get(&at_port).copied();
     let any_port: Option<RuleValue> = RULES_V4.get(&any_port).copied();
     combine(at_port.as_ref(), any_port.as_ref())
 }
 
 #[inline(always)]
-fn decide_v6(protocol: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
-    let table = match gate_of_current() {
+fn decide_v6(task: &Task, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
+    let table = match task.gate() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
-    let at_port = Key::new(Rule6::EXACT, Rule6::new(table, protocol, port, addr));
-    let any_port = Key::new(Rule6::EXACT, Rule6::new(table, protocol, ANY_PORT, addr));
+    let at_port = Key::new(Rule6::EXACT, Rule6::new(table, proto, port, addr));
+    let any_port = Key::new(Rule6::EXACT, Rule6::new(table, proto, ANY_PORT, addr));
     let at_port: Option<RuleValue> = RULES_V6.get(&at_port).copied();
     let any_port: Option<RuleValue> = RULES_V6.get(&any_port).copied();
     combine(at_port.as_ref(), any_port.as_ref())
 }
+
+// Keeps NO_RULE_ID referenced for readers: events of gate denials carry it as rule_id.
+const _: u32 = NO_RULE_ID;
 
 #[cfg(not(test))]
 #[panic_handler]

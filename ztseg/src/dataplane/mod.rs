@@ -24,7 +24,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, MapInfo, lpm_trie::Key},
+    maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, cgroup_sock::CgroupSockAttachType,
         cgroup_sock_addr::CgroupSockAddrAttachType, links::FdLink,
@@ -35,6 +37,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 use ztseg_common::{
     agent::{AgentState, FLAG_KILLED, FLAG_PAUSED},
+    event::AgentStats,
     maps,
     rule::{Rule4, Rule6, RuleValue},
 };
@@ -179,6 +182,10 @@ pub struct Dataplane {
     agents: HashMap<MapData, u64, AgentState>,
     rules_v4: LpmTrie<MapData, Rule4, RuleValue>,
     rules_v6: LpmTrie<MapData, Rule6, RuleValue>,
+    /// Handed to the event reader once (`take_events`).
+    events: Option<RingBuf<MapData>>,
+    drops: PerCpuArray<MapData, u64>,
+    stats: Array<MapData, AgentStats>,
     barrier: ArrayOfMaps<MapData, Array<MapData, u32>>,
     barrier_inner: Array<MapData, u32>,
     tables: Tables,
@@ -228,6 +235,9 @@ fn check_pinned_layout(paths: &PinPaths) -> Result<(), DataplaneError> {
         (maps::AGENTS, size_of::<u64>(), size_of::<AgentState>(), maps::MAX_AGENTS),
         (maps::RULES_V4, size_of::<Key<Rule4>>(), size_of::<RuleValue>(), maps::MAX_RULES),
         (maps::RULES_V6, size_of::<Key<Rule6>>(), size_of::<RuleValue>(), maps::MAX_RULES),
+        (maps::EVENTS, 0, 0, maps::EVENTS_BYTES),
+        (maps::DROPS, size_of::<u32>(), size_of::<u64>(), 1),
+        (maps::STATS, size_of::<u32>(), size_of::<AgentStats>(), maps::MAX_AGENTS + 1),
     ];
     for (name, key, value, max) in expected {
         let path = paths.map(name);
@@ -286,6 +296,9 @@ impl Dataplane {
             agents: take_map(&mut ebpf, maps::AGENTS)?,
             rules_v4: take_map(&mut ebpf, maps::RULES_V4)?,
             rules_v6: take_map(&mut ebpf, maps::RULES_V6)?,
+            events: Some(take_map(&mut ebpf, maps::EVENTS)?),
+            drops: take_map(&mut ebpf, maps::DROPS)?,
+            stats: take_map(&mut ebpf, maps::STATS)?,
             barrier: take_map(&mut ebpf, maps::RCU_BARRIER)?,
             barrier_inner: take_map(&mut ebpf, maps::RCU_BARRIER_INNER)?,
             paths,
@@ -369,6 +382,8 @@ impl Dataplane {
         let slot =
             (0..maps::MAX_AGENTS).find(|s| !self.slots.contains(s)).ok_or(DataplaneError::TooManyAgents)?;
         let state = AgentState { deadline_ns: 0, table: EMPTY_TABLE, slot, flags: 0, mode: 0 };
+        // A reused slot starts counting from zero.
+        self.stats.set(slot, AgentStats::default(), 0).map_err(map_err(maps::STATS))?;
         self.agents.insert(cgroup_id, state, 0).map_err(map_err(maps::AGENTS))?;
         self.slots.insert(slot);
         debug!(cgroup_id, slot, "agent registered");
@@ -477,6 +492,22 @@ impl Dataplane {
     pub fn rule_count(&self, cgroup_id: u64) -> Result<usize, DataplaneError> {
         let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
         Ok(self.tables.keys.get(&state.table).map_or(0, TableKeys::len))
+    }
+
+    /// The decision events ring buffer, for the one reader that drains it.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Events lost to a full ring buffer, per CPU, since the maps were created.
+    pub fn drops_per_cpu(&self) -> Result<Vec<u64>, DataplaneError> {
+        let values = self.drops.get(&0, 0).map_err(map_err(maps::DROPS))?;
+        Ok(values.iter().copied().collect())
+    }
+
+    /// Kernel counters of an agent slot (or `event::UNREGISTERED_SLOT`).
+    pub fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {
+        self.stats.get(&slot, 0).map_err(map_err(maps::STATS))
     }
 
     fn retire(&mut self, table: u32) {

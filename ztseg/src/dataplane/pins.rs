@@ -4,6 +4,9 @@
 //! <pin dir>/agents             agents map      (bpftool map dump pinned <pin dir>/agents)
 //! <pin dir>/rules_v4           IPv4 rule trie
 //! <pin dir>/rules_v6           IPv6 rule trie
+//! <pin dir>/events             ring buffer of decision events (kept while the daemon is down)
+//! <pin dir>/drops              per-CPU count of events lost to a full ring buffer
+//! <pin dir>/stats              per-agent decisions, denials and lost events
 //! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
 //! ```
 
@@ -12,7 +15,8 @@ use std::path::{Path, PathBuf};
 use ztseg_common::maps;
 
 /// Maps that the programs use and that must outlive the daemon.
-pub const PINNED_MAPS: [&str; 3] = [maps::AGENTS, maps::RULES_V4, maps::RULES_V6];
+pub const PINNED_MAPS: [&str; 6] =
+    [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::DROPS, maps::STATS];
 
 #[derive(Clone, Debug)]
 pub struct PinPaths {

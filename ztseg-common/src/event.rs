@@ -1,0 +1,94 @@
+//! Decision events: one record per kernel decision, written to the `events` ring buffer before
+//! the program returns, plus the counters that make lost events visible.
+
+/// A connect (TCP, connected UDP).
+pub const ACTION_CONNECT: u8 = 1;
+/// An unconnected UDP send.
+pub const ACTION_SENDMSG: u8 = 2;
+/// Creation of a socket.
+pub const ACTION_SOCKET: u8 = 3;
+
+/// The destination was judged as IPv4 (also for IPv4-mapped IPv6 destinations).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// One decision, as the kernel made it. 80 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `CLOCK_BOOTTIME` ns of the decision.
+    pub ts_boot_ns: u64,
+    /// cgroup id of the deciding task (the agent).
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid (process id) in the upper 32 bits.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`: gid in the upper 32 bits.
+    pub uid_gid: u64,
+    /// The rule that decided (`decision::NO_RULE_ID` if none).
+    pub rule_id: u32,
+    /// The rule table the agent had in force: with `rule_id`, names the catalogue entry.
+    pub table: u32,
+    /// Task name, NUL-padded.
+    pub comm: [u8; 16],
+    /// Destination address as four network-order words (the bytes of each word, in memory order,
+    /// are the address bytes); IPv4 in the first word. Zero for sockets.
+    pub addr: [u32; 4],
+    /// Destination port, network order.
+    pub port: [u8; 2],
+    /// `FAMILY_V4` / `FAMILY_V6`, as judged (a v4-mapped destination is `FAMILY_V4`).
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `ACTION_*`.
+    pub action: u8,
+    /// `rule::VERDICT_ALLOW` / `VERDICT_DENY`.
+    pub verdict: u8,
+    /// `decision::reason::*`.
+    pub reason: u8,
+    pub _pad: u8,
+}
+
+/// Per-agent counters, indexed by the agent's slot; the last index counts processes in no
+/// registered agent (`UNREGISTERED_SLOT`). Updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    pub decisions: u64,
+    pub denied: u64,
+    /// Events that found the ring buffer full: the decision stood, its record was lost.
+    pub dropped: u64,
+    pub _reserved: u64,
+}
+
+/// Stats index of decisions about processes in no registered agent.
+pub const UNREGISTERED_SLOT: u32 = crate::maps::MAX_AGENTS;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integers and byte arrays only, explicit padding (layout test).
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AgentStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn event_layout_is_fixed() {
+        assert_eq!(size_of::<Event>(), 80);
+        assert_eq!(offset_of!(Event, rule_id), 32);
+        assert_eq!(offset_of!(Event, table), 36);
+        assert_eq!(offset_of!(Event, comm), 40);
+        assert_eq!(offset_of!(Event, addr), 56);
+        assert_eq!(offset_of!(Event, port), 72);
+        assert_eq!(offset_of!(Event, family), 74);
+        assert_eq!(offset_of!(Event, reason), 78);
+        // Ring buffer records are 8-byte aligned.
+        assert_eq!(size_of::<Event>() % 8, 0);
+        assert_eq!(size_of::<AgentStats>(), 32);
+    }
+}
