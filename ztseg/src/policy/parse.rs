@@ -1,0 +1,412 @@
+//! One policy file: TOML into spanned raw structs, then validated into a [`PolicyFile`].
+//!
+//! Serde refuses unknown keys and wrong types (with toml's own line and column); everything
+//! else is checked here, collecting every problem of the file with the line it is on.
+//!
+//! Line numbers come from the spans of keys and values. A table's own span is not used: toml
+//! has none for tables defined implicitly (`[[baseline.allow]]` without `[baseline]`), so a
+//! group's line is the line of its name, and the top level is read by hand to get those names.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    ops::Range,
+    path::{Component, Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, de};
+use toml::Spanned;
+
+use super::{Binding, Errors, Group, PolicyError, PolicyFile, PortRange, Ports, Protos, Rule, TokenSource};
+use crate::{agent_id::AgentId, config::line_col};
+
+/// Keys allowed at the top of a policy file.
+const TOP_LEVEL: [&str; 4] = ["baseline", "tools", "scopes", "agent"];
+
+#[derive(Default)]
+struct RawFile {
+    baseline: Option<(Range<usize>, RawGroup)>,
+    tools: BTreeMap<Spanned<String>, RawGroup>,
+    scopes: BTreeMap<Spanned<String>, RawGroup>,
+    agent: Option<(Range<usize>, RawAgent)>,
+    /// Top-level keys that are not in [`TOP_LEVEL`].
+    unknown: Vec<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawFile {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = RawFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a policy file")
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
+                let mut file = RawFile::default();
+                // TOML itself refuses a key given twice, so each arm runs at most once.
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    match key.get_ref().as_str() {
+                        "baseline" => file.baseline = Some((key.span(), map.next_value()?)),
+                        "tools" => file.tools = map.next_value()?,
+                        "scopes" => file.scopes = map.next_value()?,
+                        "agent" => file.agent = Some((key.span(), map.next_value()?)),
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                            file.unknown.push(key);
+                        }
+                    }
+                }
+                Ok(file)
+            }
+        }
+
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    #[serde(default)]
+    allow: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    deny: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    to: Spanned<String>,
+    /// Numbers and `"lo-hi"` strings; checked by hand for clear messages.
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    proto: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    cgroup: Option<Spanned<String>>,
+}
+
+/// Parses and validates one file, collecting every error.
+pub(super) fn parse(path: &Path, text: &str) -> Result<PolicyFile, Errors> {
+    let (file, errors) = parse_partial(path, text).map_err(|first| Errors { first, rest: Vec::new() })?;
+    match Errors::from_vec(errors) {
+        None => Ok(file),
+        Some(errors) => Err(errors),
+    }
+}
+
+/// Parses and validates one file. Unless the TOML itself is refused (`Err`), returns what was
+/// valid (rules, groups and bindings with errors left out) with every error found, so that
+/// cross-file checks can still run over the file and everything is reported at once.
+pub(super) fn parse_partial(path: &Path, text: &str) -> Result<(PolicyFile, Vec<PolicyError>), PolicyError> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+        // toml puts "expected ..." on a line of its own; errors are one line.
+        let message =
+            e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(", ");
+        PolicyError::Syntax { path: path.to_owned(), line, column, message }
+    })?;
+    let mut cx = Checker { path, text, errors: Vec::new() };
+    for key in &raw.unknown {
+        let (line, column) = line_col(text, key.span().start);
+        let expected = TOP_LEVEL.map(|k| format!("`{k}`")).join(", ");
+        cx.errors.push(PolicyError::Syntax {
+            path: path.to_owned(),
+            line,
+            column,
+            message: format!("unknown field `{}`, expected one of {expected}", key.get_ref()),
+        });
+    }
+    let file = PolicyFile {
+        path: path.to_owned(),
+        baseline: raw.baseline.map(|(span, group)| cx.group(cx.line(&span), group)),
+        tools: cx.groups("tool", raw.tools),
+        scopes: cx.groups("scope", raw.scopes),
+        binding: raw.agent.and_then(|(span, agent)| cx.binding(cx.line(&span), agent)),
+    };
+    Ok((file, cx.errors))
+}
+
+/// Validation state of one file.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<PolicyError>,
+}
+
+impl Checker<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    /// Records an error at `line`; returns `None` so a check can end with it.
+    fn invalid<T>(&mut self, line: usize, message: String) -> Option<T> {
+        self.errors.push(PolicyError::Invalid { path: self.path.to_owned(), line, message });
+        None
+    }
+
+    fn groups(&mut self, kind: &str, raw: BTreeMap<Spanned<String>, RawGroup>) -> BTreeMap<String, Group> {
+        let mut groups = BTreeMap::new();
+        for (name, group) in raw {
+            let line = self.line(&name.span());
+            let name = name.into_inner();
+            if name.is_empty() {
+                self.invalid::<()>(line, format!("a {kind} name is empty; name every {kind}"));
+            } else if name.contains('*') {
+                self.invalid::<()>(
+                    line,
+                    format!("{kind} name {name:?} contains '*'; wildcards are not allowed, name each {kind}"),
+                );
+            }
+            let group = self.group(line, group);
+            groups.insert(name, group);
+        }
+        groups
+    }
+
+    fn group(&mut self, line: usize, raw: RawGroup) -> Group {
+        Group {
+            allow: raw.allow.into_iter().filter_map(|r| self.rule(r, true)).collect(),
+            deny: raw.deny.into_iter().filter_map(|r| self.rule(r, false)).collect(),
+            line,
+        }
+    }
+
+    fn rule(&mut self, raw: Spanned<RawRule>, allow: bool) -> Option<Rule> {
+        let line = self.line(&raw.span());
+        let raw = raw.into_inner();
+        let net = self.net(&raw.to, allow);
+        let protos = raw.proto.as_ref().map_or(Some(Protos::TcpUdp), |p| self.protos(p));
+        let ports = raw.ports.map_or(Some(Ports::All), |p| self.ports(p, protos));
+        Some(Rule { net: net?, ports: ports?, protos: protos?, line })
+    }
+
+    fn net(&mut self, to: &Spanned<String>, allow: bool) -> Option<IpNet> {
+        let line = self.line(&to.span());
+        let text = to.get_ref().as_str();
+        let parsed = if text.contains('/') {
+            text.parse::<IpNet>().ok()
+        } else {
+            text.parse::<IpAddr>().ok().map(IpNet::from)
+        };
+        let Some(net) = parsed else {
+            if looks_like_dns_name(text) {
+                return self.invalid(
+                    line,
+                    format!("`to = {text:?}` is a DNS name; DNS names are not supported yet, give an IP address or CIDR"),
+                );
+            }
+            return self.invalid(line, format!("`to = {text:?}` is not an IPv4/IPv6 address or CIDR"));
+        };
+        if net != net.trunc() {
+            return self.invalid(
+                line,
+                format!(
+                    "`to = {text:?}` has host bits set; did you mean {}, or {}/{} for the one address?",
+                    net.trunc(),
+                    net.addr(),
+                    net.max_prefix_len()
+                ),
+            );
+        }
+        if allow && is_unbounded(net) {
+            return self.invalid(
+                line,
+                format!(
+                    "an allow to {net} is unbounded (every address) and is refused; list the networks it needs (only a deny may be unbounded)"
+                ),
+            );
+        }
+        Some(net)
+    }
+
+    fn protos(&mut self, proto: &Spanned<String>) -> Option<Protos> {
+        match proto.get_ref().as_str() {
+            "tcp" => Some(Protos::Tcp),
+            "udp" => Some(Protos::Udp),
+            "icmp" => Some(Protos::Icmp),
+            other => self.invalid(
+                self.line(&proto.span()),
+                format!(
+                    "proto {other:?} is not supported; use \"tcp\", \"udp\" or \"icmp\" (ICMPv6 for IPv6 networks), or leave it out for tcp and udp"
+                ),
+            ),
+        }
+    }
+
+    /// `protos` is `None` if `proto` was invalid (already reported).
+    fn ports(&mut self, ports: Spanned<Vec<Spanned<toml::Value>>>, protos: Option<Protos>) -> Option<Ports> {
+        let line = self.line(&ports.span());
+        let ports = ports.into_inner();
+        if ports.is_empty() {
+            return self
+                .invalid(line, "`ports = []` can never match; leave `ports` out for every port".to_owned());
+        }
+        if protos == Some(Protos::Icmp) {
+            return self.invalid(
+                line,
+                "ICMP has no ports, so a rule with proto = \"icmp\" and `ports` can never match; remove `ports`"
+                    .to_owned(),
+            );
+        }
+        let mut ranges = Vec::with_capacity(ports.len());
+        let mut ok = true;
+        for port in ports {
+            let line = self.line(&port.span());
+            let range = match port.get_ref() {
+                toml::Value::Integer(n) => self.port_number(*n, line),
+                toml::Value::String(s) => self.port_range(s, line),
+                other => self.invalid(
+                    line,
+                    format!("ports are numbers or \"lo-hi\" strings, not a {}", other.type_str()),
+                ),
+            };
+            match range {
+                Some(r) => ranges.push(r),
+                None => ok = false,
+            }
+        }
+        ok.then(|| Ports::new(ranges))
+    }
+
+    fn port_number(&mut self, n: i64, line: usize) -> Option<PortRange> {
+        if n == 0 {
+            return self
+                .invalid(line, "port 0 is not a destination port; ports run from 1 to 65535".to_owned());
+        }
+        match u16::try_from(n) {
+            Ok(port) => Some(PortRange { lo: port, hi: port }),
+            Err(_) => self.invalid(line, format!("port {n} is out of range; ports run from 1 to 65535")),
+        }
+    }
+
+    fn port_range(&mut self, text: &str, line: usize) -> Option<PortRange> {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let Some((lo, hi)) = text.split_once('-').filter(|(lo, hi)| digits(lo) && digits(hi)) else {
+            if digits(text) {
+                return self.invalid(
+                    line,
+                    format!("port {text:?} is a string; write a single port as a number: {text}"),
+                );
+            }
+            return self.invalid(
+                line,
+                format!("port range {text:?} is malformed; write \"lo-hi\" with two port numbers, e.g. \"8000-8999\""),
+            );
+        };
+        let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) else {
+            return self
+                .invalid(line, format!("port range {text:?} is out of range; ports run from 1 to 65535"));
+        };
+        if lo == 0 {
+            return self.invalid(
+                line,
+                format!("port range {text:?} starts at port 0, which is not a destination port; ports run from 1 to 65535"),
+            );
+        }
+        if lo > hi {
+            return self
+                .invalid(line, format!("port range {text:?} is inverted; did you mean \"{hi}-{lo}\"?"));
+        }
+        Some(PortRange { lo, hi })
+    }
+
+    fn binding(&mut self, line: usize, raw: RawAgent) -> Option<Binding> {
+        let id = match &raw.id {
+            None => {
+                self.invalid(line, "[agent] has no id; add `id = \"...\"` with the agent's id".to_owned())
+            }
+            Some(id) => match id.get_ref().parse::<AgentId>() {
+                Ok(id) => Some(id),
+                Err(source) => {
+                    let line = self.line(&id.span());
+                    self.errors.push(PolicyError::AgentId { path: self.path.to_owned(), line, source });
+                    None
+                }
+            },
+        };
+        let token = match (&raw.token_file, &raw.token) {
+            (Some(file), Some(token)) => self.invalid(
+                self.line(&file.span()).max(self.line(&token.span())),
+                "[agent] has both token_file and token; give exactly one".to_owned(),
+            ),
+            (None, None) => self.invalid(
+                line,
+                "[agent] has no token; add `token_file = \"...\"` or `token = \"...\"`".to_owned(),
+            ),
+            (Some(file), None) => self.token_file(file),
+            (None, Some(token)) if token.get_ref().trim().is_empty() => {
+                self.invalid(self.line(&token.span()), "`token` is empty".to_owned())
+            }
+            (None, Some(token)) => Some(TokenSource::Inline(token.get_ref().clone())),
+        };
+        let cgroup = match &raw.cgroup {
+            None => Some(None),
+            Some(cgroup) => {
+                let path = PathBuf::from(cgroup.get_ref());
+                if path.as_os_str().is_empty()
+                    || !path.components().all(|c| matches!(c, Component::Normal(_)))
+                {
+                    let example = id.as_ref().map_or_else(|| "<id>".to_owned(), ToString::to_string);
+                    self.invalid(
+                        self.line(&cgroup.span()),
+                        format!(
+                            "cgroup {:?} must be a path relative to the cgroup2 mount without '..', e.g. \"ztseg.slice/{example}\"",
+                            cgroup.get_ref()
+                        ),
+                    )
+                } else {
+                    Some(Some(path))
+                }
+            }
+        };
+        Some(Binding { id: id?, token: token?, cgroup: cgroup?, path: self.path.to_owned(), line })
+    }
+
+    fn token_file(&mut self, file: &Spanned<String>) -> Option<TokenSource> {
+        let line = self.line(&file.span());
+        let name = file.get_ref();
+        if name.is_empty() {
+            return self.invalid(line, "`token_file` is empty".to_owned());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        match std::path::absolute(dir.join(name)) {
+            Ok(path) => Some(TokenSource::File(path)),
+            Err(source) => {
+                self.errors.push(PolicyError::TokenPath {
+                    path: self.path.to_owned(),
+                    line,
+                    token_file: name.clone(),
+                    source,
+                });
+                None
+            }
+        }
+    }
+}
+
+/// Something that is not an address but reads like a host name (`example.com`, `db-1`).
+fn looks_like_dns_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && text.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+/// Every address of a family: `0.0.0.0/0`, `::/0`, or `::ffff:0:0/96` (every IPv4 address,
+/// IPv4-mapped; the dataplane judges those with the IPv4 rules).
+fn is_unbounded(net: IpNet) -> bool {
+    match net {
+        IpNet::V4(n) => n.prefix_len() == 0,
+        IpNet::V6(n) => n.prefix_len() == 0 || (n.prefix_len() == 96 && n.addr().to_ipv4_mapped().is_some()),
+    }
+}
