@@ -1,0 +1,692 @@
+//! Writer, recovery, rotation and verification against real files in a temporary directory.
+//! Every tampering test first shows that the untouched log verifies.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use ed25519_dalek::VerifyingKey;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{record::rfc3339, *};
+
+/// A directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ztseg-audit-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn obj(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn body(i: u64) -> Map<String, Value> {
+    obj(json!({
+        "ts": "2026-05-01T12:00:00.000Z", "agent": "analyst-7", "op": "op-1", "jti": "j-1",
+        "pid": 4242 + i, "comm": "python3", "cgroup_id": 77, "action": "connect", "proto": "tcp",
+        "dst": "10.0.5.12", "dport": 5432, "verdict": if i.is_multiple_of(3) { "deny" } else { "allow" },
+        "reason": "rule", "rule": "scopes.read:data.sales_q1_2026",
+    }))
+}
+
+/// Checkpoint every 5 records, flush every 4, no rotation.
+fn small() -> AuditOptions {
+    AuditOptions {
+        checkpoint_every: 5,
+        checkpoint_interval: Duration::from_secs(3600),
+        rotate_bytes: 0,
+        flush_every: 4,
+    }
+}
+
+fn host_key(dir: &Path) -> HostKey {
+    HostKey::load_or_create(&dir.join("state")).unwrap()
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("log").join("audit.jsonl")
+}
+
+/// A log of `n` appended records (plus checkpoints) under `dir`; returns its path and key.
+fn write_log(dir: &Path, n: u64, options: AuditOptions) -> (PathBuf, VerifyingKey) {
+    let key = host_key(dir);
+    let public = key.verifying_key();
+    let path = log_path(dir);
+    let (mut log, report) = AuditLog::open(&path, key, options).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    for i in 0..n {
+        log.append(body(i)).unwrap();
+    }
+    log.flush().unwrap();
+    (path, public)
+}
+
+/// 20 records with checkpoints at seq 5, 11, 17, 23: 24 lines, line k + 1 holds seq k.
+fn standard_log(dir: &Path) -> (PathBuf, VerifyingKey) {
+    write_log(dir, 20, small())
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    fs::write(path, text).unwrap();
+}
+
+/// Copy the live file, its key and its head into `dir/copy`.
+fn copy_log(src: &Path, dir: &Path) -> PathBuf {
+    let dst_dir = dir.join("copy");
+    fs::create_dir_all(&dst_dir).unwrap();
+    let dst = dst_dir.join(src.file_name().unwrap());
+    fs::copy(src, &dst).unwrap();
+    fs::copy(pub_key_path(src), pub_key_path(&dst)).unwrap();
+    fs::copy(head_path(src), head_path(&dst)).unwrap();
+    dst
+}
+
+fn verify_log(path: &Path) -> Result<VerifyReport, Damage> {
+    verify(&resolve_files(path).unwrap(), None)
+}
+
+fn damage(path: &Path) -> Damage {
+    match verify_log(path) {
+        Ok(report) => panic!("tampering was not detected: {report}"),
+        Err(damage) => damage,
+    }
+}
+
+fn assert_damage(d: &Damage, file: &Path, kind: DamageKind, line: usize, seq: Option<u64>) {
+    assert_eq!((d.kind, d.line, d.seq, d.file.as_path()), (kind, line, seq, file), "{d}");
+}
+
+/// Recompute every `prev` and `hash` from the first line on, as someone without the host key
+/// would after changing a record.
+fn rechain(lines: &mut [String]) {
+    let mut prev = ZERO_HASH;
+    for line in lines.iter_mut() {
+        let mut rec = obj(serde_json::from_str(line).unwrap());
+        rec.remove("hash");
+        rec.insert("prev".into(), hex::encode(prev).into());
+        let hash = chain_hash(&prev, &canonical_bytes(&Value::Object(rec.clone())));
+        rec.insert("hash".into(), hex::encode(hash).into());
+        *line = String::from_utf8(canonical_bytes(&Value::Object(rec))).unwrap();
+        prev = hash;
+    }
+}
+
+#[test]
+fn appended_log_verifies() {
+    let dir = TempDir::new("ok");
+    let (path, public) = standard_log(dir.path());
+    let report = verify_log(&path).unwrap();
+    assert_eq!((report.records, report.first_seq, report.last_seq), (24, Some(0), Some(23)));
+    assert_eq!((report.checkpoints_verified, report.checkpoints_unchecked), (4, 0));
+    assert_eq!(report.key, KeySource::PubFile(pub_key_path(&path)));
+    assert_eq!(report.key_id, Some(hex::encode(public.to_bytes())));
+    assert_eq!(report.head_seq, Some(23));
+    let given = verify(std::slice::from_ref(&path), Some(&public)).unwrap();
+    assert_eq!(given.key, KeySource::Given);
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 24);
+    let checkpoint = obj(serde_json::from_str(&lines[5]).unwrap());
+    assert_eq!(checkpoint["event"], "checkpoint");
+    assert_eq!(checkpoint["covers"], 4);
+    assert_eq!(checkpoint["head"], obj(serde_json::from_str(&lines[4]).unwrap())["hash"]);
+}
+
+#[test]
+fn record_hash_follows_the_documented_definition() {
+    let dir = TempDir::new("hash");
+    let path = log_path(dir.path());
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    let mut rec = Map::new();
+    rec.insert("verdict".into(), "deny".into());
+    rec.insert("dport".into(), 443.into());
+    rec.insert("comm".into(), "py\"th\\on\n\u{1}é".into());
+    rec.insert("agent".into(), "a-1".into());
+    log.append(rec).unwrap();
+    log.append(obj(json!({"agent": "a-1"}))).unwrap();
+    drop(log);
+
+    // By hand, from the module documentation: sorted keys, compact, escapes as Python's
+    // json.dumps(ensure_ascii=False); hash = SHA-256(prev raw bytes || canonical bytes).
+    let zeros = "0".repeat(64);
+    let canonical = format!(
+        r#"{{"agent":"a-1","comm":"py\"th\\on\n\u0001é","dport":443,"prev":"{zeros}","seq":0,"verdict":"deny"}}"#
+    );
+    let hash =
+        hex::encode(Sha256::new().chain_update([0u8; 32]).chain_update(canonical.as_bytes()).finalize());
+    let expected_line = format!(
+        r#"{{"agent":"a-1","comm":"py\"th\\on\n\u0001é","dport":443,"hash":"{hash}","prev":"{zeros}","seq":0,"verdict":"deny"}}"#
+    );
+    let lines = read_lines(&path);
+    assert_eq!(lines[0], expected_line);
+
+    let second = format!(r#"{{"agent":"a-1","prev":"{hash}","seq":1}}"#);
+    let hash2 = hex::encode(
+        Sha256::new().chain_update(hex::decode(&hash).unwrap()).chain_update(second.as_bytes()).finalize(),
+    );
+    assert_eq!(lines[1], format!(r#"{{"agent":"a-1","hash":"{hash2}","prev":"{hash}","seq":1}}"#));
+    verify_log(&path).unwrap();
+}
+
+#[test]
+fn canonical_form_sorts_nested_objects() {
+    let value = json!({"b": [{"d": 1, "c": -2}, "x"], "a": null, "é": true, "Z": {"y": {}, "x": []}});
+    assert_eq!(
+        String::from_utf8(canonical_bytes(&value)).unwrap(),
+        r#"{"Z":{"x":[],"y":{}},"a":null,"b":[{"c":-2,"d":1},"x"],"é":true}"#
+    );
+}
+
+#[test]
+fn edited_field_is_named() {
+    let dir = TempDir::new("edit");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    assert!(lines[7].contains(r#""dport":5432"#));
+    lines[7] = lines[7].replace(r#""dport":5432"#, r#""dport":5433"#);
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::Edited, 8, Some(7));
+}
+
+#[test]
+fn rewritten_chain_is_caught_by_the_next_checkpoint() {
+    let dir = TempDir::new("rechain");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    fs::remove_file(head_path(&copy)).unwrap();
+    // Control: re-chaining an untouched log changes nothing, so it still verifies.
+    let mut lines = read_lines(&copy);
+    rechain(&mut lines);
+    assert_eq!(lines, read_lines(&path));
+    verify_log(&copy).unwrap();
+
+    lines[7] = lines[7].replace(r#""dport":5432"#, r#""dport":22"#);
+    rechain(&mut lines);
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::BadCheckpointSignature, 12, Some(11));
+}
+
+#[test]
+fn deleted_middle_line_is_named() {
+    let dir = TempDir::new("delete");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    lines.remove(8);
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::Deleted, 9, Some(8));
+}
+
+#[test]
+fn swapped_lines_are_reordered() {
+    let dir = TempDir::new("swap");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    lines.swap(3, 4);
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::Reordered, 4, Some(4));
+}
+
+#[test]
+fn inserted_copy_is_named() {
+    let dir = TempDir::new("insert");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    let copied = lines[1].clone();
+    lines.insert(7, copied);
+    write_lines(&copy, &lines);
+    let d = damage(&copy);
+    assert_damage(&d, &copy, DamageKind::Inserted, 8, Some(1));
+    assert!(d.detail.contains("repeats record 1 (line 2"), "{d}");
+}
+
+#[test]
+fn inserted_forged_record_is_named_not_its_twin() {
+    let dir = TempDir::new("forge");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    // A well-formed record 8 that links to record 7, placed before the real record 8.
+    let mut forged = obj(serde_json::from_str(&lines[8]).unwrap());
+    forged.remove("hash");
+    forged.insert("dst".into(), "198.51.100.9".into());
+    let prev = record::parse_hash(forged["prev"].as_str().unwrap()).unwrap();
+    let hash = chain_hash(&prev, &canonical_bytes(&Value::Object(forged.clone())));
+    forged.insert("hash".into(), hex::encode(hash).into());
+    lines.insert(8, String::from_utf8(canonical_bytes(&Value::Object(forged))).unwrap());
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::Inserted, 9, Some(8));
+}
+
+#[test]
+fn line_cut_mid_record_is_truncated() {
+    let dir = TempDir::new("torn");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let bytes = fs::read(&copy).unwrap();
+    let last_start = bytes[..bytes.len() - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    fs::write(&copy, &bytes[..last_start + 40]).unwrap();
+    assert_damage(&damage(&copy), &copy, DamageKind::Truncated, 24, None);
+}
+
+#[test]
+fn records_dropped_from_the_end_are_caught_by_the_head() {
+    let dir = TempDir::new("drop");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    lines.truncate(21);
+    write_lines(&copy, &lines);
+    let d = damage(&copy);
+    assert_damage(&d, &copy, DamageKind::Truncated, 22, Some(21));
+    assert!(d.detail.contains("seq 23"), "{d}");
+    // Without the head, whole records cut from the end are indistinguishable from a shorter log:
+    // the head is what catches it.
+    fs::remove_file(head_path(&copy)).unwrap();
+    assert_eq!(verify_log(&copy).unwrap().last_seq, Some(20));
+}
+
+#[test]
+fn flipped_checkpoint_signature_is_named() {
+    let dir = TempDir::new("sig");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    verify_log(&copy).unwrap();
+    let mut lines = read_lines(&copy);
+    let mut rec = obj(serde_json::from_str(&lines[5]).unwrap());
+    let sig = rec["sig"].as_str().unwrap().to_owned();
+    let flipped = format!("{}{}", if sig.starts_with('0') { '1' } else { '0' }, &sig[1..]);
+    rec.insert("sig".into(), flipped.into());
+    lines[5] = String::from_utf8(canonical_bytes(&Value::Object(rec))).unwrap();
+    write_lines(&copy, &lines);
+    assert_damage(&damage(&copy), &copy, DamageKind::BadCheckpointSignature, 6, Some(5));
+}
+
+#[test]
+fn wrong_key_is_refused() {
+    let dir = TempDir::new("wrongkey");
+    let (path, public) = standard_log(dir.path());
+    let files = resolve_files(&path).unwrap();
+    assert_eq!(verify(&files, Some(&public)).unwrap().key, KeySource::Given);
+    let other = HostKey::generate().unwrap().verifying_key();
+    let d = verify(&files, Some(&other)).unwrap_err();
+    assert_damage(&d, &path, DamageKind::BadCheckpointSignature, 6, Some(5));
+    assert!(d.detail.contains(&hex::encode(other.to_bytes())), "{d}");
+}
+
+#[test]
+fn no_key_checks_the_chain_only() {
+    let dir = TempDir::new("nokey");
+    let (path, _) = standard_log(dir.path());
+    fs::remove_file(pub_key_path(&path)).unwrap();
+    let report = verify_log(&path).unwrap();
+    assert_eq!(
+        (report.key, report.checkpoints_verified, report.checkpoints_unchecked),
+        (KeySource::None, 0, 4)
+    );
+}
+
+#[test]
+fn torn_tail_is_moved_aside_and_recorded() {
+    let dir = TempDir::new("recover");
+    let (path, public) = standard_log(dir.path());
+    let torn = br#"{"agent":"analyst-7","comm":"pyth"#;
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.extend_from_slice(torn);
+    fs::write(&path, &bytes).unwrap();
+    assert_damage(&damage(&path), &path, DamageKind::Truncated, 25, None);
+
+    let (mut log, report) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    let tail = report.torn.clone().unwrap();
+    assert_eq!((tail.line, tail.bytes, tail.after_seq), (25, torn.len() as u64, Some(23)));
+    assert_eq!(fs::read(&tail.moved_to).unwrap(), torn);
+    assert_eq!(report.next_seq, 25);
+    for i in 0..3 {
+        log.append(body(i)).unwrap();
+    }
+    drop(log);
+
+    let recovered = obj(serde_json::from_str(&read_lines(&path)[24]).unwrap());
+    assert_eq!(recovered["event"], "recovered");
+    assert_eq!(recovered["torn_bytes"], torn.len());
+    assert_eq!(recovered["after_seq"], 23);
+    let report = verify(&resolve_files(&path).unwrap(), Some(&public)).unwrap();
+    assert_eq!((report.last_seq, report.head_seq), (Some(27), Some(27)));
+}
+
+#[test]
+fn edited_record_refuses_open_and_changes_nothing() {
+    let dir = TempDir::new("refuse");
+    let (path, _) = standard_log(dir.path());
+    let (log, report) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.next_seq, 24);
+    drop(log);
+
+    let mut lines = read_lines(&path);
+    lines[7] = lines[7].replace("analyst-7", "analyst-8");
+    write_lines(&path, &lines);
+    let before = fs::read(&path).unwrap();
+    match AuditLog::open(&path, host_key(dir.path()), small()) {
+        Err(AuditError::Damaged { line: 8, seq: Some(7), .. }) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an edited log was opened for appending"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn records_cut_from_the_end_refuse_open() {
+    let dir = TempDir::new("cutopen");
+    let (path, _) = standard_log(dir.path());
+    let mut lines = read_lines(&path);
+    lines.truncate(22);
+    write_lines(&path, &lines);
+    let err = AuditLog::open(&path, host_key(dir.path()), small()).err().unwrap();
+    assert!(matches!(err, AuditError::Head { .. }), "{err}");
+    assert!(err.to_string().contains("ends at seq 21"), "{err}");
+}
+
+#[test]
+fn reopen_continues_the_chain() {
+    let dir = TempDir::new("reopen");
+    let (path, _) = write_log(dir.path(), 7, small());
+    let (mut log, report) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.next_seq, 8);
+    for i in 0..7 {
+        log.append(body(i)).unwrap();
+    }
+    log.checkpoint().unwrap();
+    drop(log);
+    let report = verify_log(&path).unwrap();
+    assert_eq!((report.records, report.checkpoints_verified), (17, 3));
+}
+
+#[test]
+fn second_writer_is_locked_out() {
+    let dir = TempDir::new("lock");
+    let path = log_path(dir.path());
+    let (_log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    let err = AuditLog::open(&path, host_key(dir.path()), small()).err().unwrap();
+    assert!(matches!(err, AuditError::Locked { .. }), "{err}");
+}
+
+#[test]
+fn another_hosts_key_refuses_open() {
+    let dir = TempDir::new("keymismatch");
+    let (path, _) = standard_log(dir.path());
+    let err = AuditLog::open(&path, HostKey::generate().unwrap(), small()).err().unwrap();
+    assert!(matches!(err, AuditError::KeyMismatch { .. }), "{err}");
+}
+
+/// A rotated log: 100 records, rotating past 3000 bytes, checkpoints every 10.
+fn rotated_log(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let options = AuditOptions { rotate_bytes: 3000, checkpoint_every: 10, ..small() };
+    let (path, _) = write_log(dir, 100, options);
+    let files = resolve_files(&path).unwrap();
+    (path, files)
+}
+
+#[test]
+fn rotation_carries_the_chain_across_files() {
+    let dir = TempDir::new("rotate");
+    let (path, files) = rotated_log(dir.path());
+    assert!(files.len() >= 3, "{files:?}");
+    assert_eq!(files.last(), Some(&path));
+    let mut expected_first = 0;
+    for (i, file) in files.iter().enumerate() {
+        let lines = read_lines(file);
+        let first = obj(serde_json::from_str(&lines[0]).unwrap());
+        assert_eq!(first["seq"], expected_first);
+        if i > 0 {
+            assert_eq!(first["event"], "rotated");
+            assert_eq!(first["previous_file"], files[i - 1].file_name().unwrap().to_str().unwrap());
+        }
+        let last = obj(serde_json::from_str(lines.last().unwrap()).unwrap());
+        let last_seq = last["seq"].as_u64().unwrap();
+        if file != &path {
+            assert_eq!(last["event"], "checkpoint", "a rotated file ends signed");
+            let name = file.file_name().unwrap().to_str().unwrap();
+            assert_eq!(name, format!("audit.jsonl.{expected_first}-{last_seq}"));
+        }
+        expected_first = last_seq + 1;
+    }
+    let report = verify(&files, None).unwrap();
+    assert_eq!(report.last_seq, Some(expected_first - 1));
+    assert_eq!(report.files, files);
+    assert_eq!(report.head_seq, report.last_seq);
+    // A rotated file named on its own is verified on its own (its chain starts at seq 0).
+    verify(&resolve_files(&files[0]).unwrap(), None).unwrap();
+}
+
+#[test]
+fn missing_rotated_file_is_truncation() {
+    let dir = TempDir::new("rotmissing");
+    let (path, files) = rotated_log(dir.path());
+    verify(&files, None).unwrap();
+    let gone_first = read_lines(&files[1])[0].clone();
+    let gone_first = obj(serde_json::from_str(&gone_first).unwrap())["seq"].as_u64().unwrap();
+    fs::remove_file(&files[1]).unwrap();
+    let d = verify_log(&path).unwrap_err();
+    assert_damage(&d, &files[2], DamageKind::Truncated, 1, Some(gone_first));
+    assert!(d.detail.contains(files[1].file_name().unwrap().to_str().unwrap()), "{d}");
+}
+
+#[test]
+fn interrupted_rotation_is_resumed() {
+    let dir = TempDir::new("rotresume");
+    let (path, _) = standard_log(dir.path());
+    // A crash right after the live file was renamed, before the new one was started.
+    let rotated = path.with_file_name("audit.jsonl.0-23");
+    fs::rename(&path, &rotated).unwrap();
+    let (mut log, report) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    assert_eq!(report.resumed_rotation.as_deref(), Some(rotated.as_path()));
+    assert_eq!(report.next_seq, 25);
+    log.append(body(0)).unwrap();
+    drop(log);
+    let files = resolve_files(&path).unwrap();
+    assert_eq!(files, vec![rotated, path.clone()]);
+    assert_eq!(verify(&files, None).unwrap().last_seq, Some(25));
+}
+
+#[test]
+fn resolve_files_orders_rotated_files_by_seq() {
+    let dir = TempDir::new("resolve");
+    let live = dir.path().join("audit.jsonl");
+    for name in [
+        "audit.jsonl.20-99",
+        "audit.jsonl.0-9",
+        "audit.jsonl.100-109",
+        "audit.jsonl.10-19",
+        "audit.jsonl",
+        "audit.jsonl.pub",
+        "audit.jsonl.head",
+        "audit.jsonl.lock",
+        "audit.jsonl.torn-1700000000",
+        "audit.jsonl.x-1",
+        "other.jsonl.0-9",
+    ] {
+        fs::write(dir.path().join(name), "").unwrap();
+    }
+    let names: Vec<String> = resolve_files(&live)
+        .unwrap()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["audit.jsonl.0-9", "audit.jsonl.10-19", "audit.jsonl.20-99", "audit.jsonl.100-109", "audit.jsonl"]
+    );
+    assert_eq!(live_path_of(&dir.path().join("audit.jsonl.10-19")), live);
+    assert_eq!(live_path_of(&live), live);
+    assert!(matches!(resolve_files(&dir.path().join("absent.jsonl")), Err(AuditError::NotFound { .. })));
+}
+
+#[test]
+fn reserved_fields_and_fractions_are_refused() {
+    let dir = TempDir::new("reserved");
+    let path = log_path(dir.path());
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    assert_eq!(log.append(obj(json!({"agent": "a", "risk": 5, "x": {"y": [1, 2]}}))).unwrap(), 0);
+    let refused = [
+        (json!({"seq": 3}), "seq"),
+        (json!({"hash": "ab"}), "hash"),
+        (json!({"event": "checkpoint"}), "checkpoint"),
+        (json!({"event": "rotated"}), "rotated"),
+        (json!({"risk": 0.5}), "risk"),
+        (json!({"x": {"y": [1, 2.5]}}), "x.y[1]"),
+    ];
+    for (rec, named) in refused {
+        let err = log.append(obj(rec)).unwrap_err();
+        assert!(err.to_string().contains(&format!("`{named}`")), "{err}");
+    }
+    assert_eq!(log.next_seq(), 1);
+}
+
+#[test]
+fn checkpoints_follow_the_clock() {
+    let dir = TempDir::new("clock");
+    let path = log_path(dir.path());
+    let options =
+        AuditOptions { checkpoint_every: 0, checkpoint_interval: Duration::from_secs(10), ..small() };
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), options).unwrap();
+    let t0 = SystemTime::now();
+    assert!(!log.maybe_checkpoint(t0 + Duration::from_secs(60)).unwrap(), "nothing to cover yet");
+    log.append(body(0)).unwrap();
+    assert!(!log.maybe_checkpoint(t0 + Duration::from_secs(5)).unwrap());
+    assert!(log.maybe_checkpoint(t0 + Duration::from_secs(11)).unwrap());
+    assert!(!log.maybe_checkpoint(t0 + Duration::from_secs(30)).unwrap(), "no records since");
+    log.append(body(1)).unwrap();
+    assert!(!log.maybe_checkpoint(t0 + Duration::from_secs(15)).unwrap());
+    assert!(log.maybe_checkpoint(t0 + Duration::from_secs(21)).unwrap());
+    assert_eq!(log.next_seq(), 4);
+    drop(log);
+    assert_eq!(verify_log(&path).unwrap().checkpoints_verified, 2);
+}
+
+#[test]
+fn host_key_is_private_and_stable() {
+    let dir = TempDir::new("hostkey");
+    let state = dir.path().join("state");
+    let key = HostKey::load_or_create(&state).unwrap();
+    let file = state.join(HOST_KEY_FILE);
+    assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(fs::read_to_string(&file).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert_eq!(HostKey::load_or_create(&state).unwrap().key_id(), key.key_id());
+    assert_eq!(parse_verifying_key(&key.public_key_pem()).unwrap(), key.verifying_key());
+    assert_eq!(parse_verifying_key(&key.key_id()).unwrap(), key.verifying_key());
+
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = HostKey::load_or_create(&state).unwrap_err();
+    assert!(matches!(err, AuditError::KeyPermissions { mode: 0o644, .. }), "{err}");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    HostKey::load_or_create(&state).unwrap();
+}
+
+#[test]
+fn exported_public_key_verifies_the_log() {
+    let dir = TempDir::new("pubkey");
+    let (path, public) = standard_log(dir.path());
+    assert_eq!(load_verifying_key(&pub_key_path(&path)).unwrap(), public);
+    assert!(fs::read_to_string(pub_key_path(&path)).unwrap().starts_with("-----BEGIN PUBLIC KEY-----"));
+}
+
+#[test]
+fn timestamps_are_rfc3339_utc() {
+    let at = |secs: u64, millis: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
+    assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
+    assert_eq!(rfc3339(at(951_782_400, 7)), "2000-02-29T00:00:00.007Z");
+    assert_eq!(rfc3339(at(1_777_636_800, 123)), "2026-05-01T12:00:00.123Z");
+    assert_eq!(rfc3339(at(4_102_444_799, 999)), "2099-12-31T23:59:59.999Z");
+}
+
+#[test]
+fn failed_rotation_is_postponed_not_lost() {
+    // Control: where the first rotation goes (record sizes are deterministic).
+    let probe = TempDir::new("rotprobe");
+    let (_, probe_files) = rotated_log(probe.path());
+    let first_name = probe_files[0].file_name().unwrap().to_owned();
+
+    let dir = TempDir::new("rotblocked");
+    let path = log_path(dir.path());
+    let options = AuditOptions { rotate_bytes: 3000, checkpoint_every: 10, ..small() };
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), options).unwrap();
+    let squatter = path.with_file_name(&first_name);
+    fs::write(&squatter, "not part of the log\n").unwrap();
+    for i in 0..100 {
+        log.append(body(i)).unwrap();
+    }
+    drop(log);
+    assert_eq!(fs::read_to_string(&squatter).unwrap(), "not part of the log\n");
+    fs::remove_file(&squatter).unwrap();
+    let files = resolve_files(&path).unwrap();
+    assert!(files.len() >= 2, "rotation resumed later: {files:?}");
+    assert_ne!(files[0].file_name(), Some(first_name.as_os_str()));
+    verify(&files, None).unwrap();
+    let bodies = files.iter().flat_map(|f| read_lines(f)).filter(|l| !l.contains(r#""event":"#)).count();
+    assert_eq!(bodies, 100);
+}
+
+#[test]
+fn missing_first_rotated_file_is_truncation() {
+    let dir = TempDir::new("rotfirst");
+    let (path, files) = rotated_log(dir.path());
+    verify(&files, None).unwrap();
+    fs::remove_file(&files[0]).unwrap();
+    assert_damage(&verify_log(&path).unwrap_err(), &files[1], DamageKind::Truncated, 1, Some(0));
+}
+
+#[test]
+fn forged_head_is_refused() {
+    let dir = TempDir::new("head");
+    let (path, _) = standard_log(dir.path());
+    let copy = copy_log(&path, dir.path());
+    assert_eq!(verify_log(&copy).unwrap().head_seq, Some(23));
+    // Claim more records than were written, to make an intact log look truncated.
+    let mut head = obj(serde_json::from_str(&fs::read_to_string(head_path(&copy)).unwrap()).unwrap());
+    head.insert("seq".into(), 40.into());
+    fs::write(head_path(&copy), canonical_bytes(&Value::Object(head))).unwrap();
+    assert_damage(&damage(&copy), &head_path(&copy), DamageKind::BadCheckpointSignature, 1, Some(40));
+}
