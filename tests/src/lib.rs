@@ -253,3 +253,284 @@ impl Drop for Site {
         }
     }
 }
+
+/// A binary cargo built next to the test binaries (`ztseg` is built by `cargo xtask test`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(bin.exists(), "{} is missing; run the tests with `cargo xtask test`", bin.display());
+    bin
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(prefix));
+        fs::create_dir_all(&path).unwrap();
+        // Agents run as `nobody` and read probe binaries, not this dir; keep it private.
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `ztseg daemon` on a private config: its own pin dir and agents' root (from a
+/// [`Site`]), policy dir, state dir, audit log and socket. Killed on drop.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub policy_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub key: PathBuf,
+    pub issuer: String,
+    /// A copy of the probe that agents (user `nobody`) can execute wherever the repo lives.
+    pub probe: PathBuf,
+    child: Option<Child>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Writes a config for `site` under `dir`, makes an issuer key, and starts the daemon.
+    pub fn start(site: &Site, dir: &Path) -> Self {
+        let policy_dir = dir.join("policies");
+        let keys = dir.join("keys");
+        fs::create_dir_all(&policy_dir).unwrap();
+        let out = Command::new(bin("ztseg")).args(["token", "keygen", "--out"]).arg(&keys).output().unwrap();
+        assert!(out.status.success(), "token keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        let root = site.root.strip_prefix(site.cgroups.mount()).unwrap();
+        let config = dir.join("ztseg.toml");
+        let issuer = "test-orchestrator".to_owned();
+        fs::write(
+            &config,
+            format!(
+                "policy_dir = {policy:?}\nstate_dir = {state:?}\naudit_log = {audit:?}\nsocket = {socket:?}\n\
+                 pin_dir = {pins:?}\ncgroup_root = {root:?}\nmax_ttl_seconds = 3600\nleeway_seconds = 0\n\n\
+                 [[issuers]]\niss = {issuer:?}\nkey = {jwks:?}\nalgorithms = [\"EdDSA\"]\n",
+                policy = policy_dir,
+                state = dir.join("state"),
+                audit = dir.join("audit/audit.jsonl"),
+                socket = dir.join("ztseg.sock"),
+                pins = site.pin_dir,
+                root = root,
+                jwks = keys.join("jwks.json"),
+            ),
+        )
+        .unwrap();
+        let probe = dir.join("agent-probe");
+        fs::copy(probe_bin(), &probe).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut daemon = Self {
+            probe,
+            dir: dir.to_owned(),
+            socket: dir.join("ztseg.sock"),
+            audit_log: dir.join("audit/audit.jsonl"),
+            config,
+            policy_dir,
+            key: keys.join("ed25519.pem"),
+            issuer,
+            child: None,
+            log: Default::default(),
+        };
+        daemon.launch();
+        daemon
+    }
+
+    /// Starts the daemon process and returns once it says it is ready.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let mut child = Command::new(bin("ztseg"))
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .env("ZTSEG_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log = self.log.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("ztseg daemon ready")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        let up = ready_rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok();
+        self.child = Some(child);
+        assert!(up, "daemon did not become ready:\n{}", self.log());
+    }
+
+    /// SIGKILLs the daemon (a crash), leaving pins and state as they are.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs the daemon and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Runs `ztseg ARGS` against this daemon; returns (exit code, stdout, stderr).
+    pub fn ztseg(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("ztseg"))
+            .args(args)
+            .env(ztseg::control::SOCKET_ENV, &self.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Issues a token with the test issuer's key (`ztseg token issue`).
+    pub fn issue(&self, agent: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "token",
+            "issue",
+            "--key",
+            self.key.to_str().unwrap(),
+            "--iss",
+            &self.issuer,
+            "--agent",
+            agent,
+        ];
+        args.extend(extra);
+        let (code, out, err) = self.ztseg(&args);
+        assert_eq!(code, 0, "token issue failed: {err}");
+        out.trim().to_owned()
+    }
+
+    /// Writes a policy file atomically (as an orchestrator should: temp file, then rename).
+    pub fn write_policy(&self, name: &str, text: &str) {
+        let tmp = self.policy_dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, self.policy_dir.join(name)).unwrap();
+    }
+
+    /// `ztseg agents --json`, as JSON text.
+    pub fn agents(&self) -> String {
+        let (code, out, err) = self.ztseg(&["agents", "--json"]);
+        assert_eq!(code, 0, "agents failed: {err}");
+        out
+    }
+
+    /// Waits for the first record of the daemon's event stream (`ztseg events --follow`, which
+    /// starts with the recent backlog) that satisfies `matches`, and returns it. Panics after 30 s.
+    pub fn wait_event(
+        &self,
+        what: &str,
+        matches: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+    ) -> serde_json::Value {
+        let mut child = Command::new(bin("ztseg"))
+            .args(["events", "--follow"])
+            .env(ztseg::control::SOCKET_ENV, &self.socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Ok(record) = serde_json::from_str::<serde_json::Value>(&line)
+                    && matches(&record)
+                {
+                    let _ = tx.send(record);
+                    return;
+                }
+            }
+        });
+        let found = rx.recv_timeout(std::time::Duration::from_secs(30));
+        let _ = child.kill();
+        let _ = child.wait();
+        found.unwrap_or_else(|_| panic!("timed out waiting for {what}\n{}", self.log()))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `ztseg run --agent AGENT [--token FILE] -- ztseg-probe once OPS...` inside `netns`;
+/// returns (exit code, probe outcomes, stderr).
+pub fn run_agent(
+    daemon: &Daemon,
+    netns: &Netns,
+    agent: &str,
+    token: Option<&Path>,
+    ops: &[&str],
+) -> (i32, Vec<String>, String) {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &netns.name]).arg(bin("ztseg")).args(["run", "--agent", agent]);
+    if let Some(token) = token {
+        command.arg("--token").arg(token);
+    }
+    command.arg("--").arg(&daemon.probe).arg("once").args(ops);
+    let out = command.env(ztseg::control::SOCKET_ENV, &daemon.socket).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `ztseg ARGS...` inside `netns` against `daemon`, as a process whose output the test reads.
+pub fn spawn_in_netns(netns: &Netns, daemon: &Daemon, args: &[&str]) -> Proc {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &netns.name])
+        .arg(bin("ztseg"))
+        .args(args)
+        .env(ztseg::control::SOCKET_ENV, &daemon.socket);
+    Proc::spawn(command)
+}
+
+/// Starts `ztseg run ... -- ztseg-probe loop OPS...` inside `netns`; returns once it runs.
+pub fn run_agent_loop(daemon: &Daemon, netns: &Netns, agent: &str, ops: &[&str]) -> Proc {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &netns.name])
+        .arg(bin("ztseg"))
+        .args(["run", "--agent", agent, "--"])
+        .arg(&daemon.probe)
+        .arg("loop")
+        .args(ops)
+        .env(ztseg::control::SOCKET_ENV, &daemon.socket);
+    let mut proc = Proc::spawn(command);
+    assert_eq!(proc.line(), "started");
+    proc
+}

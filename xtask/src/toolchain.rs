@@ -13,9 +13,19 @@ pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 /// Where `-Z build-std` looks for the library source of /usr/bin/rustc.
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
-/// Debian packages: the compiler, its library source, bpftool to inspect what is enforced,
-/// iproute2 for the tests' network namespaces.
-const PACKAGES: [&str; 4] = ["rustc-web", "rust-web-src", "bpftool", "iproute2"];
+/// Debian packages: the compiler and its library source (eBPF build); bpftool to inspect what
+/// is enforced; iproute2 for network namespaces (tests, demo); PyJWT with `cryptography` for the
+/// token interoperability test; nftables for the benchmark baseline.
+const PACKAGES: [&str; 8] = [
+    "rustc-web",
+    "rust-web-src",
+    "bpftool",
+    "iproute2",
+    "python3-jwt",
+    "python3-cryptography",
+    "nftables",
+    "systemd",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn cargo_bin() -> PathBuf {

@@ -114,7 +114,8 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         addr: [0; 4],
         port: [0; 2],
     };
-    task.report(ACTION_SOCKET, dest, &decision)
+    // Creating a TCP or UDP socket reaches nothing by itself; only refusals are worth a record.
+    task.report(ACTION_SOCKET, dest, &decision, !decision.allowed())
 }
 
 const AF_INET6: u32 = 10;
@@ -164,10 +165,14 @@ impl Task {
         self.agent.as_ref().map_or(UNREGISTERED_SLOT, |a| a.slot)
     }
 
-    /// Writes the event, counts the decision, and returns the program's verdict. A full ring
-    /// buffer never changes the verdict: the lost record is counted instead.
+    /// Writes the event (when `emit`), counts the decision, and returns the program's verdict. A
+    /// full ring buffer never changes the verdict: the lost record is counted instead.
     #[inline(always)]
-    fn report(&self, action: u8, dest: Dest, decision: &Decision) -> i32 {
+    fn report(&self, action: u8, dest: Dest, decision: &Decision, emit: bool) -> i32 {
+        if !emit {
+            self.count(decision, true);
+            return verdict(decision);
+        }
         let written = match EVENTS.reserve(0) {
             Some(mut entry) => {
                 let event = entry.as_mut_ptr();
@@ -207,6 +212,12 @@ impl Task {
                 false
             }
         };
+        self.count(decision, written);
+        verdict(decision)
+    }
+
+    #[inline(always)]
+    fn count(&self, decision: &Decision, written: bool) {
         if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
             // SAFETY: a valid array element; the adds are atomic (BPF_ATOMIC add, no fetch).
             unsafe {
@@ -219,8 +230,12 @@ impl Task {
                 }
             }
         }
-        if decision.allowed() { ALLOW } else { DENY }
     }
+}
+
+#[inline(always)]
+fn verdict(decision: &Decision) -> i32 {
+    if decision.allowed() { ALLOW } else { DENY }
 }
 
 /// # Safety
@@ -274,7 +289,7 @@ fn judge_v4(ctx: &SockAddrContext, action: u8) -> i32 {
         Ok(proto) => (v4_dest(proto, port, addr), decide_v4(&task, proto, port, addr)),
         Err(denied) => (v4_dest(u8::MAX, port, addr), denied),
     };
-    task.report(action, dest, &decision)
+    task.report(action, dest, &decision, true)
 }
 
 #[inline(always)]
@@ -293,7 +308,7 @@ fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
         }
         (Err(denied), _) => (Dest { family: FAMILY_V6, proto: u8::MAX, addr: w, port }, denied),
     };
-    task.report(action, dest, &decision)
+    task.report(action, dest, &decision, true)
 }
 
 #[inline(always)]

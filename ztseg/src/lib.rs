@@ -4,7 +4,14 @@
 //! the kernel and is unit-tested without root.
 
 pub mod agent_id;
+pub mod audit;
 pub mod cgroup;
 pub mod clock;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
+pub mod events;
+pub mod policy;
+pub mod run;
+pub mod token;

@@ -1,12 +1,30 @@
 //! The `ztseg` command: the daemon and its client commands, one binary.
 //!
 //! Exit codes (stable): 0 success, 1 runtime error, 2 usage error, 3 refused (verification
-//! failed, policy invalid, access denied). Errors are one sentence on stderr.
+//! failed, policy invalid, access denied). Errors are one sentence on stderr. A closed stdout
+//! (`ztseg events | head`) is a normal exit.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    ffi::OsString,
+    io::{self, Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
-use clap::{Parser, Subcommand};
-use ztseg::{cgroup::CgroupFs, config::Config, dataplane};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use ztseg::{
+    agent_id::AgentId,
+    audit,
+    cgroup::CgroupFs,
+    clock,
+    config::Config,
+    control::{self, Client, ClientError, Request},
+    dataplane, policy,
+    run::{self, RunOptions},
+    token::{self, IssueParams, Verifier},
+};
 
 #[derive(Parser)]
 #[command(name = "ztseg", version, about = "Zero-trust network segmentation for AI agents")]
@@ -15,8 +33,77 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct SocketArg {
+    /// Control socket of the daemon (default: $ZTSEG_SOCKET, else the config's `socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the enforcement daemon (foreground, systemd-friendly).
+    Daemon {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run CMD as agent ID inside its own cgroup; never starts CMD unconfined.
+    Run {
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// Token file, or - for stdin.
+        #[arg(long, value_name = "FILE|-")]
+        token: Option<String>,
+        /// User to run CMD as (default: yourself; `nobody` when started by root).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Capability tokens: keys, issuing, inspecting, applying.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Agents, token expiry, state, risk and counters.
+    Agents {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Daemon status: pins, event counters, audit log.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Pull the kill switch: every new connect and send of the agent is refused.
+    Kill {
+        id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Release the kill switch: the agent gets back what a still-valid token grants.
+    Revive {
+        id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Decision events as JSON lines.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Detach the programs and remove the pins and empty agent cgroups (explicit; never implicit).
     Uninstall {
         #[arg(long, value_name = "FILE")]
@@ -24,33 +111,343 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match try_main(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ztseg: {e:#}");
-            ExitCode::from(1)
-        }
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make an Ed25519 key pair (PEM) and a JWKS with the public key.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Issue a signed capability token (printed on stdout).
+    Issue {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_name = "ISS")]
+        iss: String,
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        #[arg(long, value_name = "OP")]
+        op: Option<String>,
+        #[arg(long = "scope", value_name = "S")]
+        scopes: Vec<String>,
+        #[arg(long = "tool", value_name = "T")]
+        tools: Vec<String>,
+        #[arg(long = "forbid", value_name = "T")]
+        forbid: Vec<String>,
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        ttl: u64,
+        #[arg(long, value_name = "N")]
+        max_tokens: Option<u64>,
+        #[arg(long, value_name = "AUD", default_value = "ztseg")]
+        aud: String,
+    },
+    /// Verify a token and print its claims as JSON (exit 3 if invalid).
+    Inspect {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(value_name = "TOKEN|-")]
+        token: String,
+    },
+    /// Hand a (refreshed) token to the daemon for an agent.
+    Apply {
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        #[arg(value_name = "TOKEN|-")]
+        token: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate catalogue and agent files (a file or a directory) without a daemon.
+    Check { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain and the checkpoint signatures.
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Public key (PEM) to check checkpoints with (default: <log>.pub next to the log).
+        #[arg(long, value_name = "PUBKEY")]
+        key: Option<PathBuf>,
+    },
+}
+
+/// How a command failed; decides the exit code.
+enum Failure {
+    /// 1
+    Runtime(anyhow::Error),
+    /// 2
+    Usage(String),
+    /// 3
+    Refused(String),
+    /// A daemon answer carries its own exit code.
+    Client(ClientError),
+    Exit(u8, String),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Runtime(e)
     }
 }
 
-fn try_main(cli: Cli) -> anyhow::Result<()> {
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (code, message) = match try_main(cli) {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Runtime(e)) => {
+            if e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
+            }
+            (1, format!("{e:#}"))
+        }
+        Err(Failure::Usage(m)) => (2, m),
+        Err(Failure::Refused(m)) => (3, m),
+        Err(Failure::Client(e)) => (e.exit_code(), e.to_string()),
+        Err(Failure::Exit(code, m)) => (code, m),
+    };
+    eprintln!("ztseg: {message}");
+    ExitCode::from(code)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZTSEG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under systemd, stderr goes to the journal, which adds its own timestamps.
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false);
+    if under_systemd { builder.without_time().init() } else { builder.init() }
+}
+
+fn read_arg_or_stdin(value: &str, what: &str) -> Result<String, Failure> {
+    if value != "-" {
+        return Ok(value.trim().to_owned());
+    }
+    let mut text = String::new();
+    io::stdin().read_to_string(&mut text).with_context(|| format!("cannot read the {what} from stdin"))?;
+    Ok(text.trim().to_owned())
+}
+
+fn read_token_file(value: &str) -> Result<String, Failure> {
+    if value == "-" {
+        return read_arg_or_stdin(value, "token");
+    }
+    std::fs::read_to_string(value)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot read token file {value}: {e}")))
+}
+
+fn agent_id(value: &str) -> Result<AgentId, Failure> {
+    value.parse().map_err(|e: ztseg::agent_id::InvalidAgentId| Failure::Usage(e.to_string()))
+}
+
+fn socket_of(arg: &SocketArg) -> Result<PathBuf, Failure> {
+    if let Some(path) = &arg.socket {
+        return Ok(path.clone());
+    }
+    if let Some(path) = std::env::var_os(control::SOCKET_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let config = Config::load(None).map_err(|e| Failure::Runtime(e.into()))?;
+    Ok(config.socket)
+}
+
+fn call(socket: &SocketArg, request: &Request) -> Result<Value, Failure> {
+    let path = socket_of(socket)?;
+    Ok(Client::connect(&path)?.call(request)?)
+}
+
+fn print(text: &str) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{text}").map_err(|e| Failure::Runtime(e.into()))
+}
+
+fn try_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Daemon { config } => {
+            init_tracing();
+            let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
+            ztseg::daemon::run(config)?;
+            Ok(())
+        }
+        Command::Run { agent, token, user, socket, command } => {
+            let agent = agent_id(&agent)?;
+            let token = token.as_deref().map(read_token_file).transpose()?;
+            let options = RunOptions { agent, token, user, socket: socket_of(&socket)?, command };
+            let e = run::run(options);
+            Err(Failure::Exit(e.exit_code(), e.to_string()))
+        }
+        Command::Token(command) => token_command(command),
+        Command::Agents { json, socket } => {
+            let agents = call(&socket, &Request::Agents {})?;
+            if json {
+                return print(&serde_json::to_string_pretty(&agents).unwrap_or_default());
+            }
+            print_agents(&agents)
+        }
+        Command::Status { socket } => {
+            let status = call(&socket, &Request::Status {})?;
+            print(&serde_json::to_string_pretty(&status).unwrap_or_default())
+        }
+        Command::Kill { id, socket } => {
+            agent_id(&id)?;
+            call(&socket, &Request::Kill { agent: id.clone() })?;
+            print(&format!("{id}: kill switch on; every new connection and send is refused"))
+        }
+        Command::Revive { id, socket } => {
+            agent_id(&id)?;
+            call(&socket, &Request::Revive { agent: id.clone() })?;
+            print(&format!("{id}: kill switch off; the agent has what its token still grants"))
+        }
+        Command::Events { follow, agent, socket } => {
+            if let Some(agent) = &agent {
+                agent_id(agent)?;
+            }
+            let path = socket_of(&socket)?;
+            let mut client = Client::connect(&path)?;
+            let mut out = io::stdout().lock();
+            let mut closed = false;
+            client.stream(&Request::Events { follow, agent }, |line| {
+                let ok = writeln!(out, "{line}").and_then(|()| out.flush()).is_ok();
+                closed = !ok;
+                ok
+            })?;
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Check { path }) => match policy::check_path(&path) {
+            Ok(summary) => print(&summary.to_string()),
+            Err(errors) => {
+                let mut err = io::stderr().lock();
+                for e in errors.iter().skip(1) {
+                    let _ = writeln!(err, "ztseg: {e}");
+                }
+                Err(Failure::Refused(errors.first().map(ToString::to_string).unwrap_or_default()))
+            }
+        },
+        Command::Audit(AuditCommand::Verify { files, key }) => audit_verify(&files, key.as_deref()),
         Command::Uninstall { config } => {
-            let config = Config::load(config.as_deref())?;
-            let root = CgroupFs::discover()?.resolve(&config.cgroup_root)?;
-            let report = dataplane::uninstall(&config.pin_dir, &root)?;
-            println!(
+            let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
+            let root = CgroupFs::discover()
+                .map_err(|e| Failure::Runtime(e.into()))?
+                .resolve(&config.cgroup_root)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let report =
+                dataplane::uninstall(&config.pin_dir, &root).map_err(|e| Failure::Runtime(e.into()))?;
+            for busy in &report.busy_cgroups {
+                eprintln!(
+                    "ztseg: warning: {} still holds processes, which are no longer confined",
+                    busy.display()
+                );
+            }
+            print(&format!(
                 "detached {} programs, removed {} map pins from {}",
                 report.links_detached,
                 report.maps_unpinned,
                 config.pin_dir.display()
-            );
-            for busy in &report.busy_cgroups {
-                eprintln!("warning: {} still holds processes, which are no longer confined", busy.display());
-            }
-            Ok(())
+            ))
         }
     }
+}
+
+fn token_command(command: TokenCommand) -> Result<(), Failure> {
+    match command {
+        TokenCommand::Keygen { out } => {
+            let written = token::keygen(&out).map_err(|e| Failure::Runtime(e.into()))?;
+            print(&format!(
+                "private key {} (keep it with the orchestrator)\npublic key  {}\njwks        {} (kid {})",
+                written.private_key.display(),
+                written.public_key.display(),
+                written.jwks.display(),
+                written.kid
+            ))
+        }
+        TokenCommand::Issue { key, iss, agent, op, scopes, tools, forbid, ttl, max_tokens, aud } => {
+            let agent = agent_id(&agent)?;
+            if ttl == 0 {
+                return Err(Failure::Usage("--ttl must be at least 1 second".to_owned()));
+            }
+            let pem = std::fs::read_to_string(&key)
+                .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot read key {}: {e}", key.display())))?;
+            let params =
+                IssueParams { iss, agent, op, scopes, tools, forbid, ttl_seconds: ttl, max_tokens, aud };
+            let now = clock::unix_now_ns() / 1_000_000_000;
+            let jwt = token::issue(&pem, &params, now).map_err(|e| Failure::Runtime(e.into()))?;
+            print(&jwt)
+        }
+        TokenCommand::Inspect { config, token } => {
+            let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
+            let verifier = Verifier::from_config(&config).map_err(|e| Failure::Runtime(e.into()))?;
+            let token = read_arg_or_stdin(&token, "token")?;
+            let now = clock::unix_now_ns() / 1_000_000_000;
+            let claims = verifier.verify(&token, now).map_err(|e| Failure::Refused(e.to_string()))?;
+            print(&serde_json::to_string_pretty(&claims).unwrap_or_default())
+        }
+        TokenCommand::Apply { agent, token, socket } => {
+            agent_id(&agent)?;
+            let token = read_arg_or_stdin(&token, "token")?;
+            let granted = call(&socket, &Request::TokenApply { agent, token })?;
+            print(&granted.to_string())
+        }
+    }
+}
+
+fn audit_verify(files: &[PathBuf], key: Option<&Path>) -> Result<(), Failure> {
+    let key = key
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read key {}: {e}", path.display()))
+                .and_then(|pem| {
+                    audit::parse_verifying_key(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+                })
+        })
+        .transpose()?;
+    let mut all = Vec::new();
+    for file in files {
+        all.extend(audit::resolve_files(file).map_err(|e| Failure::Runtime(e.into()))?);
+    }
+    match audit::verify(&all, key.as_ref()) {
+        Ok(report) => print(&report.to_string()),
+        Err(damage) => Err(Failure::Refused(damage.to_string())),
+    }
+}
+
+fn print_agents(agents: &Value) -> Result<(), Failure> {
+    let mut lines = vec![format!(
+        "{:<20} {:<9} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+        "AGENT", "STATE", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
+    )];
+    for a in agents.as_array().into_iter().flatten() {
+        let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+        let n = |k: &str| a.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let expires = match a.get("expires_in").and_then(Value::as_i64) {
+            Some(secs) if secs > 0 => format!("in {secs}s"),
+            Some(secs) => format!("{}s ago", -secs),
+            None => "-".to_owned(),
+        };
+        lines.push(format!(
+            "{:<20} {:<9} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+            s("agent"),
+            s("state"),
+            expires,
+            s("op"),
+            n("rules"),
+            n("risk"),
+            n("decisions"),
+            n("denied"),
+            n("events_dropped")
+        ));
+    }
+    print(&lines.join("\n"))
 }

@@ -4,8 +4,9 @@
 //! ztseg-probe [--netns PATH] [--cgroup DIR] once OP...     one line per OP: "ok" or an errno name
 //! ztseg-probe [--netns PATH] [--cgroup DIR] loop OP...     repeat all OPs until stdin closes, then
 //!                                                           print "OP ok=N EPERM=N other=N" lines
-//! ztseg-probe [--netns PATH] [--cgroup DIR] until-denied OP  repeat OP until EPERM; print the
-//!                                                           CLOCK_BOOTTIME ns when it first was
+//! ztseg-probe [--netns PATH] [--cgroup DIR] until-denied OP  repeat OP until EPERM; print when the
+//!                                                           last allowed try started and the
+//!                                                           denied one ended (boot and wall ns)
 //! ztseg-probe [--netns PATH] serve ADDR...                   TCP listeners and UDP sockets on every
 //!                                                           ADDR; "ready" once bound; runs until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
@@ -75,7 +76,15 @@ fn raw_socket(family: i32, kind: i32, protocol: i32) -> io::Result<()> {
 }
 
 fn boot_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    clock_ns(nix::time::ClockId::CLOCK_BOOTTIME)
+}
+
+fn unix_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_REALTIME)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    let t = nix::time::clock_gettime(clock).unwrap();
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -155,14 +164,19 @@ fn main() {
             out.flush().unwrap();
             // Polls the kernel's verdict: the deadline passing is not an event anyone announces.
             let give_up = boot_ns() + 30_000_000_000;
-            let mut last_ok_started = 0;
+            let (mut last_ok_started, mut last_ok_started_unix) = (0, 0);
             loop {
-                let started = boot_ns();
+                let (started, started_unix) = (boot_ns(), unix_ns());
                 match run_op(op).as_str() {
-                    "ok" => last_ok_started = started,
+                    "ok" => (last_ok_started, last_ok_started_unix) = (started, started_unix),
                     "EPERM" => {
-                        writeln!(out, "last-ok-started {last_ok_started} denied-ended {}", boot_ns())
-                            .unwrap();
+                        let (ended, ended_unix) = (boot_ns(), unix_ns());
+                        writeln!(
+                            out,
+                            "last-ok-started {last_ok_started} denied-ended {ended} \
+                             last-ok-started-unix {last_ok_started_unix} denied-ended-unix {ended_unix}"
+                        )
+                        .unwrap();
                         break;
                     }
                     other => panic!("{op}: {other}"),

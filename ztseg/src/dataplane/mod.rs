@@ -144,6 +144,17 @@ pub struct StartReport {
     pub orphans_removed: usize,
 }
 
+/// What a grant did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// The rule table now in force for the agent (events name it).
+    pub table: u32,
+    /// The table it replaced (0: none).
+    pub previous: u32,
+    /// Trie entries written.
+    pub entries: usize,
+}
+
 /// Trie keys of one table, kept so the table can be deleted without scanning the tries.
 #[derive(Default)]
 struct TableKeys {
@@ -426,7 +437,7 @@ impl Dataplane {
         cgroup_id: u64,
         entries: &[Entry],
         deadline_ns: u64,
-    ) -> Result<usize, DataplaneError> {
+    ) -> Result<Granted, DataplaneError> {
         let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
         let table = self.tables.allocate();
         let encoded = table::encode(table, entries);
@@ -454,7 +465,7 @@ impl Dataplane {
         self.retire(state.table);
         self.reclaim()?;
         debug!(cgroup_id, table, entries = count, "rule set replaced");
-        Ok(count)
+        Ok(Granted { table, previous: state.table, entries: count })
     }
 
     /// Withdraws the agent's rights: no rules, no token. The agent stays registered.

@@ -1,0 +1,566 @@
+//! `ztseg daemon`: brings up the dataplane (adopting pinned state), restores agents, loads the
+//! policy dir and keeps it applied, serves the control socket, and turns kernel decision events
+//! into audit records and live streams.
+//!
+//! Tasks: the policy watcher, the event reader, the control server (a task per connection) and a
+//! housekeeping tick (audit flush and checkpoints, token expiry, replay cache, systemd
+//! watchdog). They share [`State`] behind one lock held only for short, non-async steps.
+
+mod state;
+
+use std::{
+    collections::VecDeque,
+    fs, io,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use notify::{RecursiveMode, Watcher as _};
+use serde_json::{Map, Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::{broadcast, mpsc},
+};
+use tracing::{debug, error, info, warn};
+
+pub use self::state::{Refusal, Source, State};
+use crate::{
+    agent_id::AgentId,
+    audit::{AuditLog, AuditOptions, HostKey},
+    cgroup::{self, CgroupFs},
+    clock,
+    config::Config,
+    control::{FailureKind, MAX_REQUEST_BYTES, Request, Response, peer},
+    dataplane::Dataplane,
+    events,
+    token::{ReplayCache, Verifier},
+};
+
+/// Recent events kept for `ztseg events` without `--follow`.
+const RECENT_EVENTS: usize = 2048;
+
+struct Shared {
+    /// FIFO-fair (tokio's mutex): a flood of decision events cannot starve a policy reload or a
+    /// control request. Taken with `blocking_lock` on blocking threads only.
+    state: tokio::sync::Mutex<State>,
+    /// Every audit record (decisions and daemon events), as a JSON line, for subscribers.
+    stream: broadcast::Sender<Arc<Line>>,
+    recent: Mutex<VecDeque<Arc<Line>>>,
+    control_gid: Option<u32>,
+}
+
+/// One record of the event stream, with the agent it concerns for filtering.
+struct Line {
+    agent: Option<String>,
+    json: String,
+}
+
+impl Shared {
+    /// The state, from a blocking thread (`spawn_blocking`): every step under it is a syscall or
+    /// file write, never an await.
+    fn state(&self) -> tokio::sync::MutexGuard<'_, State> {
+        self.state.blocking_lock()
+    }
+
+    fn publish(&self, record: Map<String, Value>) {
+        let agent = record.get("agent").and_then(Value::as_str).map(str::to_owned);
+        let line = Arc::new(Line { agent, json: Value::Object(record).to_string() });
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(line.clone());
+        }
+        // No subscribers is fine.
+        let _ = self.stream.send(line);
+    }
+}
+
+/// Creates a directory with `mode`; an existing one keeps its mode (it may be shared).
+fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
+}
+
+fn group_id(name: &str) -> Result<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .with_context(|| format!("control_group {name:?} does not exist"))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    ensure_dir(&config.state_dir, 0o700)?;
+    if let Some(dir) = config.audit_log.parent() {
+        ensure_dir(dir, 0o750)?;
+    }
+    if let Some(dir) = config.socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    fs::create_dir_all(&config.policy_dir)
+        .with_context(|| format!("cannot create policy dir {}", config.policy_dir.display()))?;
+    let control_gid = config.control_group.as_deref().map(group_id).transpose()?;
+
+    let cgroups = CgroupFs::discover()?;
+    let root = cgroups.resolve(&config.cgroup_root)?;
+    let verifier = Verifier::from_config(&config)?;
+    let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
+    let ring = dataplane.take_events().context("the events ring buffer was already taken")?;
+    let replay = ReplayCache::load(&config.state_dir.join("replay.json"))
+        .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
+    let key = HostKey::load_or_create(&config.state_dir)?;
+    let (audit, recovery) = AuditLog::open(&config.audit_log, key, AuditOptions::default())?;
+
+    let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, audit);
+    let mut fields = Map::new();
+    fields.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    fields.insert("links_updated".into(), json!(report.links_updated));
+    fields.insert("links_created".into(), json!(report.links_created));
+    fields.insert("agents_adopted".into(), json!(report.agents_adopted));
+    fields.insert("audit_recovery".into(), json!(format!("{recovery:?}")));
+    state.audit_event("daemon_started", fields);
+    // The catalogue first (saved tokens compile against it), then the saved agents, then the
+    // bindings (tokens already taken from them are not taken again).
+    let mut refused = Vec::new();
+    state.load_policy(&mut refused);
+    state.restore();
+    state.apply_bindings(&mut refused);
+    state.forget_strangers();
+    state.save_replay();
+    let startup_records = state.take_published();
+
+    let (stream, _) = broadcast::channel(4096);
+    let shared = Arc::new(Shared {
+        state: tokio::sync::Mutex::new(state),
+        stream,
+        recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+        control_gid,
+    });
+
+    for record in startup_records {
+        shared.publish(record);
+    }
+    let listener = bind_socket(&config, control_gid)?;
+    let (policy_tx, policy_rx) = mpsc::channel(16);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the files (our own reloads) raises access events: only changes count.
+        let changed = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
+        if changed {
+            let _ = policy_tx.try_send(());
+        }
+    })
+    .context("cannot watch the policy dir")?;
+    watcher
+        .watch(&config.policy_dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", config.policy_dir.display()))?;
+
+    tokio::spawn(watch_policy(shared.clone(), policy_rx));
+    tokio::spawn(read_events(shared.clone(), ring));
+    tokio::spawn(housekeeping(shared.clone()));
+    tokio::spawn(accept(shared.clone(), listener));
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(socket = %config.socket.display(), pin_dir = %config.pin_dir.display(), "ztseg daemon ready");
+
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping (enforcement stays pinned in the kernel)"),
+        _ = int.recv() => info!("SIGINT: stopping (enforcement stays pinned in the kernel)"),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    drop(watcher);
+    let mut state = shared.state.lock().await;
+    state.audit_event("daemon_stopped", Map::new());
+    if let Err(e) = state.audit.flush() {
+        error!(error = %e, "could not flush the audit log");
+    }
+    state.save_replay();
+    let _ = fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn bind_socket(config: &Config, control_gid: Option<u32>) -> Result<UnixListener> {
+    let path = &config.socket;
+    if path.exists() {
+        // A live daemon would hold the pin dir, which Dataplane::start refused already.
+        fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if let Some(gid) = control_gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("cannot give {} to the control group", path.display()))?;
+    }
+    Ok(listener)
+}
+
+async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
+    while changes.recv().await.is_some() {
+        // Coalesce a burst of file events (an editor's write, a rename) into one reload.
+        while changes.try_recv().is_ok() {}
+        let shared2 = shared.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut state = shared2.state();
+            let summary = state.reload_policy();
+            (summary, state.take_published())
+        })
+        .await;
+        if let Ok((summary, published)) = done {
+            debug!(%summary, "policy dir changed");
+            for record in published {
+                shared.publish(record);
+            }
+        }
+    }
+}
+
+async fn read_events(shared: Arc<Shared>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns the ring buffer, and
+    // always reports that same fd.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(error = %e, "cannot poll the events ring buffer; decisions are still enforced but not logged");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                error!(error = %e, "polling the events ring buffer failed");
+                return;
+            }
+        };
+        let mut batch = Vec::new();
+        {
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                match events::decode(&item) {
+                    Some(event) => batch.push(event),
+                    None => warn!(bytes = item.len(), "ring buffer record of unexpected size"),
+                }
+                if batch.len() >= 4096 {
+                    break;
+                }
+            }
+        }
+        if batch.len() < 4096 {
+            guard.clear_ready();
+        }
+        let (boot, unix) = (clock::boot_now_ns(), clock::unix_now_ns());
+        let shared2 = shared.clone();
+        // Audit appends write and fsync files: off the async workers.
+        let records = tokio::task::spawn_blocking(move || {
+            let mut state = shared2.state();
+            batch
+                .iter()
+                .map(|event| state.record_event(event, events::wall_time(event.ts_boot_ns, boot, unix)))
+                .collect::<Vec<Map<String, Value>>>()
+        })
+        .await
+        .unwrap_or_default();
+        for record in records {
+            if record.get("verdict").and_then(Value::as_str) == Some("deny") {
+                info!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
+            } else {
+                debug!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
+            }
+            shared.publish(record);
+        }
+    }
+}
+
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut watchdog_usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks: u64 = 0;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        let shared2 = shared.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let mut state = shared2.state();
+            if let Err(e) = state.audit.flush() {
+                error!(error = %e, "could not flush the audit log");
+            }
+            if ticks.is_multiple_of(5) {
+                state.sweep_expired();
+                if let Err(e) = state.audit.maybe_checkpoint(SystemTime::now()) {
+                    error!(error = %e, "could not write an audit checkpoint");
+                }
+                state.save_replay();
+            }
+            state.take_published()
+        })
+        .await;
+        match work {
+            Ok(records) => {
+                for record in records {
+                    shared.publish(record);
+                }
+                // Only a loop that still gets the state lock tells systemd it is alive.
+                if watchdog && ticks.is_multiple_of(5) {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+            Err(e) => error!(error = %e, "housekeeping failed"),
+        }
+    }
+}
+
+async fn accept(shared: Arc<Shared>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(shared.clone(), stream));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn write_response(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line).await
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
+    let peer = match peer(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            warn!(error = %e, "cannot read a control peer's credentials; closing");
+            return;
+        }
+    };
+    let (reader, mut writer) = stream.into_split();
+    if !peer.authorized(shared.control_gid) {
+        warn!(uid = peer.uid, pid = peer.pid, "control connection refused: not root or in control_group");
+        let refusal = Response::fail(
+            FailureKind::Refused,
+            format!("uid {} may not use the ztseg control socket (root or control_group only)", peer.uid),
+            Some("access_denied"),
+        );
+        let _ = write_response(&mut writer, &refusal).await;
+        return;
+    }
+    let mut lines = BufReader::new(reader);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // A line longer than the limit is cut there and refused: no unbounded buffering.
+        match (&mut lines).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n > MAX_REQUEST_BYTES => {
+                let _ = write_response(
+                    &mut writer,
+                    &Response::fail(FailureKind::Usage, "request too long", None),
+                )
+                .await;
+                return;
+            }
+            Ok(_) => {}
+        }
+        let request: Request = match serde_json::from_str(line.trim_end()) {
+            Ok(request) => request,
+            Err(e) => {
+                let response =
+                    Response::fail(FailureKind::Usage, format!("malformed request: {e}"), Some("malformed"));
+                if write_response(&mut writer, &response).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Request::Events { follow, agent } = request {
+            stream_events(&shared, &mut writer, follow, agent).await;
+            return;
+        }
+        let shared2 = shared.clone();
+        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, peer.pid))
+            .await
+            .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}"), None));
+        if write_response(&mut writer, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn refused(refusal: Refusal) -> Response {
+    let kind = match refusal.code.as_str() {
+        "dataplane" | "cgroup" | "internal" => FailureKind::Error,
+        _ => FailureKind::Refused,
+    };
+    Response::fail(kind, refusal.message, Some(&refusal.code))
+}
+
+fn parse_agent(agent: &str) -> Result<AgentId, Response> {
+    agent
+        .parse::<AgentId>()
+        .map_err(|e| Response::fail(FailureKind::Usage, e.to_string(), Some("invalid_agent")))
+}
+
+/// Handles one request (blocking: map writes, cgroup moves).
+fn handle(shared: &Shared, request: Request, peer_pid: i32) -> Response {
+    let (response, published) = {
+        let mut state = shared.state();
+        let response = match request {
+            Request::TokenApply { agent, token } => match parse_agent(&agent) {
+                Ok(agent) => {
+                    state.apply_token(&agent, &token, Source::Apply).map_or_else(refused, Response::ok)
+                }
+                Err(response) => response,
+            },
+            Request::Agents {} => Response::ok(state.agents_json()),
+            Request::Kill { agent } => match parse_agent(&agent) {
+                Ok(agent) => state.set_killed(&agent, true).map_or_else(refused, Response::ok),
+                Err(response) => response,
+            },
+            Request::Revive { agent } => match parse_agent(&agent) {
+                Ok(agent) => state.set_killed(&agent, false).map_or_else(refused, Response::ok),
+                Err(response) => response,
+            },
+            Request::Run { agent, token } => match parse_agent(&agent) {
+                Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer_pid),
+                Err(response) => response,
+            },
+            Request::Status {} => Response::ok(status(&state)),
+            Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed", None),
+        };
+        (response, state.take_published())
+    };
+    for record in published {
+        shared.publish(record);
+    }
+    response
+}
+
+/// Registers the agent, applies its token, and moves the requesting process into its cgroup.
+fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, pid: i32) -> Response {
+    if let Err(refusal) = state.ensure_agent(agent, None) {
+        return refused(refusal);
+    }
+    if let Some(token) = token
+        && let Err(refusal) = state.apply_token(agent, token, Source::Run)
+    {
+        return refused(refusal);
+    }
+    let Some((relative, cgroup_id)) = state.agent_cgroup(agent) else {
+        return Response::fail(FailureKind::Error, format!("agent {agent} vanished"), None);
+    };
+    let Some(path) = state.resolve_cgroup(&relative) else {
+        return Response::fail(
+            FailureKind::Error,
+            format!("agent {agent}'s cgroup cannot be resolved"),
+            None,
+        );
+    };
+    let Ok(pid) = u32::try_from(pid) else {
+        return Response::fail(
+            FailureKind::Error,
+            "the requesting process has no pid in this namespace",
+            None,
+        );
+    };
+    if let Err(e) = cgroup::move_process(&path, pid) {
+        return Response::fail(FailureKind::Error, e.to_string(), Some("cgroup"));
+    }
+    info!(agent = %agent, pid, "process joined the agent's cgroup");
+    Response::ok(json!({ "agent": agent.as_str(), "cgroup": relative, "cgroup_id": cgroup_id }))
+}
+
+fn status(state: &State) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pin_dir": state.config.pin_dir,
+        "cgroup_root": state.config.cgroup_root,
+        "policy_dir": state.config.policy_dir,
+        "audit_log": state.config.audit_log,
+        "agents": state.agents.len(),
+        "events_written": state.events_written,
+        "events_dropped_per_cpu": state.dataplane.drops_per_cpu().unwrap_or_default(),
+        "unregistered": state.dataplane.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
+            "decisions": s.decisions, "denied": s.denied, "dropped": s.dropped
+        })).unwrap_or(Value::Null),
+        "audit_next_seq": state.audit.next_seq(),
+    })
+}
+
+async fn stream_events(
+    shared: &Shared,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    follow: bool,
+    agent: Option<String>,
+) {
+    // Subscribe before copying the backlog so nothing falls between the two.
+    let mut live = shared.stream.subscribe();
+    let backlog: Vec<Arc<Line>> =
+        shared.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
+    let wanted = |line: &Line| agent.as_deref().is_none_or(|a| line.agent.as_deref() == Some(a));
+    if write_response(writer, &Response::ok(json!({ "follow": follow }))).await.is_err() {
+        return;
+    }
+    for line in backlog.iter().filter(|l| wanted(l)) {
+        if writer.write_all(format!("{}\n", line.json).as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    if !follow {
+        return;
+    }
+    // Lines published between subscribing and copying the backlog arrive on both.
+    let sent: std::collections::HashSet<usize> = backlog.iter().map(|l| Arc::as_ptr(l) as usize).collect();
+    loop {
+        match live.recv().await {
+            Ok(line) => {
+                if sent.contains(&(Arc::as_ptr(&line) as usize)) || !wanted(&line) {
+                    continue;
+                }
+                if writer.write_all(format!("{}\n", line.json).as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                let note = json!({ "event": "subscriber_lagged", "missed": missed });
+                if writer.write_all(format!("{note}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

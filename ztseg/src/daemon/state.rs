@@ -1,0 +1,774 @@
+//! The daemon's state and every change to it: agents, their tokens and rule tables, the policy
+//! files in force, and the audit trail of each change.
+//!
+//! Everything here runs under one lock, in short steps (map writes are single syscalls). A change
+//! either completes or is refused with a one-sentence reason, and a refusal leaves the kernel
+//! state and this state as they were.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest as _, Sha256};
+use tracing::{info, warn};
+use ztseg_common::event::Event;
+
+use crate::{
+    agent_id::AgentId,
+    audit::AuditLog,
+    cgroup::{self, CgroupFs},
+    clock,
+    config::Config,
+    dataplane::Dataplane,
+    events::{self, Attribution},
+    policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
+    token::{Claims, ReplayCache, TokenError, Verifier},
+};
+
+/// Why a request or a file was refused: a stable code and one sentence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self { code: code.to_owned(), message: message.into() }
+    }
+}
+
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+/// Where an agent's token came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Binding,
+    Apply,
+    Run,
+    Restore,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Binding => "binding",
+            Self::Apply => "token_apply",
+            Self::Run => "run",
+            Self::Restore => "restore",
+        }
+    }
+}
+
+/// The token in force for an agent and what it compiled to.
+#[derive(Clone, Debug)]
+pub struct ActiveGrant {
+    pub token: String,
+    pub hash: [u8; 32],
+    pub claims: Claims,
+    pub origins: Arc<Vec<String>>,
+    pub entries: usize,
+    /// Catalogue generation it was compiled against.
+    pub generation: u64,
+    pub expiry_logged: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    /// Relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// The policy file whose `[agent]` binding declares this agent, if any.
+    pub bound_by: Option<PathBuf>,
+    pub active: Option<ActiveGrant>,
+    /// SHA-256 of the token last taken from the binding's file, so re-reading an unchanged file
+    /// does not present it again.
+    pub binding_token: Option<[u8; 32]>,
+    pub events_written: u64,
+    pub last_refusal: Option<String>,
+}
+
+/// What the event reader needs to attribute a decision: by (cgroup id, table).
+#[derive(Clone, Debug)]
+struct TableInfo {
+    origins: Arc<Vec<String>>,
+    op: Option<String>,
+    jti: String,
+}
+
+/// The persisted part of the state (`<state_dir>/agents.json`): which agents exist, where, and the
+/// last token each was granted, so a restart re-attaches every agent to its rights.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    agents: Vec<PersistedAgent>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedAgent {
+    id: String,
+    cgroup: PathBuf,
+    #[serde(default)]
+    token: Option<String>,
+    /// Hex SHA-256 of the token last taken from the agent's binding file.
+    #[serde(default)]
+    binding_token_sha256: Option<String>,
+}
+
+pub struct State {
+    pub config: Config,
+    cgroups: CgroupFs,
+    pub dataplane: Dataplane,
+    verifier: Verifier,
+    replay: ReplayCache,
+    replay_dirty: bool,
+    /// Last good parse of each policy file.
+    files: BTreeMap<PathBuf, PolicyFile>,
+    policy: PolicySet,
+    generation: u64,
+    pub agents: BTreeMap<AgentId, AgentRecord>,
+    by_cgroup: HashMap<u64, AgentId>,
+    tables: HashMap<(u64, u32), TableInfo>,
+    pub audit: AuditLog,
+    pub events_written: u64,
+    /// Daemon-side audit records not yet handed to event subscribers.
+    published: Vec<Map<String, Value>>,
+}
+
+fn now_unix() -> u64 {
+    clock::unix_now_ns() / 1_000_000_000
+}
+
+fn sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename) with mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+impl State {
+    pub fn new(
+        config: Config,
+        cgroups: CgroupFs,
+        dataplane: Dataplane,
+        verifier: Verifier,
+        replay: ReplayCache,
+        audit: AuditLog,
+    ) -> Self {
+        Self {
+            config,
+            cgroups,
+            dataplane,
+            verifier,
+            replay,
+            replay_dirty: false,
+            files: BTreeMap::new(),
+            policy: PolicySet::default(),
+            generation: 0,
+            agents: BTreeMap::new(),
+            by_cgroup: HashMap::new(),
+            tables: HashMap::new(),
+            audit,
+            events_written: 0,
+            published: Vec::new(),
+        }
+    }
+
+    fn persisted_path(&self) -> PathBuf {
+        self.config.state_dir.join("agents.json")
+    }
+
+    pub fn replay_path(&self) -> PathBuf {
+        self.config.state_dir.join("replay.json")
+    }
+
+    /// Appends a daemon-side event to the audit log and queues it for event subscribers.
+    pub fn audit_event(&mut self, event: &str, mut fields: Map<String, Value>) {
+        fields.insert("ts".into(), Value::String(events::rfc3339(SystemTime::now())));
+        fields.insert("event".into(), Value::String(event.to_owned()));
+        match self.audit.append(fields.clone()) {
+            Ok(seq) => {
+                fields.insert("seq".into(), json!(seq));
+                self.published.push(fields);
+            }
+            Err(e) => warn!(error = %e, event, "could not append to the audit log"),
+        }
+    }
+
+    /// Daemon-side records appended since the last call, for event subscribers.
+    pub fn take_published(&mut self) -> Vec<Map<String, Value>> {
+        std::mem::take(&mut self.published)
+    }
+
+    /// The agent's default cgroup: `<cgroup_root>/<id>`.
+    fn default_cgroup(&self, id: &AgentId) -> PathBuf {
+        self.config.cgroup_root.join(id.as_str())
+    }
+
+    /// Makes sure the agent exists: cgroup created, registered in the kernel (no rights yet).
+    pub fn ensure_agent(&mut self, id: &AgentId, cgroup: Option<&Path>) -> Result<&mut AgentRecord, Refusal> {
+        let relative = cgroup.map_or_else(|| self.default_cgroup(id), Path::to_owned);
+        if !relative.starts_with(&self.config.cgroup_root) || relative == self.config.cgroup_root {
+            return Err(Refusal::new(
+                "cgroup_outside_root",
+                format!(
+                    "agent {id}'s cgroup {} is not below the agents' root {}; it would not be enforced",
+                    relative.display(),
+                    self.config.cgroup_root.display()
+                ),
+            ));
+        }
+        if let Some(existing) = self.agents.get(id)
+            && existing.cgroup != relative
+        {
+            return Err(Refusal::new(
+                "cgroup_changed",
+                format!(
+                    "agent {id} already lives in {}, not {}",
+                    existing.cgroup.display(),
+                    relative.display()
+                ),
+            ));
+        }
+        if !self.agents.contains_key(id) {
+            let path = self.cgroups.resolve(&relative).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
+            let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
+            self.dataplane.register(cgroup_id).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+            self.by_cgroup.insert(cgroup_id, id.clone());
+            self.agents.insert(
+                id.clone(),
+                AgentRecord {
+                    id: id.clone(),
+                    cgroup: relative,
+                    cgroup_id,
+                    bound_by: None,
+                    active: None,
+                    binding_token: None,
+                    events_written: 0,
+                    last_refusal: None,
+                },
+            );
+            info!(agent = %id, cgroup_id, "agent registered");
+        }
+        self.agents.get_mut(id).ok_or_else(|| Refusal::new("internal", "agent vanished"))
+    }
+
+    /// Verifies `token` for `agent`, compiles it against the catalogue and grants it: the new rule
+    /// table and the token's deadline replace the old ones in one step. On any refusal the agent
+    /// keeps what it had.
+    pub fn apply_token(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
+        let token = token.trim();
+        let result = self.try_apply(agent, token, source);
+        match &result {
+            Ok(_) => {}
+            Err(refusal) => {
+                warn!(agent = %agent, code = %refusal.code, source = source.name(), "token refused: {}", refusal.message);
+                if let Some(record) = self.agents.get_mut(agent) {
+                    record.last_refusal = Some(refusal.message.clone());
+                }
+                let mut fields = Map::new();
+                fields.insert("agent".into(), json!(agent.as_str()));
+                fields.insert("source".into(), json!(source.name()));
+                fields.insert("code".into(), json!(refusal.code));
+                fields.insert("reason".into(), json!(refusal.message));
+                self.audit_event("token_refused", fields);
+            }
+        }
+        result
+    }
+
+    fn try_apply(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
+        let now = now_unix();
+        let claims = self.verifier.verify_for(token, agent, now)?;
+        let hash = sha256(token);
+        let record = self.agents.get(agent).ok_or_else(|| {
+            Refusal::new(
+                "unknown_agent",
+                format!("agent {agent} is not registered (no binding and no `ztseg run`)"),
+            )
+        })?;
+        if let Some(active) = &record.active {
+            if active.hash == hash && active.generation == self.generation {
+                // The very token in force, compiled against this catalogue: nothing to do.
+                return Ok(grant_summary(agent, active));
+            }
+            if claims.iat < active.claims.iat {
+                return Err(Refusal::new(
+                    "superseded",
+                    format!(
+                        "token {} (iat {}) is older than token {} (iat {}) in force for agent {agent}",
+                        claims.jti, claims.iat, active.claims.jti, active.claims.iat
+                    ),
+                ));
+            }
+        }
+        let compiled = self
+            .policy
+            .catalogue
+            .compile(&Grant {
+                scopes: &claims.scope,
+                tools: &claims.tools,
+                forbidden_tools: &claims.forbidden_tools,
+            })
+            .map_err(|e| Refusal::new("policy", e.to_string()))?;
+        let leeway = self.config.leeway_seconds;
+        self.replay.check_and_record(&claims, token, agent, now, leeway)?;
+        self.replay_dirty = true;
+        let cgroup_id = record.cgroup_id;
+        let deadline = clock::boot_deadline_now(claims.exp);
+        let table = self
+            .dataplane
+            .grant(cgroup_id, &compiled.entries, deadline)
+            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        let origins = Arc::new(compiled.origins);
+        self.tables.retain(|(cg, t), _| *cg != cgroup_id || *t == table.previous);
+        self.tables.insert(
+            (cgroup_id, table.table),
+            TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() },
+        );
+        let active = ActiveGrant {
+            token: token.to_owned(),
+            hash,
+            claims,
+            origins,
+            entries: table.entries,
+            generation: self.generation,
+            expiry_logged: false,
+        };
+        let summary = grant_summary(agent, &active);
+        info!(agent = %agent, jti = %active.claims.jti, op = ?active.claims.op, entries = active.entries, source = source.name(), "token granted");
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("source".into(), json!(source.name()));
+        fields.insert("op".into(), json!(active.claims.op));
+        fields.insert("jti".into(), json!(active.claims.jti));
+        fields.insert("exp".into(), json!(active.claims.exp));
+        fields.insert("scope".into(), json!(active.claims.scope));
+        fields.insert("tools".into(), json!(active.claims.tools));
+        fields.insert("forbidden_tools".into(), json!(active.claims.forbidden_tools));
+        fields.insert("entries".into(), json!(active.entries));
+        if let Some(record) = self.agents.get_mut(agent) {
+            record.active = Some(active);
+            record.last_refusal = None;
+        }
+        self.audit_event("token_granted", fields);
+        self.save_persisted();
+        Ok(summary)
+    }
+
+    /// Withdraws an agent's rights (its token and rules); the agent stays registered.
+    pub fn revoke(&mut self, agent: &AgentId, why: &str) {
+        let Some(record) = self.agents.get_mut(agent) else { return };
+        if record.active.take().is_none() {
+            return;
+        }
+        let cgroup_id = record.cgroup_id;
+        if let Err(e) = self.dataplane.revoke(cgroup_id) {
+            warn!(agent = %agent, error = %e, "revoking in the kernel failed");
+        }
+        self.tables.retain(|(cg, _), _| *cg != cgroup_id);
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("reason".into(), json!(why));
+        self.audit_event("token_revoked", fields);
+        info!(agent = %agent, "rights revoked: {why}");
+        self.save_persisted();
+    }
+
+    /// Removes an agent: rights revoked, unregistered (its cgroup is then denied everything), and
+    /// its cgroup removed if empty.
+    pub fn remove_agent(&mut self, agent: &AgentId, why: &str) {
+        self.revoke(agent, why);
+        let Some(record) = self.agents.remove(agent) else { return };
+        self.by_cgroup.remove(&record.cgroup_id);
+        if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
+            warn!(agent = %agent, error = %e, "unregistering in the kernel failed");
+        }
+        if let Ok(path) = self.cgroups.resolve(&record.cgroup)
+            && cgroup::processes(&path).map(|p| p.is_empty()).unwrap_or(false)
+        {
+            let _ = cgroup::remove(&path);
+        }
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("reason".into(), json!(why));
+        self.audit_event("agent_removed", fields);
+        self.save_persisted();
+    }
+
+    pub fn set_killed(&mut self, agent: &AgentId, killed: bool) -> Result<Value, Refusal> {
+        let record = self
+            .agents
+            .get(agent)
+            .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
+        self.dataplane
+            .set_killed(record.cgroup_id, killed)
+            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        self.audit_event(if killed { "kill" } else { "revive" }, fields);
+        warn!(agent = %agent, killed, "kill switch {}", if killed { "on" } else { "off" });
+        Ok(json!({ "agent": agent.as_str(), "killed": killed }))
+    }
+
+    /// Re-reads the policy dir and applies it: [`Self::load_policy`], then
+    /// [`Self::apply_bindings`].
+    pub fn reload_policy(&mut self) -> Value {
+        let mut refused = Vec::new();
+        let applied = self.load_policy(&mut refused);
+        if applied {
+            self.apply_bindings(&mut refused);
+        }
+        json!({
+            "applied": applied,
+            "files": self.files.len(),
+            "bindings": self.policy.bindings.len(),
+            "tools": self.policy.catalogue.tools.len(),
+            "scopes": self.policy.catalogue.scopes.len(),
+            "refused": refused,
+        })
+    }
+
+    /// Reads the policy files. A file that fails to parse is refused and its last good version
+    /// stays; a set of files that does not fit together is refused whole (returns false, and the
+    /// previous policy stays in force). Each refusal goes to the audit log.
+    pub fn load_policy(&mut self, refused: &mut Vec<String>) -> bool {
+        let dir = self.config.policy_dir.clone();
+        let present = match policy::policy_files(&dir) {
+            Ok(files) => files,
+            Err(e) => {
+                warn!(dir = %dir.display(), "cannot read the policy dir; the previous policy stays in force: {e}");
+                refused.push(e.to_string());
+                self.audit_refusals(refused);
+                return false;
+            }
+        };
+        let mut next = self.files.clone();
+        next.retain(|path, _| present.contains(path));
+        for path in &present {
+            match policy::load_file(path) {
+                Ok(file) => {
+                    next.insert(path.clone(), file);
+                }
+                Err(e) => {
+                    let kept = next.contains_key(path);
+                    warn!(file = %path.display(), kept_previous = kept, "policy file refused: {e}");
+                    refused.push(e.to_string());
+                }
+            }
+        }
+        let files: Vec<PolicyFile> = next.values().cloned().collect();
+        let assembled = match policy::assemble(&files) {
+            Ok(set) => set,
+            Err(e) => {
+                warn!("policy refused as a whole, the previous policy stays in force: {e}");
+                refused.push(e.to_string());
+                self.audit_refusals(refused);
+                return false;
+            }
+        };
+        self.audit_refusals(refused);
+        if assembled.catalogue != self.policy.catalogue {
+            self.generation += 1;
+        }
+        self.files = next;
+        self.policy = assembled;
+        let mut fields = Map::new();
+        fields.insert("files".into(), json!(self.files.len()));
+        fields.insert("bindings".into(), json!(self.policy.bindings.len()));
+        fields.insert("generation".into(), json!(self.generation));
+        self.audit_event("policy_reloaded", fields);
+        info!(files = self.files.len(), bindings = self.policy.bindings.len(), "policy loaded");
+        true
+    }
+
+    fn audit_refusals(&mut self, refused: &[String]) {
+        for reason in refused {
+            let mut fields = Map::new();
+            fields.insert("reason".into(), json!(reason));
+            self.audit_event("policy_refused", fields);
+        }
+    }
+
+    /// Makes the agents match the bindings in force: agents whose binding is gone lose their
+    /// rights and registration; a binding whose token changed since it was last taken is applied
+    /// (a re-read of the same token changes nothing, so a later `token apply` is not undone); and
+    /// after a catalogue change every token in force is compiled again.
+    pub fn apply_bindings(&mut self, refused: &mut Vec<String>) {
+        let gone: Vec<AgentId> = self
+            .agents
+            .values()
+            .filter(|a| a.bound_by.is_some() && !self.policy.bindings.contains_key(&a.id))
+            .map(|a| a.id.clone())
+            .collect();
+        for agent in gone {
+            self.remove_agent(&agent, "binding removed");
+        }
+        let bindings: Vec<_> = self.policy.bindings.values().cloned().collect();
+        for binding in bindings {
+            let id = binding.id.clone();
+            let record = match self.ensure_agent(&id, binding.cgroup.as_deref()) {
+                Ok(record) => record,
+                Err(refusal) => {
+                    warn!(agent = %id, "binding refused: {}", refusal.message);
+                    refused.push(refusal.message);
+                    continue;
+                }
+            };
+            record.bound_by = Some(binding.path.clone());
+            let token = match &binding.token {
+                TokenSource::Inline(token) => Ok(token.trim().to_owned()),
+                TokenSource::File(path) => {
+                    fs::read_to_string(path).map(|t| t.trim().to_owned()).map_err(|e| {
+                        Refusal::new(
+                            "token_file",
+                            format!("cannot read token file {} of agent {id}: {e}", path.display()),
+                        )
+                    })
+                }
+            };
+            let token = match token {
+                Ok(token) => token,
+                Err(refusal) => {
+                    refused.push(refusal.message);
+                    continue;
+                }
+            };
+            let hash = sha256(&token);
+            if self.agents.get(&id).is_some_and(|a| a.binding_token == Some(hash)) {
+                continue;
+            }
+            let result = self.apply_token(&id, &token, Source::Binding);
+            // Taken, granted or not: the same file content is not tried again.
+            if let Some(record) = self.agents.get_mut(&id) {
+                record.binding_token = Some(hash);
+            }
+            self.save_persisted();
+            if let Err(refusal) = result {
+                refused.push(refusal.message);
+            }
+        }
+        let stale: Vec<(AgentId, String)> = self
+            .agents
+            .values()
+            .filter_map(|a| {
+                let active = a.active.as_ref()?;
+                (active.generation != self.generation).then(|| (a.id.clone(), active.token.clone()))
+            })
+            .collect();
+        for (agent, token) in stale {
+            if let Err(refusal) = self.apply_token(&agent, &token, Source::Restore) {
+                // The token no longer fits the catalogue: fail closed.
+                self.revoke(&agent, &format!("catalogue changed: {}", refusal.message));
+            }
+        }
+    }
+
+    /// Restores agents saved by the previous run and removes kernel agents nobody knows about.
+    pub fn restore(&mut self) {
+        let persisted: Persisted = fs::read_to_string(self.persisted_path())
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        for saved in persisted.agents {
+            let Ok(id) = saved.id.parse::<AgentId>() else { continue };
+            match self.ensure_agent(&id, Some(&saved.cgroup)) {
+                Ok(record) => {
+                    record.binding_token = saved
+                        .binding_token_sha256
+                        .as_deref()
+                        .and_then(|h| hex::decode(h).ok())
+                        .and_then(|b| b.try_into().ok());
+                }
+                Err(refusal) => {
+                    warn!(agent = %id, "cannot restore agent: {}", refusal.message);
+                    continue;
+                }
+            }
+            if let Some(token) = saved.token
+                && let Err(refusal) = self.apply_token(&id, &token, Source::Restore)
+            {
+                info!(agent = %id, "saved token not restored: {}", refusal.message);
+                // An expired or refused token grants nothing: drop its table too.
+                if let Some(record) = self.agents.get(&id)
+                    && let Err(e) = self.dataplane.revoke(record.cgroup_id)
+                {
+                    warn!(agent = %id, error = %e, "revoking in the kernel failed");
+                }
+            }
+        }
+    }
+
+    /// Kernel agents that no binding, no saved state and no `ztseg run` explains lose everything.
+    pub fn forget_strangers(&mut self) {
+        let known: Vec<u64> = self.agents.values().map(|a| a.cgroup_id).collect();
+        let Ok(kernel) = self.dataplane.agents() else { return };
+        for (cgroup_id, _) in kernel {
+            if !known.contains(&cgroup_id) {
+                warn!(cgroup_id, "unknown agent in the pinned maps: unregistering it");
+                let _ = self.dataplane.unregister(cgroup_id);
+            }
+        }
+    }
+
+    fn save_persisted(&mut self) {
+        let persisted = Persisted {
+            agents: self
+                .agents
+                .values()
+                .map(|a| PersistedAgent {
+                    id: a.id.to_string(),
+                    cgroup: a.cgroup.clone(),
+                    token: a.active.as_ref().map(|g| g.token.clone()),
+                    binding_token_sha256: a.binding_token.map(hex::encode),
+                })
+                .collect(),
+        };
+        let result = serde_json::to_vec_pretty(&persisted)
+            .map_err(io::Error::other)
+            .and_then(|bytes| write_atomic(&self.persisted_path(), &bytes));
+        if let Err(e) = result {
+            warn!(error = %e, "cannot save agent state");
+        }
+    }
+
+    /// Saves the replay cache if it changed.
+    pub fn save_replay(&mut self) {
+        if !self.replay_dirty {
+            return;
+        }
+        self.replay.prune(now_unix(), self.config.leeway_seconds);
+        match self.replay.save(&self.replay_path()) {
+            Ok(()) => self.replay_dirty = false,
+            Err(e) => warn!(error = %e, "cannot save the replay cache"),
+        }
+    }
+
+    /// Logs each token's expiry once.
+    pub fn sweep_expired(&mut self) {
+        let now = now_unix();
+        let mut expired = Vec::new();
+        for record in self.agents.values_mut() {
+            if let Some(active) = &mut record.active
+                && !active.expiry_logged
+                && now >= active.claims.exp
+            {
+                active.expiry_logged = true;
+                expired.push((record.id.to_string(), active.claims.jti.clone(), active.claims.op.clone()));
+            }
+        }
+        for (agent, jti, op) in expired {
+            info!(agent = %agent, jti = %jti, "token expired");
+            let mut fields = Map::new();
+            fields.insert("agent".into(), json!(agent));
+            fields.insert("jti".into(), json!(jti));
+            fields.insert("op".into(), json!(op));
+            self.audit_event("token_expired", fields);
+        }
+    }
+
+    /// Attributes a kernel event to its agent, operation, token and rule, and writes it to the
+    /// audit log. Returns the record with its `seq`.
+    pub fn record_event(&mut self, event: &Event, ts: SystemTime) -> Map<String, Value> {
+        let agent = self.by_cgroup.get(&event.cgroup_id).cloned();
+        let table = self.tables.get(&(event.cgroup_id, event.table));
+        let who = Attribution {
+            agent: agent.as_ref().map(ToString::to_string),
+            op: table.and_then(|t| t.op.clone()),
+            jti: table.map(|t| t.jti.clone()),
+            rule: events::rule_id(event)
+                .and_then(|id| table.and_then(|t| t.origins.get(id as usize).cloned())),
+        };
+        let mut body = events::record(event, &who, ts);
+        match self.audit.append(body.clone()) {
+            Ok(seq) => {
+                body.insert("seq".into(), json!(seq));
+            }
+            Err(e) => warn!(error = %e, "could not append a decision to the audit log"),
+        }
+        self.events_written += 1;
+        if let Some(record) = agent.and_then(|a| self.agents.get_mut(&a)) {
+            record.events_written += 1;
+        }
+        body
+    }
+
+    /// `ztseg agents --json`.
+    pub fn agents_json(&self) -> Value {
+        let now = now_unix();
+        let agents: Vec<Value> = self
+            .agents
+            .values()
+            .map(|a| {
+                let kernel = self.dataplane.agent(a.cgroup_id).ok().flatten();
+                let stats = kernel.and_then(|k| self.dataplane.stats(k.slot).ok()).unwrap_or_default();
+                let killed = kernel.is_some_and(|k| k.killed());
+                let paused = kernel.is_some_and(|k| k.paused());
+                let state = match (&a.active, killed, paused) {
+                    (_, true, _) => "killed",
+                    (_, _, true) => "paused",
+                    (None, ..) => "no_token",
+                    (Some(g), ..) if now >= g.claims.exp => "expired",
+                    (Some(_), ..) => "active",
+                };
+                json!({
+                    "agent": a.id.as_str(),
+                    "state": state,
+                    "cgroup": a.cgroup,
+                    "cgroup_id": a.cgroup_id,
+                    "binding": a.bound_by,
+                    "op": a.active.as_ref().and_then(|g| g.claims.op.clone()),
+                    "jti": a.active.as_ref().map(|g| g.claims.jti.clone()),
+                    "exp": a.active.as_ref().map(|g| g.claims.exp),
+                    "expires_in": a.active.as_ref().map(|g| g.claims.exp as i64 - now as i64),
+                    "scope": a.active.as_ref().map(|g| g.claims.scope.clone()),
+                    "tools": a.active.as_ref().map(|g| g.claims.tools.clone()),
+                    "forbidden_tools": a.active.as_ref().map(|g| g.claims.forbidden_tools.clone()),
+                    "rules": a.active.as_ref().map_or(0, |g| g.entries),
+                    "risk": 0,
+                    "decisions": stats.decisions,
+                    "denied": stats.denied,
+                    "events_written": a.events_written,
+                    "events_dropped": stats.dropped,
+                    "last_refusal": a.last_refusal,
+                })
+            })
+            .collect();
+        Value::Array(agents)
+    }
+
+    pub fn agent_cgroup(&self, agent: &AgentId) -> Option<(PathBuf, u64)> {
+        self.agents.get(agent).map(|a| (a.cgroup.clone(), a.cgroup_id))
+    }
+
+    pub fn resolve_cgroup(&self, relative: &Path) -> Option<PathBuf> {
+        self.cgroups.resolve(relative).ok()
+    }
+}
+
+fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> Value {
+    json!({
+        "agent": agent.as_str(),
+        "jti": active.claims.jti,
+        "op": active.claims.op,
+        "exp": active.claims.exp,
+        "rules": active.entries,
+    })
+}
