@@ -6,6 +6,7 @@
 //! source `rust-web-src`, and bpf-linker 0.13 built against Debian's libLLVM 22
 //! (see ../shared/TOOLCHAIN.md). Userspace builds with the ordinary rustup toolchain.
 
+mod demo;
 mod toolchain;
 
 use std::{
@@ -29,6 +30,8 @@ enum Task {
     Setup,
     /// Build the kernel programs and the `ztseg` binary that embeds them (release).
     Build,
+    /// The seed scenario end to end (needs root): a daemon, a token, an agent, the kill switch.
+    Demo,
     /// Run every test: unit tests, then the privileged integration tests (needs root).
     Test {
         /// Only tests whose name contains this (passed to the test harness).
@@ -57,6 +60,22 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Task::Test { filter } => test(&root, filter.as_deref()),
+        Task::Demo => {
+            if !nix_is_root() {
+                bail!(
+                    "the demo loads BPF programs and creates cgroups and network namespaces: run `cargo xtask demo` as root"
+                );
+            }
+            ensure_toolchain()?;
+            let object = build_ebpf(&root)?;
+            cargo(&root, &object, &["build", "--release", "--quiet", "-p", "ztseg", "--bins"])?;
+            cargo(
+                &root,
+                &object,
+                &["build", "--release", "--quiet", "-p", "ztseg-integration", "--bin", "ztseg-probe"],
+            )?;
+            demo::run(&root, &root.join("target/release/ztseg"), &root.join("target/release/ztseg-probe"))
+        }
     }
 }
 
@@ -105,11 +124,16 @@ fn cargo(root: &Path, object: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn test(root: &Path, filter: Option<&str>) -> Result<()> {
+fn ensure_toolchain() -> Result<()> {
     if toolchain::check().is_err() {
         println!("the eBPF toolchain is missing; running `cargo xtask setup` first");
         toolchain::setup()?;
     }
+    Ok(())
+}
+
+fn test(root: &Path, filter: Option<&str>) -> Result<()> {
+    ensure_toolchain()?;
     let object = build_ebpf(root)?;
     let mut unit = vec!["test", "--workspace", "--exclude", "ztseg-ebpf", "--exclude", "ztseg-integration"];
     let mut integration = vec!["test", "-p", "ztseg-integration"];
@@ -122,6 +146,8 @@ fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             "the integration tests load BPF programs and create cgroups and network namespaces: run `cargo xtask test` as root"
         );
     }
+    // The daemon tests drive the real `ztseg` binary.
+    cargo(root, &object, &["build", "-p", "ztseg", "--bins"])?;
     // Kernel-touching tests share the cgroup tree and bpffs: one at a time.
     integration.extend(["--", "--test-threads=1"]);
     integration.extend(&extra);
