@@ -397,6 +397,75 @@ impl Daemon {
         }
     }
 
+    /// SIGSTOPs the daemon (it stops draining the event ring buffer) or SIGCONTs it.
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("daemon running");
+        let signal =
+            if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
+    /// The audit sequence number the next record will get (`ztseg status`).
+    pub fn next_seq(&self) -> u64 {
+        let (code, out, err) = self.ztseg(&["status"]);
+        assert_eq!(code, 0, "status failed: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["audit_next_seq"].as_u64().unwrap()
+    }
+
+    /// Follows the event stream and returns every record with `seq >= from` up to and including
+    /// the first one matching `last`. Panics after 60 s.
+    pub fn collect_events(
+        &self,
+        from: u64,
+        last: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+    ) -> Vec<serde_json::Value> {
+        let mut child = Command::new(bin("ztseg"))
+            .args(["events", "--follow"])
+            .env(ztseg::control::SOCKET_ENV, &self.socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut records = Vec::new();
+            for line in stdout.lines().map_while(Result::ok) {
+                let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if record["seq"].as_u64().is_none_or(|s| s < from) {
+                    continue;
+                }
+                let done = last(&record);
+                records.push(record);
+                if done {
+                    let _ = tx.send(records);
+                    return;
+                }
+            }
+        });
+        let found = rx.recv_timeout(std::time::Duration::from_secs(60));
+        let _ = child.kill();
+        let _ = child.wait();
+        found.unwrap_or_else(|_| panic!("timed out collecting events\n{}", self.log()))
+    }
+
+    /// Waits until the audit log is synced to disk up to `seq`: the signed head file next to it
+    /// names the last durable record. The daemon flushes every 200 ms; panics after 30 s.
+    pub fn wait_durable(&self, seq: u64) {
+        let head = ztseg::audit::head_path(&self.audit_log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let durable = fs::read(&head)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|h| h["seq"].as_u64());
+            if durable.is_some_and(|d| d >= seq) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "record {seq} never became durable");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }

@@ -57,7 +57,9 @@ pub struct AgentStats {
     pub denied: u64,
     /// Events that found the ring buffer full: the decision stood, its record was lost.
     pub dropped: u64,
-    pub _reserved: u64,
+    /// Events the programs tried to write (written + dropped); socket creations that were
+    /// allowed are counted as decisions but not reported.
+    pub emitted: u64,
 }
 
 /// Stats index of decisions about processes in no registered agent.

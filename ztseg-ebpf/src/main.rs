@@ -170,7 +170,7 @@ impl Task {
     #[inline(always)]
     fn report(&self, action: u8, dest: Dest, decision: &Decision, emit: bool) -> i32 {
         if !emit {
-            self.count(decision, true);
+            self.count(decision, None);
             return verdict(decision);
         }
         let written = match EVENTS.reserve(0) {
@@ -212,12 +212,13 @@ impl Task {
                 false
             }
         };
-        self.count(decision, written);
+        self.count(decision, Some(written));
         verdict(decision)
     }
 
+    /// Counts a decision; `written` is whether its event was written (None: not reported).
     #[inline(always)]
-    fn count(&self, decision: &Decision, written: bool) {
+    fn count(&self, decision: &Decision, written: Option<bool>) {
         if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
             // SAFETY: a valid array element; the adds are atomic (BPF_ATOMIC add, no fetch).
             unsafe {
@@ -225,8 +226,13 @@ impl Task {
                 if decision.verdict == VERDICT_DENY {
                     count(&raw mut (*stats).denied);
                 }
-                if !written {
-                    count(&raw mut (*stats).dropped);
+                match written {
+                    Some(true) => count(&raw mut (*stats).emitted),
+                    Some(false) => {
+                        count(&raw mut (*stats).emitted);
+                        count(&raw mut (*stats).dropped);
+                    }
+                    None => {}
                 }
             }
         }

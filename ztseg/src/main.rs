@@ -419,6 +419,10 @@ fn audit_verify(files: &[PathBuf], key: Option<&Path>) -> Result<(), Failure> {
     }
     match audit::verify(&all, key.as_ref()) {
         Ok(report) => print(&report.to_string()),
+        // An unreadable file is a runtime error; anything else is a failed verification.
+        Err(damage) if damage.kind == audit::DamageKind::Unreadable => {
+            Err(Failure::Runtime(anyhow::anyhow!("{damage}")))
+        }
         Err(damage) => Err(Failure::Refused(damage.to_string())),
     }
 }

@@ -7,6 +7,9 @@
 //! ztseg-probe [--netns PATH] [--cgroup DIR] until-denied OP  repeat OP until EPERM; print when the
 //!                                                           last allowed try started and the
 //!                                                           denied one ended (boot and wall ns)
+//! ztseg-probe [--netns PATH] [--cgroup DIR] repeat N OP...  run the OPs N times; print outcome counts
+//! ztseg-probe ... gated-repeat N OP...                      the same after printing "ready" and
+//!                                                           reading one line from stdin
 //! ztseg-probe [--netns PATH] serve ADDR...                   TCP listeners and UDP sockets on every
 //!                                                           ADDR; "ready" once bound; runs until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
@@ -39,6 +42,14 @@ fn run_op(op: &str) -> String {
     let (kind, addr) = op.split_once(':').unwrap_or((op, ""));
     let result = match kind {
         "tcp" => TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).map(drop),
+        // Closed with a reset (SO_LINGER 0): no TIME_WAIT, so load runs do not run out of ports.
+        "tcp-rst" => {
+            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).and_then(|s| {
+                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger)
+                    .map_err(io::Error::from)
+            })
+        }
         "udp-sendto" => {
             let target: SocketAddr = addr.parse().unwrap();
             let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
@@ -187,6 +198,23 @@ fn main() {
                 }
                 thread::sleep(Duration::from_millis(2));
             }
+        }
+        "repeat" | "gated-repeat" => {
+            if mode == "gated-repeat" {
+                // Lets the test start the agent first and then, say, stop the daemon.
+                writeln!(out, "ready").unwrap();
+                out.flush().unwrap();
+                io::stdin().lock().read_line(&mut String::new()).unwrap();
+            }
+            let n: u64 = args[0].parse().unwrap();
+            let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+            for _ in 0..n {
+                for op in &args[1..] {
+                    *outcomes.entry(run_op(op)).or_default() += 1;
+                }
+            }
+            let line: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(out, "{}", line.join(" ")).unwrap();
         }
         "serve" => serve(&args),
         other => panic!("unknown mode {other}"),

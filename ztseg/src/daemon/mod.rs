@@ -193,6 +193,10 @@ async fn serve(config: Config) -> Result<()> {
     drop(watcher);
     let mut state = shared.state.lock().await;
     state.audit_event("daemon_stopped", Map::new());
+    // A clean stop ends the log on a signed checkpoint.
+    if let Err(e) = state.audit.checkpoint() {
+        error!(error = %e, "could not write the closing audit checkpoint");
+    }
     if let Err(e) = state.audit.flush() {
         error!(error = %e, "could not flush the audit log");
     }
@@ -514,7 +518,7 @@ fn status(state: &State) -> Value {
         "events_written": state.events_written,
         "events_dropped_per_cpu": state.dataplane.drops_per_cpu().unwrap_or_default(),
         "unregistered": state.dataplane.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
-            "decisions": s.decisions, "denied": s.denied, "dropped": s.dropped
+            "decisions": s.decisions, "denied": s.denied, "emitted": s.emitted, "dropped": s.dropped
         })).unwrap_or(Value::Null),
         "audit_next_seq": state.audit.next_seq(),
     })

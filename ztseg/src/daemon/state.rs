@@ -745,6 +745,7 @@ impl State {
                     "risk": 0,
                     "decisions": stats.decisions,
                     "denied": stats.denied,
+                    "events_emitted": stats.emitted,
                     "events_written": a.events_written,
                     "events_dropped": stats.dropped,
                     "last_refusal": a.last_refusal,

@@ -1,0 +1,330 @@
+//! Kernel decision events end to end: what the kernel decides reaches the event stream and the
+//! audit log with the right fields; the audit log's chain survives a SIGKILL and shows every kind
+//! of tampering; and under load every decision is either written or counted as dropped.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::{collections::BTreeSet, fs, io::Write as _, path::Path, process::Command};
+
+use serde_json::Value;
+use ztseg_integration::{Daemon, Netns, Proc, Site, TempDir, bin, run_agent, serve, spawn_in_netns};
+
+const CATALOGUE: &str = r#"
+[scopes."read:svc"]
+allow = [
+  { to = "10.77.0.1/32", ports = [8001] },
+  { to = "fd77::1/128", ports = [8001] },
+]
+"#;
+
+struct World {
+    daemon: Daemon,
+    ns: Netns,
+    _server: Proc,
+    dir: TempDir,
+    _site: Site,
+}
+
+fn world() -> World {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-events");
+    let ns = Netns::new(&["10.77.0.1/32", "fd77::1/128"]);
+    let server = serve(&ns, &["10.77.0.1:8001", "10.77.0.1:8002", "[fd77::1]:8001", "[fd77::1]:8002"]);
+    let daemon = Daemon::start(&site, &dir.path);
+    daemon.write_policy("catalogue.toml", CATALOGUE);
+    let token = daemon.issue("analyst", &["--op", "op-events", "--scope", "read:svc"]);
+    fs::write(daemon.policy_dir.join("analyst.jwt"), &token).unwrap();
+    daemon.write_policy("analyst.toml", "[agent]\nid = \"analyst\"\ntoken_file = \"analyst.jwt\"\n");
+    daemon.wait_event("the grant", |r| r["event"] == "token_granted");
+    World { daemon, ns, _server: server, dir, _site: site }
+}
+
+/// A decision that is certainly the last of a batch: a denied connect to port 9.
+const MARKER: &str = "tcp:10.77.0.1:9";
+
+fn is_marker(r: &Value) -> bool {
+    r["action"] == "connect" && r["dport"] == 9
+}
+
+#[test]
+fn a_known_set_of_decisions_produces_exactly_those_events() {
+    let w = world();
+    let from = w.daemon.next_seq();
+    let ops = [
+        "tcp:10.77.0.1:8001",
+        "tcp:10.77.0.1:8002",
+        "udp-sendto:10.77.0.1:8001",
+        "udp-sendto:10.77.0.1:8002",
+        "tcp:[fd77::1]:8001",
+        "tcp:[fd77::1]:8002",
+        "udp-sendto:[fd77::1]:8001",
+        "udp-sendto:[fd77::1]:8002",
+        MARKER,
+    ];
+    let (code, out, err) = run_agent(&w.daemon, &w.ns, "analyst", None, &ops);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, ["ok", "EPERM", "ok", "EPERM", "ok", "EPERM", "ok", "EPERM", "EPERM"]);
+    let records = w.daemon.collect_events(from, is_marker);
+    let decisions: Vec<&Value> = records.iter().filter(|r| r.get("verdict").is_some()).collect();
+    let got: BTreeSet<String> = decisions
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}:{} {} {} {}",
+                r["action"].as_str().unwrap(),
+                r["proto"].as_str().unwrap(),
+                r["dst"].as_str().unwrap(),
+                r["dport"],
+                r["verdict"].as_str().unwrap(),
+                r["reason"].as_str().unwrap(),
+                r["rule"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<String> = [
+        "connect tcp 10.77.0.1:8001 allow rule scope:read:svc#0",
+        "connect tcp 10.77.0.1:8002 deny no_rule -",
+        "sendmsg udp 10.77.0.1:8001 allow rule scope:read:svc#0",
+        "sendmsg udp 10.77.0.1:8002 deny no_rule -",
+        "connect tcp fd77::1:8001 allow rule scope:read:svc#1",
+        "connect tcp fd77::1:8002 deny no_rule -",
+        "sendmsg udp fd77::1:8001 allow rule scope:read:svc#1",
+        "sendmsg udp fd77::1:8002 deny no_rule -",
+        "connect tcp 10.77.0.1:9 deny no_rule -",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(got, expected);
+    assert_eq!(decisions.len(), ops.len(), "one event per decision, no more: {records:#?}");
+    let token = fs::read_to_string(w.daemon.policy_dir.join("analyst.jwt")).unwrap();
+    let jti = token_jti(&token);
+    for r in &decisions {
+        assert_eq!(r["agent"], "analyst", "{r}");
+        assert_eq!(r["op"], "op-events", "{r}");
+        assert_eq!(r["jti"], jti.as_str(), "{r}");
+        assert_eq!(r["uid"], 65534, "{r}");
+        assert_eq!(r["comm"], "agent-probe", "{r}");
+        assert!(r["pid"].as_u64().unwrap() > 0 && r["cgroup_id"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["ts"].as_str().unwrap().ends_with('Z'), "{r}");
+    }
+}
+
+fn token_jti(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.trim().split('.').nth(1).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
+            .unwrap();
+    claims["jti"].as_str().unwrap().to_owned()
+}
+
+fn verify(log: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(bin("ztseg")).args(["audit", "verify"]).arg(log).args(extra).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Copies the log with its `.pub` and `.head` into a fresh dir, changing its lines with `edit`.
+fn tampered(dir: &Path, log: &Path, name: &str, edit: impl FnOnce(&mut Vec<String>)) -> std::path::PathBuf {
+    let target = dir.join(name);
+    fs::create_dir_all(&target).unwrap();
+    let copy = target.join("audit.jsonl");
+    let mut lines: Vec<String> = fs::read_to_string(log).unwrap().lines().map(str::to_owned).collect();
+    edit(&mut lines);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    fs::write(&copy, text).unwrap();
+    for suffix in ["pub", "head"] {
+        fs::copy(
+            log.with_extension(format!("jsonl.{suffix}")),
+            copy.with_extension(format!("jsonl.{suffix}")),
+        )
+        .unwrap();
+    }
+    copy
+}
+
+#[test]
+fn audit_verify_detects_each_kind_of_tampering_on_a_real_log() {
+    let mut w = world();
+    let ops: Vec<&str> =
+        std::iter::repeat_n(["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002"], 20).flatten().collect();
+    let (code, _, err) = run_agent(&w.daemon, &w.ns, "analyst", None, &ops);
+    assert_eq!(code, 0, "{err}");
+    w.daemon.stop();
+    let log = w.daemon.audit_log.clone();
+    let lines = fs::read_to_string(&log).unwrap().lines().count();
+    assert!(lines > 40, "too short a log to tamper with: {lines} lines");
+    let checkpoint = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("\"event\":\"checkpoint\""))
+        .expect("a checkpoint in the log");
+    let scratch = w.dir.path.join("tamper");
+    // Positive control: the untouched copy verifies.
+    let intact = tampered(&scratch, &log, "intact", |_| {});
+    let (code, err) = verify(&intact, &[]);
+    assert_eq!(code, 0, "{err}");
+    let mid = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .skip(lines / 3)
+        .find(|(_, l)| l.contains("\"verdict\":\"deny\""))
+        .map(|(i, _)| i)
+        .expect("a denied decision in the log");
+    let cases: Vec<(&str, std::path::PathBuf)> = vec![
+        (
+            "edited",
+            tampered(&scratch, &log, "edited", |l| {
+                l[mid] = l[mid].replace("\"verdict\":\"deny\"", "\"verdict\":\"allow\"")
+            }),
+        ),
+        (
+            "deleted",
+            tampered(&scratch, &log, "deleted", |l| {
+                l.remove(mid);
+            }),
+        ),
+        ("reordered", tampered(&scratch, &log, "reordered", |l| l.swap(mid, mid + 1))),
+        (
+            "inserted",
+            tampered(&scratch, &log, "inserted", |l| {
+                let copy = l[mid].clone();
+                l.insert(mid + 1, copy);
+            }),
+        ),
+        (
+            "truncated",
+            tampered(&scratch, &log, "truncated-tail", |l| {
+                l.truncate(l.len() - 3);
+            }),
+        ),
+        (
+            "bad checkpoint signature",
+            tampered(&scratch, &log, "badsig", |l| {
+                let line = &mut l[checkpoint];
+                let at = line.find("\"sig\":\"").unwrap() + 7;
+                let flipped = if &line[at..=at] == "0" { "1" } else { "0" };
+                line.replace_range(at..=at, flipped);
+            }),
+        ),
+    ];
+    for (kind, copy) in &cases {
+        let (code, err) = verify(copy, &[]);
+        assert_eq!(code, 3, "{kind}: {err}");
+        assert!(err.contains(&format!(": {kind}:")), "{kind} not named: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // A torn last line (cut mid-record) is truncation too.
+    let torn = tampered(&scratch, &log, "torn", |_| {});
+    let text = fs::read(&torn).unwrap();
+    fs::write(&torn, &text[..text.len() - 10]).unwrap();
+    let (code, err) = verify(&torn, &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(": truncated:"), "{err}");
+    // Checked with another key, the checkpoints fail.
+    let other = TempDir::new("ztseg-otherkey");
+    let status = Command::new(bin("ztseg"))
+        .args(["token", "keygen", "--out"])
+        .arg(other.path.join("k"))
+        .output()
+        .unwrap()
+        .status;
+    assert!(status.success());
+    let other_key = other.path.join("k/ed25519.pub.pem");
+    let (code, err) = verify(&intact, &["--key", other_key.to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("bad checkpoint signature"), "{err}");
+    let (code, err) = verify(&intact, &["--key", log.with_extension("jsonl.pub").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_sigkilled_daemon_continues_the_chain() {
+    let mut w = world();
+    let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002", MARKER];
+    for _ in 0..2 {
+        let from = w.daemon.next_seq();
+        assert_eq!(run_agent(&w.daemon, &w.ns, "analyst", None, &ops).0, 0);
+        let records = w.daemon.collect_events(from, is_marker);
+        // Records reach the stream before the disk; SIGKILL once the marker is durable (the
+        // signed head, rewritten at each flush, says how far the file is synced).
+        w.daemon.wait_durable(records.last().unwrap()["seq"].as_u64().unwrap());
+        w.daemon.crash();
+        w.daemon.launch();
+    }
+    w.daemon.stop();
+    let (code, err) = verify(&w.daemon.audit_log, &[]);
+    assert_eq!(code, 0, "{err}");
+    let text = fs::read_to_string(&w.daemon.audit_log).unwrap();
+    assert_eq!(text.matches("\"event\":\"daemon_started\"").count(), 3);
+    // Both runs' decisions are in the one chain.
+    assert_eq!(text.matches("\"dport\":9,").count(), 2);
+}
+
+/// `ztseg run -- ztseg-probe gated-repeat N OPS...`: returns once the agent is confined and
+/// waiting for the go.
+fn gated_agent(w: &World, rounds: u64, ops: &[&str]) -> Proc {
+    let rounds = rounds.to_string();
+    let mut args =
+        vec!["run", "--agent", "analyst", "--", w.daemon.probe.to_str().unwrap(), "gated-repeat", &rounds];
+    args.extend(ops);
+    let mut agent = spawn_in_netns(&w.ns, &w.daemon, &args);
+    assert_eq!(agent.line(), "ready");
+    agent
+}
+
+fn counters(daemon: &Daemon) -> (u64, u64, u64) {
+    let agents: Value = serde_json::from_str(&daemon.agents()).unwrap();
+    let a = &agents[0];
+    (
+        a["events_emitted"].as_u64().unwrap(),
+        a["events_written"].as_u64().unwrap(),
+        a["events_dropped"].as_u64().unwrap(),
+    )
+}
+
+/// Runs `rounds` of (allowed connect, denied connect) from an agent while the daemon is frozen,
+/// so nothing drains the ring buffer, then thaws it; returns the counters' growth.
+fn burst(w: &World, rounds: u64) -> (u64, u64, u64) {
+    let before = counters(&w.daemon);
+    let mut agent = gated_agent(w, rounds, &["tcp-rst:10.77.0.1:8001", "tcp:10.77.0.1:8002"]);
+    w.daemon.freeze(true);
+    writeln!(agent.stdin(), "go").unwrap();
+    let outcome = agent.line();
+    w.daemon.freeze(false);
+    assert_eq!(outcome, format!("EPERM={rounds} ok={rounds}"));
+    drop(agent);
+    // Everything the kernel wrote is in the ring before the marker: once the marker arrives, the
+    // daemon has read all of it.
+    let from = w.daemon.next_seq();
+    let (code, out, _) = run_agent(&w.daemon, &w.ns, "analyst", None, &[MARKER]);
+    assert_eq!((code, out), (0, vec!["EPERM".to_owned()]));
+    w.daemon.collect_events(from, is_marker);
+    let after = counters(&w.daemon);
+    (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+}
+
+#[test]
+fn under_load_every_decision_is_written_or_counted_as_dropped() {
+    let w = world();
+    // Ring capacity: 4 MiB of 80-byte records with 8-byte headers.
+    let capacity = (ztseg_common::maps::EVENTS_BYTES as u64) / 88;
+    // Below capacity (40,000 decisions while nothing drains): nothing is lost.
+    let (emitted, written, dropped) = burst(&w, 20_000);
+    eprintln!("below capacity ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");
+    assert_eq!(dropped, 0);
+    assert_eq!(emitted, 40_000 + 1, "the burst and the marker");
+    assert_eq!(written, emitted);
+    // Above capacity (100,000 connects while nothing drains): every loss is counted.
+    let (emitted, written, dropped) = burst(&w, 50_000);
+    eprintln!("above capacity ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");
+    assert_eq!(emitted, 100_000 + 1);
+    assert!(dropped > 0);
+    assert_eq!(written + dropped, emitted, "a lost event that was not counted");
+    assert!(written <= capacity + 1, "more written than the ring holds while frozen: {written}");
+    let status: Value = serde_json::from_str(&w.daemon.ztseg(&["status"]).1).unwrap();
+    let per_cpu: u64 =
+        status["events_dropped_per_cpu"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(per_cpu, dropped, "per-CPU drop counters disagree with the agent's");
+}
