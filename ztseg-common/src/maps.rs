@@ -31,3 +31,49 @@ pub const MAX_RULES: u32 = 1 << 22;
 /// Bytes of the events ring buffer (a power of two, a multiple of the page size): 4 MiB hold
 /// about 47,000 events (80-byte records plus an 8-byte header each).
 pub const EVENTS_BYTES: u32 = 1 << 22;
+
+/// Bytes one event takes in the ring: the 80-byte record and the kernel's 8-byte header.
+pub const EVENT_STRIDE: u64 = 88;
+/// The kernel wakes the reader each time this many bytes have accumulated unread (about 370
+/// events); below that, records wait for the reader's periodic drain ([`EVENTS_DRAIN_MS`]).
+/// Waking the reader costs an interrupt per record, several microseconds on a VM: more than the
+/// whole decision.
+pub const EVENTS_WAKE_BYTES: u64 = 32 * 1024;
+/// The reader drains the ring at least this often, whether or not it was woken.
+pub const EVENTS_DRAIN_MS: u64 = 50;
+
+/// Whether the program that just reserved a record should wake the reader: `unread` is the
+/// ring's unread bytes including that record (`BPF_RB_AVAIL_DATA`). True once per
+/// [`EVENTS_WAKE_BYTES`] of backlog, so a lagging reader is woken again and again as it grows.
+#[must_use]
+pub const fn wake_reader(unread: u64) -> bool {
+    unread >= EVENTS_WAKE_BYTES && unread % EVENTS_WAKE_BYTES < EVENT_STRIDE
+}
+
+#[cfg(test)]
+mod wake_tests {
+    use super::*;
+
+    #[test]
+    fn wakes_once_per_window_of_backlog() {
+        // One producer: unread grows one stride at a time from an empty ring; each wake falls
+        // in the first stride of the next window, and every window gets exactly one.
+        let mut wakes = 0u64;
+        for n in 1..=2_000u64 {
+            let unread = n * EVENT_STRIDE;
+            if wake_reader(unread) {
+                wakes += 1;
+                let window = wakes * EVENTS_WAKE_BYTES;
+                assert!(unread >= window && unread < window + EVENT_STRIDE, "{unread} for window {window}");
+            }
+        }
+        assert_eq!(wakes, 2_000 * EVENT_STRIDE / EVENTS_WAKE_BYTES);
+    }
+
+    #[test]
+    fn a_short_backlog_never_wakes() {
+        assert!(!wake_reader(EVENT_STRIDE));
+        assert!(!wake_reader(EVENTS_WAKE_BYTES - 1));
+        assert!(wake_reader(EVENTS_WAKE_BYTES));
+    }
+}

@@ -16,11 +16,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        generated::bpf_get_current_comm,
+        generated::{bpf_get_current_comm, bpf_ringbuf_query},
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -32,7 +32,7 @@ use ztseg_common::{
         ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event, FAMILY_V4, FAMILY_V6,
         UNREGISTERED_SLOT,
     },
-    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES},
+    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, wake_reader},
     rule::{
         ANY_PORT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY, effective_v4,
         effective_v6,
@@ -201,7 +201,14 @@ impl Task {
                     (*event).reason = decision.reason;
                     (*event)._pad = 0;
                 }
-                entry.submit(0);
+                // Waking the reader per record would cost more than the decision: wake it once
+                // per window of backlog; it also drains on a timer.
+                // SAFETY: the ring buffer map's address, as the helper expects.
+                let unread = unsafe {
+                    bpf_ringbuf_query((&raw const EVENTS).cast_mut().cast(), BPF_RB_AVAIL_DATA.into())
+                };
+                let wake = if wake_reader(unread) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+                entry.submit(wake.into());
                 true
             }
             None => {

@@ -54,6 +54,29 @@ struct Shared {
     control_gid: Option<u32>,
 }
 
+/// The state under its lock; releasing it saves the agents if a step changed them, so every
+/// control request, reload and tick leaves `agents.json` current without rewriting it per agent.
+struct StateGuard<'a>(tokio::sync::MutexGuard<'a, State>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.persist();
+    }
+}
+
 /// One record of the event stream, with the agent it concerns for filtering.
 struct Line {
     agent: Option<String>,
@@ -63,8 +86,8 @@ struct Line {
 impl Shared {
     /// The state, from a blocking thread (`spawn_blocking`): every step under it is a syscall or
     /// file write, never an await.
-    fn state(&self) -> tokio::sync::MutexGuard<'_, State> {
-        self.state.blocking_lock()
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard(self.state.blocking_lock())
     }
 
     fn publish(&self, record: Map<String, Value>) {
@@ -148,6 +171,7 @@ async fn serve(config: Config) -> Result<()> {
     state.apply_bindings(&mut refused);
     state.forget_strangers();
     state.save_replay();
+    state.persist();
     let startup_records = state.take_published();
 
     let (stream, _) = broadcast::channel(4096);
@@ -176,7 +200,8 @@ async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot watch {}", config.policy_dir.display()))?;
 
     tokio::spawn(watch_policy(shared.clone(), policy_rx));
-    tokio::spawn(read_events(shared.clone(), ring));
+    let (stop_events, events_stop) = tokio::sync::watch::channel(false);
+    let events_task = tokio::spawn(read_events(shared.clone(), ring, events_stop));
     tokio::spawn(housekeeping(shared.clone()));
     tokio::spawn(accept(shared.clone(), listener));
 
@@ -191,6 +216,13 @@ async fn serve(config: Config) -> Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     drop(watcher);
+    // Every decision made so far goes into the log before the closing checkpoint.
+    let _ = stop_events.send(true);
+    if tokio::time::timeout(Duration::from_secs(10), events_task).await.is_err() {
+        warn!(
+            "the event reader did not finish draining in 10 s; the rest stays in the pinned ring for the next start"
+        );
+    }
     let mut state = shared.state.lock().await;
     state.audit_event("daemon_stopped", Map::new());
     // A clean stop ends the log on a signed checkpoint.
@@ -201,6 +233,7 @@ async fn serve(config: Config) -> Result<()> {
         error!(error = %e, "could not flush the audit log");
     }
     state.save_replay();
+    state.persist();
     let _ = fs::remove_file(&config.socket);
     Ok(())
 }
@@ -242,7 +275,35 @@ async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
     }
 }
 
-async fn read_events(shared: Arc<Shared>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+/// Records the ring holds at most.
+const RING_RECORDS: usize =
+    (ztseg_common::maps::EVENTS_BYTES as u64 / ztseg_common::maps::EVENT_STRIDE) as usize;
+
+/// Events attributed and logged under one lock.
+const EVENT_BATCH: usize = 4096;
+
+fn take_batch(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    batch: &mut Vec<ztseg_common::event::Event>,
+) {
+    while let Some(item) = ring.next() {
+        match events::decode(&item) {
+            Some(event) => batch.push(event),
+            None => warn!(bytes = item.len(), "ring buffer record of unexpected size"),
+        }
+        if batch.len() >= EVENT_BATCH {
+            break;
+        }
+    }
+}
+
+/// Reads the kernel's decision records until `stop` turns true, then drains what is left and
+/// returns.
+async fn read_events(
+    shared: Arc<Shared>,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns the ring buffer, and
     // always reports that same fd.
     let registered =
@@ -254,29 +315,47 @@ async fn read_events(shared: Arc<Shared>, ring: aya::maps::RingBuf<aya::maps::Ma
             return;
         }
     };
+    // The kernel wakes this reader only once per window of backlog (a wakeup per record would
+    // cost more than the decision); a timer drains what accumulates below it.
+    let mut drain = tokio::time::interval(Duration::from_millis(ztseg_common::maps::EVENTS_DRAIN_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut taken_since_stop = 0usize;
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(e) => {
-                error!(error = %e, "polling the events ring buffer failed");
-                return;
+        let mut stopping = *stop.borrow();
+        let woken = if stopping {
+            // Draining for the stop: no waiting.
+            None
+        } else {
+            tokio::select! {
+            guard = ring.readable_mut() => Some(guard),
+            _ = drain.tick() => None,
+            _ = stop.changed() => {
+                stopping = true;
+                None
+            }
             }
         };
         let mut batch = Vec::new();
-        {
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                match events::decode(&item) {
-                    Some(event) => batch.push(event),
-                    None => warn!(bytes = item.len(), "ring buffer record of unexpected size"),
-                }
-                if batch.len() >= 4096 {
-                    break;
+        match woken {
+            Some(Ok(mut guard)) => {
+                take_batch(guard.get_inner_mut(), &mut batch);
+                if batch.len() < EVENT_BATCH {
+                    guard.clear_ready();
                 }
             }
+            Some(Err(e)) => {
+                error!(error = %e, "polling the events ring buffer failed");
+                return;
+            }
+            None => take_batch(ring.get_mut(), &mut batch),
         }
-        if batch.len() < 4096 {
-            guard.clear_ready();
+        let drained = batch.len() < EVENT_BATCH;
+        let batch_len = batch.len();
+        if batch.is_empty() {
+            if stopping {
+                return;
+            }
+            continue;
         }
         let (boot, unix) = (clock::boot_now_ns(), clock::unix_now_ns());
         let shared2 = shared.clone();
@@ -298,6 +377,13 @@ async fn read_events(shared: Arc<Shared>, ring: aya::maps::RingBuf<aya::maps::Ma
             }
             shared.publish(record);
         }
+        if stopping {
+            // What was in the ring at the stop, at most: agents still running keep adding.
+            taken_since_stop += batch_len;
+            if drained || taken_since_stop >= RING_RECORDS {
+                return;
+            }
+        }
     }
 }
 
@@ -314,6 +400,9 @@ async fn housekeeping(shared: Arc<Shared>) {
             let mut state = shared2.state();
             if let Err(e) = state.audit.flush() {
                 error!(error = %e, "could not flush the audit log");
+            }
+            if let Err(e) = state.dataplane.reclaim() {
+                error!(error = %e, "could not reclaim replaced rule tables");
             }
             if ticks.is_multiple_of(5) {
                 state.sweep_expired();

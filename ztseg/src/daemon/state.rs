@@ -132,6 +132,7 @@ pub struct State {
     verifier: Verifier,
     replay: ReplayCache,
     replay_dirty: bool,
+    persist_dirty: bool,
     /// Last good parse of each policy file.
     files: BTreeMap<PathBuf, PolicyFile>,
     policy: PolicySet,
@@ -179,6 +180,7 @@ impl State {
             verifier,
             replay,
             replay_dirty: false,
+            persist_dirty: false,
             files: BTreeMap::new(),
             policy: PolicySet::default(),
             generation: 0,
@@ -618,7 +620,7 @@ impl State {
 
     /// Kernel agents that no binding, no saved state and no `ztseg run` explains lose everything.
     pub fn forget_strangers(&mut self) {
-        let known: Vec<u64> = self.agents.values().map(|a| a.cgroup_id).collect();
+        let known: std::collections::HashSet<u64> = self.agents.values().map(|a| a.cgroup_id).collect();
         let Ok(kernel) = self.dataplane.agents() else { return };
         for (cgroup_id, _) in kernel {
             if !known.contains(&cgroup_id) {
@@ -628,7 +630,18 @@ impl State {
         }
     }
 
+    /// Marks the saved agent state stale; `persist` writes it once, when the lock is released, so
+    /// starting with 10,000 bindings writes the file once rather than 10,000 times.
     fn save_persisted(&mut self) {
+        self.persist_dirty = true;
+    }
+
+    /// Writes the agents (ids, cgroups, tokens in force) for the next start, if they changed.
+    pub fn persist(&mut self) {
+        if !self.persist_dirty {
+            return;
+        }
+        self.persist_dirty = false;
         let persisted = Persisted {
             agents: self
                 .agents

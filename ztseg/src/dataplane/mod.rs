@@ -54,6 +54,9 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The rule table that holds no entries: what an agent without a grant points at.
 const EMPTY_TABLE: u32 = 0;
 
+/// Replaced tables wait for at most this many further grants before `grant` reclaims them.
+const RECLAIM_BATCH: usize = 32;
+
 /// The kernel hooks, by program name in the object.
 #[derive(Clone, Copy, Debug)]
 enum Hook {
@@ -463,7 +466,11 @@ impl Dataplane {
         let count = written.len();
         self.tables.keys.insert(table, written);
         self.retire(state.table);
-        self.reclaim()?;
+        // Reclaiming waits for an RCU grace period (milliseconds): batch it. The daemon also
+        // reclaims on its housekeeping tick.
+        if self.retired.len() >= RECLAIM_BATCH {
+            self.reclaim()?;
+        }
         debug!(cgroup_id, table, entries = count, "rule set replaced");
         Ok(Granted { table, previous: state.table, entries: count })
     }
@@ -527,8 +534,9 @@ impl Dataplane {
         }
     }
 
-    /// Deletes retired tables once no program can be reading them.
-    fn reclaim(&mut self) -> Result<(), DataplaneError> {
+    /// Deletes replaced tables once no program can be reading them (after an RCU grace period).
+    /// `grant` calls it every few replacements; a long-running owner calls it periodically.
+    pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
         if self.retired.is_empty() {
             return Ok(());
         }
@@ -564,6 +572,15 @@ impl Dataplane {
             {
                 warn!(error = %e, "could not delete an IPv6 rule entry");
             }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // Best effort: whatever is left is found as orphans by the next start.
+        if let Err(e) = self.reclaim() {
+            warn!(error = %e, "could not reclaim replaced rule tables");
         }
     }
 }
