@@ -32,6 +32,15 @@ enum Task {
     Build,
     /// The seed scenario end to end (needs root): a daemon, a token, an agent, the kill switch.
     Demo,
+    /// Benchmarks (needs root): report and chart in target/bench/.
+    Bench {
+        /// Interleaved runs per case.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Fewer operations per run (a smoke run of the harness).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every test: unit tests, then the privileged integration tests (needs root).
     Test {
         /// Only tests whose name contains this (passed to the test harness).
@@ -60,6 +69,31 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Task::Test { filter } => test(&root, filter.as_deref()),
+        Task::Bench { runs, quick } => {
+            if !nix_is_root() {
+                bail!(
+                    "the bench loads BPF programs and creates cgroups and network namespaces: run `cargo xtask bench` as root"
+                );
+            }
+            ensure_toolchain()?;
+            let object = build_ebpf(&root)?;
+            cargo(
+                &root,
+                &object,
+                &["build", "--release", "--quiet", "-p", "ztseg", "-p", "ztseg-bench", "--bins"],
+            )?;
+            let mut bench = Command::new(root.join("target/release/ztseg-bench"));
+            bench.arg("--runs").arg(runs.to_string()).arg("--daemon").arg(root.join("target/release/ztseg"));
+            bench.arg("--out").arg(root.join("target/bench"));
+            if quick {
+                bench.arg("--quick");
+            }
+            let status = bench.current_dir(&root).status().context("cannot run the bench")?;
+            if !status.success() {
+                bail!("the bench failed ({status})");
+            }
+            Ok(())
+        }
         Task::Demo => {
             if !nix_is_root() {
                 bail!(

@@ -1,0 +1,163 @@
+//! The bench's network namespace (loopback only), its servers, and the nftables baselines.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::{TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sched::CloneFlags;
+
+/// The allowed destination, and one no rule allows; both have a listener.
+pub const ALLOWED: &str = "127.0.0.2:9000";
+pub const DENIED: &str = "127.0.0.3:9000";
+
+/// A network namespace with `lo` up and listeners on both destinations; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Self> {
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self { name: name.to_owned() };
+        run(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
+        ns.serve()?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Listeners created from a thread that joined the namespace (sockets keep their namespace).
+    fn serve(&self) -> Result<()> {
+        let path = self.path();
+        let sockets = thread::spawn(move || -> Result<Vec<(TcpListener, UdpSocket)>> {
+            nix::sched::setns(std::fs::File::open(path)?, CloneFlags::CLONE_NEWNET)?;
+            [ALLOWED, DENIED].iter().map(|a| Ok((TcpListener::bind(a)?, UdpSocket::bind(a)?))).collect()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        for (listener, udp) in sockets {
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    drop(stream);
+                }
+            });
+            // Received datagrams are drained so the socket never backs up.
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while udp.recv(&mut buf).is_ok() {}
+            });
+        }
+        Ok(())
+    }
+
+    /// Loads an nftables ruleset into this namespace. `nsenter --net` (not `ip netns exec`,
+    /// which remounts /sys) so nft can resolve cgroupv2 paths.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .args(["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("cannot run nft")?;
+        child.stdin.take().context("nft stdin")?.write_all(ruleset.as_bytes())?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("nft -f failed");
+        }
+        Ok(())
+    }
+
+    pub fn nft_flush(&self) -> Result<()> {
+        self.nft("flush ruleset\n")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed");
+    }
+    Ok(())
+}
+
+/// What a user would write by hand to give one cgroup exactly one destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NftShape {
+    /// One rule per allowed destination, the matching one last (the list is walked in order).
+    List(usize),
+    /// One set lookup: `ip daddr . meta l4proto . th dport @allowed`.
+    Set(usize),
+}
+
+impl NftShape {
+    pub fn label(self) -> String {
+        match self {
+            Self::List(n) => format!("nftables rule list, {n} rules"),
+            Self::Set(n) => format!("nftables set, {n} elements"),
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::List(n) | Self::Set(n) => n,
+        }
+    }
+}
+
+/// Filler destination `i`: distinct addresses in 10/8.
+fn filler(i: usize) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+/// The ruleset: default reject for the agent's cgroup, its allowed destinations accepted.
+/// `cgroup` is relative to /sys/fs/cgroup (how nft resolves it), `level` its depth in cgroup2.
+pub fn nft_ruleset(shape: NftShape, cgroup: &str, level: usize) -> String {
+    let m = format!("socket cgroupv2 level {level} \"{cgroup}\"");
+    let mut text = String::from("table inet ztbench {\n");
+    match shape {
+        NftShape::List(n) => {
+            text.push_str("  chain out {\n    type filter hook output priority 0; policy accept;\n");
+            for i in 0..n.saturating_sub(1) {
+                let _ = writeln!(text, "    {m} ip daddr {} th dport 9000 accept", filler(i));
+            }
+            let _ = writeln!(text, "    {m} ip daddr 127.0.0.2 th dport 9000 accept");
+        }
+        NftShape::Set(n) => {
+            text.push_str(
+                "  set allowed {\n    type ipv4_addr . inet_proto . inet_service\n    elements = {\n",
+            );
+            for i in 0..n.saturating_sub(1) {
+                let _ = writeln!(text, "      {} . tcp . 9000, {} . udp . 9000,", filler(i), filler(i));
+            }
+            text.push_str("      127.0.0.2 . tcp . 9000, 127.0.0.2 . udp . 9000\n    }\n  }\n");
+            text.push_str("  chain out {\n    type filter hook output priority 0; policy accept;\n");
+            let _ = writeln!(text, "    {m} ip daddr . meta l4proto . th dport @allowed accept");
+        }
+    }
+    let _ = writeln!(text, "    {m} meta l4proto tcp reject with tcp reset");
+    let _ = writeln!(text, "    {m} drop");
+    text.push_str("  }\n}\n");
+    text
+}
+
+/// `path` relative to /sys/fs/cgroup and its depth below the cgroup2 mount.
+pub fn nft_cgroup(mount: &Path, cgroup: &Path) -> Result<(String, usize)> {
+    let relative = cgroup.strip_prefix(mount).context("cgroup outside the cgroup2 mount")?;
+    let level = relative.components().count();
+    let for_nft = cgroup.strip_prefix("/sys/fs/cgroup").context("cgroup2 is not under /sys/fs/cgroup")?;
+    Ok((for_nft.display().to_string(), level))
+}

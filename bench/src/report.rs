@@ -1,0 +1,281 @@
+//! The report: a markdown table headed by the machine, and an SVG chart of connect cost against
+//! table size.
+
+use std::fmt::Write as _;
+
+use crate::{Case, Options, Results, Setup, control_plane::Figures, net::NftShape, stats::Stat};
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
+}
+
+fn cell(s: Stat, scale: f64, digits: usize) -> String {
+    if s.n == 0 {
+        return "-".to_owned();
+    }
+    format!("{:.d$} ({:.d$}-{:.d$})", s.median * scale, s.min * scale, s.max * scale, d = digits)
+}
+
+pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>) -> String {
+    let mut md = String::from("# ztseg benchmark\n\n");
+    let _ = writeln!(
+        md,
+        "Machine: {}. Runs: {} interleaved runs per case; {} TCP connect+close and {} UDP sendto per run and case, from a process in the case's cgroup, on loopback inside a network namespace of the bench's own.",
+        machine(),
+        opts.runs,
+        opts.tcp_ops,
+        opts.udp_ops
+    );
+    md.push_str("Figures: median over runs, with the spread (min-max) in parentheses. Ratios are to \"no programs\" measured in the same run. Kernel decision: BPF run-time statistics (run_time_ns / run_cnt) of connect4 (TCP) and sendmsg4 (UDP) during the case. Denied TCP connects end at the hook (EPERM) for ztseg and with a reset (reject) for nftables; denied UDP datagrams are refused (EPERM) by ztseg and dropped by nftables (which sendto also reports as EPERM). Every ztseg decision writes its event record, which a reader thread drains as the daemon would.\n\n");
+    md.push_str("The last column is the socket-creation hook in the TCP case: the same agent lookup, gate and counters as a decision, without the rule lookups and without an event record; the difference to the decision is what the two LPM lookups and the record cost.\n\n");
+    md.push_str("| case | TCP ns/connect | ratio | UDP ns/datagram | ratio | decision ns (TCP / UDP) | socket hook ns |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut seen = std::collections::BTreeSet::new();
+    for case in &r.order {
+        let label = case.label();
+        if !seen.insert((label.clone(), matches!(case.setup, Setup::None)))
+            && matches!(case.setup, Setup::None)
+        {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} / {} | {} |",
+            cell(r.op(case, "tcp"), 1.0, 0),
+            cell(r.ratio(case, "tcp"), 1.0, 3),
+            cell(r.op(case, "udp"), 1.0, 0),
+            cell(r.ratio(case, "udp"), 1.0, 3),
+            cell(r.kernel(case, "tcp"), 1.0, 0),
+            cell(r.kernel(case, "udp"), 1.0, 0),
+            cell(r.kernel(case, "socket"), 1.0, 0),
+        );
+    }
+    md.push_str("\n## Aims (reported, not asserted)\n\n");
+    md.push_str(&aims(r, control));
+    if let Some(fig) = control {
+        md.push_str("\n## Control plane\n\n| figure | value |\n|---|---|\n");
+        for (name, value) in &fig.lines {
+            let _ = writeln!(md, "| {name} | {value} |");
+        }
+    }
+    if !r.notes.is_empty() {
+        md.push_str("\n## Notes from the run\n\n");
+        for note in &r.notes {
+            let _ = writeln!(md, "- {note}");
+        }
+    }
+    md.push_str("\nChart: `connect.svg` (TCP connect cost against table size).\n");
+    md
+}
+
+fn find(r: &Results, pred: impl Fn(&Case) -> bool) -> Vec<&Case> {
+    let mut out: Vec<&Case> = r.order.iter().filter(|c| pred(c)).collect();
+    out.dedup_by_key(|c| c.label());
+    out
+}
+
+fn aims(r: &Results, control: Option<&Figures>) -> String {
+    let mut text = String::new();
+    let ztseg = find(r, |c| matches!(c.setup, Setup::Ztseg { .. }));
+    let decisions: Vec<f64> = ztseg
+        .iter()
+        .flat_map(|c| [r.kernel(c, "tcp").median, r.kernel(c, "udp").median])
+        .filter(|v| *v > 0.0)
+        .collect();
+    if let (Some(lo), Some(hi)) =
+        (decisions.iter().copied().reduce(f64::min), decisions.iter().copied().reduce(f64::max))
+    {
+        let _ = writeln!(
+            text,
+            "- Full decision at or under 300 ns, flat from 1 to 1M rules: {lo:.0}-{hi:.0} ns across all ztseg cases -> {}.",
+            if hi <= 300.0 { "met" } else { "missed" }
+        );
+    }
+    let at = |rules: usize, allowed: bool| {
+        ztseg.iter().find(|c| c.setup == Setup::Ztseg { rules, agents: 1 } && c.allowed == allowed).copied()
+    };
+    if let Some(c) = at(100_000, true) {
+        let ratio = r.ratio(c, "tcp").median;
+        let _ = writeln!(
+            text,
+            "- Connect overhead at 100k rules within 2% of no enforcement: ratio {ratio:.3} ({:+.1}%) -> {}.",
+            (ratio - 1.0) * 100.0,
+            if ratio <= 1.02 { "met" } else { "missed" }
+        );
+    }
+    let nft = find(r, |c| matches!(c.setup, Setup::Nft(_)) && c.allowed);
+    let nft_min = nft
+        .iter()
+        .filter(|c| matches!(c.setup, Setup::Nft(s) if s.size() >= 1_000))
+        .map(|c| (c.label(), r.op(c, "tcp").median))
+        .fold(None, |m: Option<(String, f64)>, x| match m {
+            Some(m) if m.1 <= x.1 => Some(m),
+            _ => Some(x),
+        });
+    if let Some((label, best)) = nft_min {
+        let worst = [1_000, 100_000, 1_000_000]
+            .iter()
+            .filter_map(|n| at(*n, true))
+            .map(|c| r.op(c, "tcp").median)
+            .fold(0.0, f64::max);
+        let _ = writeln!(
+            text,
+            "- Below every nftables configuration from 1k rules up (allowed TCP connect): ztseg's slowest {worst:.0} ns vs nftables' fastest {best:.0} ns ({label}) -> {}.",
+            if worst < best { "met" } else { "missed" }
+        );
+    }
+    if let Some(fig) = control
+        && let Some((_, value)) =
+            fig.lines.iter().find(|(n, _)| n.starts_with("token apply -> first allowed"))
+    {
+        let p99: Option<f64> =
+            value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok());
+        if let Some(p99) = p99 {
+            let _ = writeln!(
+                text,
+                "- Token apply to enforced under 1 ms p99: {p99:.0} µs -> {}.",
+                if p99 < 1000.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    text
+}
+
+/// A chart line: its label, colour and (rules, ns) points.
+type Series = (&'static str, &'static str, Vec<(f64, f64)>);
+
+/// A log-x line chart of TCP connect cost for the allowed destination.
+pub fn chart(r: &Results) -> String {
+    let (w, h, left, bottom, top, right) = (760.0, 420.0, 70.0, 50.0, 30.0, 230.0);
+    let series: Vec<Series> = vec![
+        (
+            "ztseg, allowed",
+            "#1b7837",
+            points(r, |c| matches!(c.setup, Setup::Ztseg { agents: 1, .. }) && c.allowed),
+        ),
+        (
+            "ztseg, denied",
+            "#7fbf7b",
+            points(r, |c| matches!(c.setup, Setup::Ztseg { agents: 1, .. }) && !c.allowed),
+        ),
+        (
+            "ztseg, 10k agents, allowed",
+            "#5aae61",
+            points(r, |c| matches!(c.setup, Setup::Ztseg { agents: 10_000, .. }) && c.allowed),
+        ),
+        (
+            "nftables list, allowed",
+            "#b2182b",
+            points(r, |c| matches!(c.setup, Setup::Nft(NftShape::List(_))) && c.allowed),
+        ),
+        (
+            "nftables set, allowed",
+            "#ef8a62",
+            points(r, |c| matches!(c.setup, Setup::Nft(NftShape::Set(_))) && c.allowed),
+        ),
+    ];
+    let base = r.order.iter().find(|c| c.setup == Setup::None).map_or(0.0, |c| r.op(c, "tcp").median);
+    let ymax = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).fold(base, f64::max) * 1.15;
+    let x = |rules: f64| left + (rules.max(1.0).log10() / 6.0) * (w - left - right);
+    let y = |ns: f64| h - bottom - (ns / ymax.max(1.0)) * (h - bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"{left}\" y=\"18\" font-size=\"14\">TCP connect+close, ns per connect (median) vs rules in the agent's table</text>"
+    );
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - right,
+        h - bottom
+    );
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom
+    );
+    for e in 0..=6 {
+        let xv = x(10f64.powi(e));
+        let _ =
+            writeln!(svg, "<text x=\"{xv}\" y=\"{}\" text-anchor=\"middle\">1e{e}</text>", h - bottom + 18.0);
+    }
+    for i in 0..=4 {
+        let v = ymax * f64::from(i) / 4.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.0}</text>",
+            left - 6.0,
+            y(v) + 4.0
+        );
+    }
+    if base > 0.0 {
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#444\" stroke-dasharray=\"4 3\"/>",
+            y(base),
+            w - right
+        );
+    }
+    let mut legend_y = top + 10.0;
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{legend_y}\" fill=\"#444\">- - no programs</text>",
+        w - right + 12.0
+    );
+    for (name, color, pts) in &series {
+        legend_y += 18.0;
+        let path: Vec<String> =
+            pts.iter().map(|(rules, ns)| format!("{:.1},{:.1}", x(*rules), y(*ns))).collect();
+        let _ = writeln!(
+            svg,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>",
+            path.join(" ")
+        );
+        for (rules, ns) in pts {
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                x(*rules),
+                y(*ns)
+            );
+        }
+        let _ =
+            writeln!(svg, "<text x=\"{}\" y=\"{legend_y}\" fill=\"{color}\">{name}</text>", w - right + 12.0);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn points(r: &Results, pred: impl Fn(&Case) -> bool) -> Vec<(f64, f64)> {
+    let mut pts: Vec<(f64, f64)> = r
+        .order
+        .iter()
+        .filter(|c| pred(c))
+        .map(|c| {
+            let rules = match c.setup {
+                Setup::Ztseg { rules, .. } => rules,
+                Setup::Nft(shape) => shape.size(),
+                Setup::None => 1,
+            };
+            (rules as f64, r.op(c, "tcp").median)
+        })
+        .collect();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    pts.dedup_by(|a, b| a.0 == b.0);
+    pts
+}
