@@ -70,10 +70,10 @@
 //! # Durability
 //!
 //! Appends go to a buffer in memory. [`AuditLog::flush`] writes the buffer and `fdatasync`s the
-//! file, then rewrites the head. `append` flushes by itself every `flush_every` (256) records and
+//! file, then rewrites the head. `append` flushes by itself every `flush_every` (2048) records and
 //! the daemon calls `flush` at least every 200 ms and on shutdown. A crash (daemon killed, kernel
 //! panic, power loss) therefore loses at most the records appended in the last 200 ms and never
-//! more than 255 of them; everything before the last completed `flush` survives. A write cut
+//! more than 2047 of them; everything before the last completed `flush` survives. A write cut
 //! short leaves a torn last line, which the next [`AuditLog::open`] moves aside and records in
 //! the chain (`{"event":"recovered","torn_bytes":N,"after_seq":S,..}`). Any other damage found
 //! at open (an edited, missing or extra record, a chain shorter than its signed head) is never

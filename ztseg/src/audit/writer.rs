@@ -48,7 +48,7 @@ impl Default for AuditOptions {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(10),
             rotate_bytes: 64 << 20,
-            flush_every: 256,
+            flush_every: 2048,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! state and this state as they were.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -107,13 +107,9 @@ struct TableInfo {
     jti: String,
 }
 
-/// The persisted part of the state (`<state_dir>/agents.json`): which agents exist, where, and the
-/// last token each was granted, so a restart re-attaches every agent to its rights.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Persisted {
-    agents: Vec<PersistedAgent>,
-}
-
+/// The persisted part of an agent's state (`<state_dir>/agents/<id>.json`, one file per agent so a
+/// token apply rewrites one small file whatever the number of agents): where it is and the last
+/// token it was granted, so a restart re-attaches every agent to its rights.
 #[derive(Debug, Serialize, Deserialize)]
 struct PersistedAgent {
     id: String,
@@ -132,7 +128,9 @@ pub struct State {
     verifier: Verifier,
     replay: ReplayCache,
     replay_dirty: bool,
-    persist_dirty: bool,
+    replay_generation: u64,
+    /// Agents whose saved state is stale; written (or removed) when the lock is released.
+    persist_dirty: BTreeSet<AgentId>,
     /// Last good parse of each policy file.
     files: BTreeMap<PathBuf, PolicyFile>,
     policy: PolicySet,
@@ -154,14 +152,39 @@ fn sha256(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename) with mode 0600.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes a snapshot from `State::replay_snapshot`; a failure is logged (the next change
+/// writes the whole cache again).
+pub fn write_replay(snapshot: &ReplaySnapshot) {
+    // One writer at a time (they share the temp file), and never an older snapshot over a newer.
+    static WRITTEN: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+    let mut written = WRITTEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if snapshot.generation <= *written {
+        return;
+    }
+    match ReplayCache::write_bytes(&snapshot.path, &snapshot.bytes) {
+        Ok(()) => *written = snapshot.generation,
+        Err(e) => warn!(error = %e, "cannot save the replay cache"),
+    }
+}
+
+/// The replay cache's file contents at one moment (`State::replay_snapshot`).
+pub struct ReplaySnapshot {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    generation: u64,
+}
+
+/// Rewrites `path` in place (no temp file, no fsync): creating and renaming a file per token
+/// apply made ext4's inode allocator the daemon's hottest path. The saved agent state only
+/// matters while the kernel state it describes exists, which a daemon crash keeps (the write is
+/// in the page cache once `write` returns) and a power loss or kernel crash wipes anyway (the
+/// pins live in memory). A file left half-written is refused on restore and its agent stays
+/// unregistered (fail closed).
+fn rewrite_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
+    file.set_len(bytes.len() as u64)
 }
 
 impl State {
@@ -180,7 +203,8 @@ impl State {
             verifier,
             replay,
             replay_dirty: false,
-            persist_dirty: false,
+            replay_generation: 0,
+            persist_dirty: BTreeSet::new(),
             files: BTreeMap::new(),
             policy: PolicySet::default(),
             generation: 0,
@@ -193,8 +217,8 @@ impl State {
         }
     }
 
-    fn persisted_path(&self) -> PathBuf {
-        self.config.state_dir.join("agents.json")
+    fn persisted_dir(&self) -> PathBuf {
+        self.config.state_dir.join("agents")
     }
 
     pub fn replay_path(&self) -> PathBuf {
@@ -371,7 +395,7 @@ impl State {
             record.last_refusal = None;
         }
         self.audit_event("token_granted", fields);
-        self.save_persisted();
+        self.save_persisted(agent);
         Ok(summary)
     }
 
@@ -391,7 +415,7 @@ impl State {
         fields.insert("reason".into(), json!(why));
         self.audit_event("token_revoked", fields);
         info!(agent = %agent, "rights revoked: {why}");
-        self.save_persisted();
+        self.save_persisted(agent);
     }
 
     /// Removes an agent: rights revoked, unregistered (its cgroup is then denied everything), and
@@ -412,7 +436,7 @@ impl State {
         fields.insert("agent".into(), json!(agent.as_str()));
         fields.insert("reason".into(), json!(why));
         self.audit_event("agent_removed", fields);
-        self.save_persisted();
+        self.save_persisted(agent);
     }
 
     pub fn set_killed(&mut self, agent: &AgentId, killed: bool) -> Result<Value, Refusal> {
@@ -562,7 +586,7 @@ impl State {
             if let Some(record) = self.agents.get_mut(&id) {
                 record.binding_token = Some(hash);
             }
-            self.save_persisted();
+            self.save_persisted(&id);
             if let Err(refusal) = result {
                 refused.push(refusal.message);
             }
@@ -585,11 +609,24 @@ impl State {
 
     /// Restores agents saved by the previous run and removes kernel agents nobody knows about.
     pub fn restore(&mut self) {
-        let persisted: Persisted = fs::read_to_string(self.persisted_path())
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
-        for saved in persisted.agents {
+        let mut persisted: Vec<PersistedAgent> = Vec::new();
+        if let Ok(dir) = fs::read_dir(self.persisted_dir()) {
+            for entry in dir.flatten() {
+                let path = entry.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                match fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(saved) => persisted.push(saved),
+                    // Its agent is then unknown: forget_strangers unregisters it (fail closed).
+                    Err(e) => warn!(path = %path.display(), "cannot read saved agent state: {e}"),
+                }
+            }
+        }
+        for saved in persisted {
             let Ok(id) = saved.id.parse::<AgentId>() else { continue };
             match self.ensure_agent(&id, Some(&saved.cgroup)) {
                 Ok(record) => {
@@ -630,47 +667,72 @@ impl State {
         }
     }
 
-    /// Marks the saved agent state stale; `persist` writes it once, when the lock is released, so
-    /// starting with 10,000 bindings writes the file once rather than 10,000 times.
-    fn save_persisted(&mut self) {
-        self.persist_dirty = true;
+    /// Marks the agent's saved state stale; `persist` writes it when the lock is released, so
+    /// starting with 10,000 bindings writes each agent's file once.
+    fn save_persisted(&mut self, agent: &AgentId) {
+        self.persist_dirty.insert(agent.clone());
     }
 
-    /// Writes the agents (ids, cgroups, tokens in force) for the next start, if they changed.
+    /// Writes the saved state of each agent that changed (id, cgroup, token in force), or removes
+    /// it for an agent that is gone.
     pub fn persist(&mut self) {
-        if !self.persist_dirty {
+        if self.persist_dirty.is_empty() {
             return;
         }
-        self.persist_dirty = false;
-        let persisted = Persisted {
-            agents: self
-                .agents
-                .values()
-                .map(|a| PersistedAgent {
-                    id: a.id.to_string(),
-                    cgroup: a.cgroup.clone(),
-                    token: a.active.as_ref().map(|g| g.token.clone()),
-                    binding_token_sha256: a.binding_token.map(hex::encode),
-                })
-                .collect(),
-        };
-        let result = serde_json::to_vec_pretty(&persisted)
-            .map_err(io::Error::other)
-            .and_then(|bytes| write_atomic(&self.persisted_path(), &bytes));
-        if let Err(e) = result {
-            warn!(error = %e, "cannot save agent state");
+        let dir = self.persisted_dir();
+        if let Err(e) = fs::create_dir_all(&dir) {
+            warn!(error = %e, dir = %dir.display(), "cannot save agent state");
+            return;
+        }
+        for id in std::mem::take(&mut self.persist_dirty) {
+            let path = dir.join(format!("{id}.json"));
+            let result = match self.agents.get(&id) {
+                Some(a) => {
+                    let saved = PersistedAgent {
+                        id: a.id.to_string(),
+                        cgroup: a.cgroup.clone(),
+                        token: a.active.as_ref().map(|g| g.token.clone()),
+                        binding_token_sha256: a.binding_token.map(hex::encode),
+                    };
+                    serde_json::to_vec_pretty(&saved)
+                        .map_err(io::Error::other)
+                        .and_then(|bytes| rewrite_file(&path, &bytes))
+                }
+                None => match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = result {
+                warn!(agent = %id, error = %e, "cannot save agent state");
+            }
         }
     }
 
     /// Saves the replay cache if it changed.
     pub fn save_replay(&mut self) {
+        if let Some(snapshot) = self.replay_snapshot() {
+            write_replay(&snapshot);
+        }
+    }
+
+    /// The replay cache's file contents, if it changed, to be written (`write_replay`) after the
+    /// lock is released: its fsync would otherwise hold up token applies and kills.
+    pub fn replay_snapshot(&mut self) -> Option<ReplaySnapshot> {
         if !self.replay_dirty {
-            return;
+            return None;
         }
         self.replay.prune(now_unix(), self.config.leeway_seconds);
-        match self.replay.save(&self.replay_path()) {
-            Ok(()) => self.replay_dirty = false,
-            Err(e) => warn!(error = %e, "cannot save the replay cache"),
+        match self.replay.to_bytes() {
+            Ok(bytes) => {
+                self.replay_dirty = false;
+                self.replay_generation += 1;
+                Some(ReplaySnapshot { path: self.replay_path(), bytes, generation: self.replay_generation })
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot save the replay cache");
+                None
+            }
         }
     }
 

@@ -1,4 +1,5 @@
 //! The few bpf(2) commands aya 0.14 does not expose: opening a pinned link as a plain fd,
+//! storing into a map-in-map through plain fds (the RCU barrier, waited on off the dataplane),
 //! replacing a link's program in place, forcing a link to detach, and reading which cgroup a
 //! link is attached to. Layouts follow include/uapi/linux/bpf.h (`union bpf_attr`,
 //! `struct bpf_link_info`); the kernel zero-fills what a shorter attr leaves out.
@@ -13,6 +14,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -25,6 +27,27 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a repr(C) prefix of `union bpf_attr` for `cmd`, valid for its size.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Stores map `value` at index `key` of a map-in-map (BPF_MAP_UPDATE_ELEM, BPF_ANY).
+pub fn map_update_fd(map: BorrowedFd<'_>, key: u32, value: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let value = value.as_raw_fd() as u32;
+    let mut attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: std::ptr::from_ref(&value) as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// Opens a pinned BPF object (BPF_OBJ_GET).

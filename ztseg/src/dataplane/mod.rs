@@ -18,15 +18,14 @@ use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
     fs::{self, File},
     io,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, cgroup_sock::CgroupSockAttachType,
         cgroup_sock_addr::CgroupSockAddrAttachType, links::FdLink,
@@ -54,8 +53,33 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The rule table that holds no entries: what an agent without a grant points at.
 const EMPTY_TABLE: u32 = 0;
 
-/// Replaced tables wait for at most this many further grants before `grant` reclaims them.
-const RECLAIM_BATCH: usize = 32;
+/// `grant` reclaims replaced tables itself once this many wait (the owner normally does it first).
+const RECLAIM_TABLES: usize = 1024;
+/// ... or once they hold this many rule entries (a quarter of a family's map).
+const RECLAIM_ENTRIES: usize = maps::MAX_RULES as usize / 4;
+
+/// The two maps of the RCU barrier, as plain fds so a wait needs no `&mut Dataplane`.
+struct BarrierFds {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+/// A grace period to wait out before `Dataplane::finish_reclaim` (see `reclaim_barrier`).
+pub struct ReclaimBarrier {
+    fds: Arc<BarrierFds>,
+    /// Tables retired (ever) when the barrier was taken: those are safe to delete after it.
+    upto: u64,
+}
+
+impl ReclaimBarrier {
+    /// Returns once every program that was running has finished: storing into a map-in-map
+    /// makes the kernel wait for an RCU grace period (kernel/bpf/syscall.c,
+    /// maybe_wait_bpf_programs).
+    pub fn wait(&self) -> Result<(), DataplaneError> {
+        bpf_sys::map_update_fd(self.fds.outer.as_fd(), 0, self.fds.inner.as_fd())
+            .map_err(DataplaneError::Barrier)
+    }
+}
 
 /// The kernel hooks, by program name in the object.
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +148,8 @@ pub enum DataplaneError {
     NotRegistered(u64),
     #[error("no free agent slot: {} agents are registered", maps::MAX_AGENTS)]
     TooManyAgents,
+    #[error("waiting for running programs to finish (RCU barrier map update) failed: {0}")]
+    Barrier(#[source] io::Error),
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -200,12 +226,14 @@ pub struct Dataplane {
     events: Option<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     stats: Array<MapData, AgentStats>,
-    barrier: ArrayOfMaps<MapData, Array<MapData, u32>>,
-    barrier_inner: Array<MapData, u32>,
+    /// The RCU barrier's map-in-map and the inner map stored into it (`wait_for_readers`).
+    barrier: Arc<BarrierFds>,
     tables: Tables,
     slots: BTreeSet<u32>,
-    /// Tables switched away from, deleted after the next grace period.
+    /// Tables switched away from, deleted after the next grace period, oldest first.
     retired: Vec<u32>,
+    /// How many retired tables have been deleted, ever.
+    reclaimed: u64,
     _lock: Flock<File>,
 }
 
@@ -313,14 +341,17 @@ impl Dataplane {
             events: Some(take_map(&mut ebpf, maps::EVENTS)?),
             drops: take_map(&mut ebpf, maps::DROPS)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
-            barrier: take_map(&mut ebpf, maps::RCU_BARRIER)?,
-            barrier_inner: take_map(&mut ebpf, maps::RCU_BARRIER_INNER)?,
+            barrier: Arc::new(BarrierFds {
+                outer: take_map_fd(&mut ebpf, maps::RCU_BARRIER)?,
+                inner: take_map_fd(&mut ebpf, maps::RCU_BARRIER_INNER)?,
+            }),
             paths,
             root_cgroup: root_cgroup.to_owned(),
             root_cgroup_id,
             tables: Tables::default(),
             slots: BTreeSet::new(),
             retired: Vec::new(),
+            reclaimed: 0,
             _lock: lock,
         };
         let (agents, orphans) = dataplane.adopt()?;
@@ -369,7 +400,7 @@ impl Dataplane {
         let orphan_count = orphans.len();
         if orphan_count > 0 {
             warn!(entries = orphan_count, "deleting rule entries no agent references");
-            self.wait_for_readers()?;
+            ReclaimBarrier { fds: self.barrier.clone(), upto: 0 }.wait()?;
             self.delete_keys(&orphans);
         }
         Ok((self.slots.len(), orphan_count))
@@ -413,7 +444,7 @@ impl Dataplane {
         self.agents.remove(&cgroup_id).map_err(map_err(maps::AGENTS))?;
         self.slots.remove(&state.slot);
         self.retire(state.table);
-        self.reclaim()
+        self.reclaim_if_piled_up()
     }
 
     /// The agent's state as the kernel sees it.
@@ -466,11 +497,7 @@ impl Dataplane {
         let count = written.len();
         self.tables.keys.insert(table, written);
         self.retire(state.table);
-        // Reclaiming waits for an RCU grace period (milliseconds): batch it. The daemon also
-        // reclaims on its housekeeping tick.
-        if self.retired.len() >= RECLAIM_BATCH {
-            self.reclaim()?;
-        }
+        self.reclaim_if_piled_up()?;
         debug!(cgroup_id, table, entries = count, "rule set replaced");
         Ok(Granted { table, previous: state.table, entries: count })
     }
@@ -481,7 +508,7 @@ impl Dataplane {
         let next = AgentState { deadline_ns: 0, table: EMPTY_TABLE, ..state };
         self.agents.insert(cgroup_id, next, 0).map_err(map_err(maps::AGENTS))?;
         self.retire(state.table);
-        self.reclaim()
+        self.reclaim_if_piled_up()
     }
 
     /// Moves the agent's token deadline without touching its rules.
@@ -535,25 +562,52 @@ impl Dataplane {
     }
 
     /// Deletes replaced tables once no program can be reading them (after an RCU grace period).
-    /// `grant` calls it every few replacements; a long-running owner calls it periodically.
+    /// `grant` calls it when replaced tables pile up; a long-running owner calls
+    /// `reclaim_barrier`, waits on it without holding the dataplane, then `finish_reclaim`.
     pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
-        if self.retired.is_empty() {
-            return Ok(());
+        if let Some(barrier) = self.reclaim_barrier() {
+            barrier.wait()?;
+            self.finish_reclaim(&barrier);
         }
-        self.wait_for_readers()?;
-        for table in std::mem::take(&mut self.retired) {
+        Ok(())
+    }
+
+    /// The grace period after which the tables replaced so far can be deleted, if there are any.
+    /// Waiting on it takes milliseconds and needs no access to the dataplane.
+    #[must_use]
+    pub fn reclaim_barrier(&self) -> Option<ReclaimBarrier> {
+        (!self.retired.is_empty()).then(|| ReclaimBarrier {
+            fds: self.barrier.clone(),
+            upto: self.reclaimed + self.retired.len() as u64,
+        })
+    }
+
+    /// Deletes the tables that were replaced before `barrier` was taken (and waited on).
+    pub fn finish_reclaim(&mut self, barrier: &ReclaimBarrier) {
+        // `retired` is in retirement order; `reclaimed` counts the tables already deleted from
+        // its front, so an inline `reclaim` in between cannot make this delete newer tables.
+        let n = barrier.upto.saturating_sub(self.reclaimed).min(self.retired.len() as u64) as usize;
+        self.reclaimed += n as u64;
+        for table in self.retired.drain(..n).collect::<Vec<_>>() {
             if let Some(keys) = self.tables.keys.remove(&table) {
                 self.delete_keys(&keys);
             }
             self.tables.free.push(table);
         }
+    }
+
+    /// Reclaiming waits for an RCU grace period (milliseconds): an owner does it periodically
+    /// without holding the dataplane (`reclaim_barrier`); here only when replaced tables pile up.
+    fn reclaim_if_piled_up(&mut self) -> Result<(), DataplaneError> {
+        if self.retired.len() >= RECLAIM_TABLES || self.retired_entries() >= RECLAIM_ENTRIES {
+            self.reclaim()?;
+        }
         Ok(())
     }
 
-    /// Returns after every program that was running has finished: updating a map-in-map makes
-    /// the kernel wait for an RCU grace period (kernel/bpf/syscall.c, maybe_wait_bpf_programs).
-    fn wait_for_readers(&mut self) -> Result<(), DataplaneError> {
-        self.barrier.set(0, &self.barrier_inner, 0).map_err(map_err(maps::RCU_BARRIER))
+    /// Rule entries held by replaced tables not yet deleted.
+    fn retired_entries(&self) -> usize {
+        self.retired.iter().filter_map(|t| self.tables.keys.get(t)).map(TableKeys::len).sum()
     }
 
     fn delete_keys(&mut self, keys: &TableKeys) {
@@ -587,6 +641,15 @@ impl Drop for Dataplane {
 
 fn set_flag(flags: &mut u32, flag: u32, on: bool) {
     if on { *flags |= flag } else { *flags &= !flag }
+}
+
+/// A map of the object as a plain fd (for the few maps only raw syscalls touch).
+fn take_map_fd(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?;
+    let (aya::maps::Map::Array(data) | aya::maps::Map::ArrayOfMaps(data)) = &map else {
+        return Err(DataplaneError::Missing(name));
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Barrier)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

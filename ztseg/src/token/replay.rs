@@ -100,7 +100,13 @@ impl ReplayCache {
 
     /// Writes the cache atomically (a temporary file beside it, then rename), mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), ReplayCacheError> {
-        let write_error = |source| ReplayCacheError::Write { path: path.to_owned(), source };
+        let json =
+            self.to_bytes().map_err(|source| ReplayCacheError::Write { path: path.to_owned(), source })?;
+        Self::write_bytes(path, &json)
+    }
+
+    /// The cache as its file's bytes (to write later, e.g. outside a lock, with `write_bytes`).
+    pub fn to_bytes(&self) -> io::Result<Vec<u8>> {
         let file = CacheFile {
             version: FORMAT_VERSION,
             entries: self
@@ -113,9 +119,14 @@ impl ReplayCache {
                 })
                 .collect(),
         };
-        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| write_error(io::Error::other(e)))?;
+        let mut json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         json.push(b'\n');
+        Ok(json)
+    }
 
+    /// Writes bytes from `to_bytes` atomically and durably (temp file, fsync, rename, fsync dir).
+    pub fn write_bytes(path: &Path, json: &[u8]) -> Result<(), ReplayCacheError> {
+        let write_error = |source| ReplayCacheError::Write { path: path.to_owned(), source };
         let name = path.file_name().ok_or_else(|| write_error(io::ErrorKind::InvalidInput.into()))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
@@ -126,7 +137,7 @@ impl ReplayCache {
                 fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             // `mode` applies only when the file is created; a leftover temporary file keeps its own.
             f.set_permissions(fs::Permissions::from_mode(0o600))?;
-            f.write_all(&json)?;
+            f.write_all(json)?;
             f.sync_all()?;
             fs::rename(&tmp, path)?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
