@@ -50,13 +50,15 @@ fn main() -> ExitCode {
 }
 
 /// Options: `--runs N` (default 5), `--quick` (fewer operations per run), `--daemon PATH` (the
-/// ztseg binary for the control-plane figures), `--out DIR`.
+/// ztseg binary for the control-plane figures), `--out DIR`, `--control-only`.
 pub struct Options {
     pub runs: usize,
     pub tcp_ops: u64,
     pub udp_ops: u64,
     pub daemon: Option<PathBuf>,
     pub out: PathBuf,
+    /// `--control-only`: skip the data-plane matrix.
+    pub control_only: bool,
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -66,6 +68,7 @@ fn options(args: &[String]) -> Result<Options> {
         udp_ops: 100_000,
         daemon: None,
         out: PathBuf::from("target/bench"),
+        control_only: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -74,6 +77,7 @@ fn options(args: &[String]) -> Result<Options> {
             "--quick" => (o.tcp_ops, o.udp_ops) = (4_000, 20_000),
             "--daemon" => o.daemon = Some(PathBuf::from(it.next().context("--daemon PATH")?)),
             "--out" => o.out = PathBuf::from(it.next().context("--out DIR")?),
+            "--control-only" => o.control_only = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -380,7 +384,8 @@ fn run(args: &[String]) -> Result<()> {
     let links = pins.dir.join("links");
 
     let mut results = Results::default();
-    for agents in [1usize, 10_000] {
+    let matrix: &[usize] = if opts.control_only { &[] } else { &[1, 10_000] };
+    for &agents in matrix {
         if agents > 1 {
             // Registered agents without rules: fake cgroup ids, only the agents map grows.
             for i in 0..(agents - sizes.len()) {
