@@ -135,6 +135,10 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
+    // Handlers first: a stop during startup or right after "ready" is taken once the daemon is
+    // up, and still ends the audit log cleanly (the default action would just kill it).
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     ensure_dir(&config.state_dir, 0o700)?;
     if let Some(dir) = config.audit_log.parent() {
         ensure_dir(dir, 0o750)?;
@@ -209,8 +213,6 @@ async fn serve(config: Config) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(socket = %config.socket.display(), pin_dir = %config.pin_dir.display(), "ztseg daemon ready");
 
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping (enforcement stays pinned in the kernel)"),
         _ = int.recv() => info!("SIGINT: stopping (enforcement stays pinned in the kernel)"),
