@@ -22,7 +22,6 @@ use ztseg::{
 };
 
 use crate::{
-    Cgroups,
     net::{ALLOWED, Netns},
     stats::{percentile, stat},
 };
@@ -37,10 +36,6 @@ impl Figures {
         eprintln!("ztseg-bench: {name}: {value}");
         self.lines.push((name.to_owned(), value));
     }
-}
-
-fn unix_now() -> u64 {
-    ztseg::clock::unix_now_ns() / 1_000_000_000
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -145,13 +140,7 @@ fn read_ns(child: &mut Child, out: &mut BufReader<std::process::ChildStdout>) ->
     line.trim().parse().with_context(|| format!("spinner said {line:?}"))
 }
 
-pub fn run(
-    bench: &Path,
-    daemon_bin: &Path,
-    ns: &Netns,
-    fs_: &CgroupFs,
-    cgroups: &mut Cgroups,
-) -> Result<Figures> {
+pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Result<Figures> {
     let mut fig = Figures { lines: Vec::new() };
     let id = std::process::id();
     let dir = std::env::temp_dir().join(format!("ztseg-bench-cp-{id}"));
@@ -165,7 +154,7 @@ pub fn run(
         let mut params = IssueParams::new(issuer, agent);
         params.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
         params.ttl_seconds = 3000;
-        Ok(token::issue(&key_pem, &params, unix_now())?)
+        Ok(token::issue(&key_pem, &params, ztseg::clock::unix_now_secs())?)
     };
 
     // Tokens verified per second (EdDSA, JWKS key; no replay cache involved).
@@ -182,7 +171,7 @@ pub fn run(
     let n = 20_000;
     let started = Instant::now();
     for _ in 0..n {
-        verifier.verify(&sample, unix_now())?;
+        verifier.verify(&sample, ztseg::clock::unix_now_secs())?;
     }
     fig.add(
         "tokens verified per second (EdDSA)",
@@ -378,7 +367,6 @@ pub fn run(
     );
     fig.add("daemon RSS, 10,000 agents and 1,000,000 rules", format!("{} KiB", rss_kib(daemon.pid())));
     drop(daemon);
-    let _ = cgroups;
 
     // Replacing a 10,000-rule set, with the library (what the daemon does per token apply).
     let dp_root = fs_.resolve(Path::new(&format!("ztseg-bench-{id}-r.slice")))?;

@@ -473,7 +473,7 @@ fn run(args: &[String]) -> Result<()> {
     drop(dataplane);
 
     let control = match &opts.daemon {
-        Some(daemon) => Some(control_plane::run(&bench, daemon, &ns, &fs_, &mut cgroups)?),
+        Some(daemon) => Some(control_plane::run(&bench, daemon, &ns, &fs_)?),
         None => None,
     };
     fs::create_dir_all(&opts.out)?;

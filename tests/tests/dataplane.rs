@@ -238,7 +238,15 @@ fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
     let mut switches = 0;
     for round in 0..300 {
         let set: &[Entry] = if round % 2 == 0 { &set_b } else { &set_a };
+        // As the daemon does: the grace period for tables replaced so far is taken before the
+        // next switch and waited out after it, so old tables are deleted (and their ids reused)
+        // while connects run, and never the one this switch just retired.
+        let barrier = dp.reclaim_barrier();
         dp.grant(id, set, deadline).unwrap();
+        if let Some(barrier) = barrier {
+            barrier.wait().unwrap();
+            dp.finish_reclaim(&barrier);
+        }
         switches += 1;
         thread::yield_now();
     }
@@ -250,6 +258,31 @@ fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
     assert_eq!(neither.0, 0, "a connect neither set allows got through: {neither:?}");
     assert!(both.0 > 0 && only_a.0 + only_a.1 > 0);
     eprintln!("{switches} switches under {} connect rounds: {counts:?}", both.0);
+
+    // A barrier outlived by an inline reclaim and a newer switch deletes nothing it should not.
+    let stale = dp.reclaim_barrier().expect("the last switch retired a table");
+    dp.grant(id, &set_a, deadline).unwrap();
+    dp.reclaim().unwrap();
+    dp.grant(id, &set_b, deadline).unwrap();
+    stale.wait().unwrap();
+    dp.finish_reclaim(&stale);
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8001"]), ["ok"]);
+    // Once reclaimed, the trie holds the table in force and nothing else.
+    dp.reclaim().unwrap();
+    assert_eq!(pinned_entries(&site, "rules_v4"), dp.rule_count(id).unwrap());
+    assert_eq!(dp.rule_count(id).unwrap(), 2);
+}
+
+/// Entries of a pinned map, as stock bpftool dumps them.
+fn pinned_entries(site: &Site, map: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(site.pin_dir.join(map))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    dump.as_array().map_or(0, Vec::len)
 }
 
 #[test]

@@ -309,7 +309,7 @@ fn burst(w: &World, rounds: u64) -> (u64, u64, u64) {
 fn under_load_every_decision_is_written_or_counted_as_dropped() {
     let w = world();
     // Ring capacity: 4 MiB of 80-byte records with 8-byte headers.
-    let capacity = (ztseg_common::maps::EVENTS_BYTES as u64) / 88;
+    let capacity = u64::from(ztseg_common::maps::EVENTS_BYTES) / ztseg_common::maps::EVENT_STRIDE;
     // Below capacity (40,000 decisions while nothing drains): nothing is lost.
     let (emitted, written, dropped) = burst(&w, 20_000);
     eprintln!("below capacity ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");

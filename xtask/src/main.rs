@@ -70,13 +70,7 @@ fn try_main() -> Result<()> {
         }
         Task::Test { filter } => test(&root, filter.as_deref()),
         Task::Bench { runs, quick } => {
-            if !nix_is_root() {
-                bail!(
-                    "the bench loads BPF programs and creates cgroups and network namespaces: run `cargo xtask bench` as root"
-                );
-            }
-            ensure_toolchain()?;
-            let object = build_ebpf(&root)?;
+            let object = privileged_build(&root, "bench")?;
             cargo(
                 &root,
                 &object,
@@ -95,13 +89,7 @@ fn try_main() -> Result<()> {
             Ok(())
         }
         Task::Demo => {
-            if !nix_is_root() {
-                bail!(
-                    "the demo loads BPF programs and creates cgroups and network namespaces: run `cargo xtask demo` as root"
-                );
-            }
-            ensure_toolchain()?;
-            let object = build_ebpf(&root)?;
+            let object = privileged_build(&root, "demo")?;
             cargo(&root, &object, &["build", "--release", "--quiet", "-p", "ztseg", "--bins"])?;
             cargo(
                 &root,
@@ -156,6 +144,18 @@ fn cargo(root: &Path, object: &Path, args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+/// For a task that needs root (`demo`, `bench`): checks it runs as root, installs the toolchain
+/// if missing, and builds the eBPF object.
+fn privileged_build(root: &Path, task: &str) -> Result<PathBuf> {
+    if !nix_is_root() {
+        bail!(
+            "the {task} loads BPF programs and creates cgroups and network namespaces: run `cargo xtask {task}` as root"
+        );
+    }
+    ensure_toolchain()?;
+    build_ebpf(root)
 }
 
 fn ensure_toolchain() -> Result<()> {

@@ -82,7 +82,7 @@ mod tests {
     #[test]
     fn event_layout_is_fixed() {
         assert_eq!(size_of::<Event>(), 80);
-        assert_eq!(crate::maps::EVENT_STRIDE, size_of::<Event>() as u64 + 8);
+        assert_eq!(crate::maps::EVENT_STRIDE, 88);
         assert_eq!(offset_of!(Event, rule_id), 32);
         assert_eq!(offset_of!(Event, table), 36);
         assert_eq!(offset_of!(Event, comm), 40);

@@ -32,8 +32,9 @@ pub const MAX_RULES: u32 = 1 << 22;
 /// about 47,000 events (80-byte records plus an 8-byte header each).
 pub const EVENTS_BYTES: u32 = 1 << 22;
 
-/// Bytes one event takes in the ring: the 80-byte record and the kernel's 8-byte header.
-pub const EVENT_STRIDE: u64 = 88;
+/// Bytes one event takes in the ring: the record and the kernel's 8-byte header
+/// (`BPF_RINGBUF_HDR_SZ`; records are 8-byte aligned, as `Event` is).
+pub const EVENT_STRIDE: u64 = core::mem::size_of::<crate::event::Event>() as u64 + 8;
 /// The kernel wakes the reader each time this many bytes have accumulated unread (about 370
 /// events); below that, records wait for the reader's periodic drain ([`EVENTS_DRAIN_MS`]).
 /// Waking the reader costs an interrupt per record, several microseconds on a VM: more than the

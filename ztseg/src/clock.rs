@@ -16,6 +16,11 @@ pub fn unix_now_ns() -> u64 {
     clock_ns(ClockId::CLOCK_REALTIME)
 }
 
+/// Whole seconds since the Unix epoch now (what token claims count in).
+pub fn unix_now_secs() -> u64 {
+    unix_now_ns() / 1_000_000_000
+}
+
 fn clock_ns(clock: ClockId) -> u64 {
     // Both clocks always exist on Linux; a failure would be a broken kernel. 0 fails closed for
     // deadlines: an expiry computed from it is in the past.

@@ -382,7 +382,7 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
                 .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot read key {}: {e}", key.display())))?;
             let params =
                 IssueParams { iss, agent, op, scopes, tools, forbid, ttl_seconds: ttl, max_tokens, aud };
-            let now = clock::unix_now_ns() / 1_000_000_000;
+            let now = clock::unix_now_secs();
             let jwt = token::issue(&pem, &params, now).map_err(|e| Failure::Runtime(e.into()))?;
             print(&jwt)
         }
@@ -390,7 +390,7 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
             let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
             let verifier = Verifier::from_config(&config).map_err(|e| Failure::Runtime(e.into()))?;
             let token = read_arg_or_stdin(&token, "token")?;
-            let now = clock::unix_now_ns() / 1_000_000_000;
+            let now = clock::unix_now_secs();
             let claims = verifier.verify(&token, now).map_err(|e| Failure::Refused(e.to_string()))?;
             print(&serde_json::to_string_pretty(&claims).unwrap_or_default())
         }

@@ -144,9 +144,7 @@ pub struct State {
     published: Vec<Map<String, Value>>,
 }
 
-fn now_unix() -> u64 {
-    clock::unix_now_ns() / 1_000_000_000
-}
+use clock::unix_now_secs as now_unix;
 
 fn sha256(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
@@ -395,7 +393,10 @@ impl State {
             record.last_refusal = None;
         }
         self.audit_event("token_granted", fields);
-        self.save_persisted(agent);
+        // A restored or recompiled token is the one already saved: nothing to write.
+        if source != Source::Restore {
+            self.mark_changed(agent);
+        }
         Ok(summary)
     }
 
@@ -415,7 +416,7 @@ impl State {
         fields.insert("reason".into(), json!(why));
         self.audit_event("token_revoked", fields);
         info!(agent = %agent, "rights revoked: {why}");
-        self.save_persisted(agent);
+        self.mark_changed(agent);
     }
 
     /// Removes an agent: rights revoked, unregistered (its cgroup is then denied everything), and
@@ -436,7 +437,7 @@ impl State {
         fields.insert("agent".into(), json!(agent.as_str()));
         fields.insert("reason".into(), json!(why));
         self.audit_event("agent_removed", fields);
-        self.save_persisted(agent);
+        self.mark_changed(agent);
     }
 
     pub fn set_killed(&mut self, agent: &AgentId, killed: bool) -> Result<Value, Refusal> {
@@ -586,7 +587,7 @@ impl State {
             if let Some(record) = self.agents.get_mut(&id) {
                 record.binding_token = Some(hash);
             }
-            self.save_persisted(&id);
+            self.mark_changed(&id);
             if let Err(refusal) = result {
                 refused.push(refusal.message);
             }
@@ -669,7 +670,7 @@ impl State {
 
     /// Marks the agent's saved state stale; `persist` writes it when the lock is released, so
     /// starting with 10,000 bindings writes each agent's file once.
-    fn save_persisted(&mut self, agent: &AgentId) {
+    fn mark_changed(&mut self, agent: &AgentId) {
         self.persist_dirty.insert(agent.clone());
     }
 

@@ -64,6 +64,15 @@ struct BarrierFds {
     inner: OwnedFd,
 }
 
+impl BarrierFds {
+    /// Returns once every program that was running has finished: storing into a map-in-map
+    /// makes the kernel wait for an RCU grace period (kernel/bpf/syscall.c,
+    /// maybe_wait_bpf_programs).
+    fn wait(&self) -> Result<(), DataplaneError> {
+        bpf_sys::map_update_fd(self.outer.as_fd(), 0, self.inner.as_fd()).map_err(DataplaneError::Barrier)
+    }
+}
+
 /// A grace period to wait out before `Dataplane::finish_reclaim` (see `reclaim_barrier`).
 pub struct ReclaimBarrier {
     fds: Arc<BarrierFds>,
@@ -72,12 +81,9 @@ pub struct ReclaimBarrier {
 }
 
 impl ReclaimBarrier {
-    /// Returns once every program that was running has finished: storing into a map-in-map
-    /// makes the kernel wait for an RCU grace period (kernel/bpf/syscall.c,
-    /// maybe_wait_bpf_programs).
+    /// Returns once every program that was running when the barrier was taken has finished.
     pub fn wait(&self) -> Result<(), DataplaneError> {
-        bpf_sys::map_update_fd(self.fds.outer.as_fd(), 0, self.fds.inner.as_fd())
-            .map_err(DataplaneError::Barrier)
+        self.fds.wait()
     }
 }
 
@@ -148,7 +154,7 @@ pub enum DataplaneError {
     NotRegistered(u64),
     #[error("no free agent slot: {} agents are registered", maps::MAX_AGENTS)]
     TooManyAgents,
-    #[error("waiting for running programs to finish (RCU barrier map update) failed: {0}")]
+    #[error("the RCU barrier maps (which wait out running programs) failed: {0}")]
     Barrier(#[source] io::Error),
 }
 
@@ -226,7 +232,7 @@ pub struct Dataplane {
     events: Option<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     stats: Array<MapData, AgentStats>,
-    /// The RCU barrier's map-in-map and the inner map stored into it (`wait_for_readers`).
+    /// The RCU barrier's map-in-map and the inner map stored into it.
     barrier: Arc<BarrierFds>,
     tables: Tables,
     slots: BTreeSet<u32>,
@@ -400,7 +406,7 @@ impl Dataplane {
         let orphan_count = orphans.len();
         if orphan_count > 0 {
             warn!(entries = orphan_count, "deleting rule entries no agent references");
-            ReclaimBarrier { fds: self.barrier.clone(), upto: 0 }.wait()?;
+            self.barrier.wait()?;
             self.delete_keys(&orphans);
         }
         Ok((self.slots.len(), orphan_count))
