@@ -294,6 +294,9 @@ pub struct Daemon {
     pub issuer: String,
     /// A copy of the probe that agents (user `nobody`) can execute wherever the repo lives.
     pub probe: PathBuf,
+    /// A copy of `ztseg` that other users can execute: the checkout may sit under a directory
+    /// only root can enter (root's home, a `mktemp -d` folder).
+    pub ztseg_for_others: PathBuf,
     child: Option<Child>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -326,14 +329,18 @@ impl Daemon {
         )
         .unwrap();
         let probe = dir.join("agent-probe");
+        let ztseg_for_others = dir.join("ztseg");
         fs::copy(probe_bin(), &probe).unwrap();
+        fs::copy(bin("ztseg"), &ztseg_for_others).unwrap();
         {
             use std::os::unix::fs::PermissionsExt as _;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
             fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::set_permissions(&ztseg_for_others, fs::Permissions::from_mode(0o755)).unwrap();
         }
         let mut daemon = Self {
             probe,
+            ztseg_for_others,
             dir: dir.to_owned(),
             socket: dir.join("ztseg.sock"),
             audit_log: dir.join("audit/audit.jsonl"),

@@ -402,7 +402,7 @@ fn the_control_socket_refuses_strangers() {
     fs::set_permissions(&w.daemon.socket, fs::Permissions::from_mode(0o666)).unwrap();
     let out = {
         use std::os::unix::process::CommandExt as _;
-        std::process::Command::new(ztseg_integration::bin("ztseg"))
+        std::process::Command::new(&w.daemon.ztseg_for_others)
             .args(["kill", "analyst", "--socket"])
             .arg(&w.daemon.socket)
             .uid(65534)

@@ -21,6 +21,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+use crate::programs;
+
 const AGENT: &str = "analyst-7";
 const ISSUER: &str = "moltbot-orchestrator";
 const TTL_SECONDS: u64 = 20;
@@ -67,14 +69,14 @@ impl Drop for Cleanup {
         }
         let _ = Command::new(&self.ztseg).args(["uninstall", "--config"]).arg(&self.config).output();
         for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new(programs::IP).args(["netns", "del", ns]).status();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let status = Command::new("ip").args(args).status().context("cannot run ip")?;
+    let status = Command::new(programs::IP).args(args).status().context("cannot run ip")?;
     if !status.success() {
         bail!("ip {} failed", args.join(" "));
     }
@@ -118,7 +120,9 @@ fn start_daemon(ztseg_bin: &Path, config: &Path) -> Result<Child> {
 }
 
 fn stop_daemon(mut daemon: Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status();
+    if let Ok(pid) = i32::try_from(daemon.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
     let _ = daemon.wait();
 }
 
@@ -179,7 +183,7 @@ impl Demo {
     fn attempt(&self, ops: &[(&str, &str)]) -> Result<Vec<String>> {
         let from_seq = next_seq(&self.bin, &self.socket)?;
         let since = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-        let out = Command::new("ip")
+        let out = Command::new(programs::IP)
             .args(["netns", "exec", &self.agents_ns])
             .arg(&self.bin)
             .args(["run", "--agent", AGENT, "--"])
@@ -279,7 +283,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     let mut listen = Vec::new();
     for (addr, what) in SERVICES {
         let host = addr.split(':').next().unwrap_or_default();
-        let _ = Command::new("ip")
+        let _ = Command::new(programs::IP)
             .args(["-n", &services_ns, "addr", "add", &format!("{host}/32"), "dev", "lo"])
             .output();
         println!("    {addr:<18} {what}");
@@ -321,7 +325,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     )?;
     cleanup.daemon = Some(start_daemon(ztseg_bin, &config)?);
     println!("    daemon up: programs pinned under {pin_dir}, agents under {cgroup_root}");
-    let tree = Command::new("bpftool").args(["cgroup", "tree"]).output();
+    let tree = Command::new(programs::BPFTOOL).args(["cgroup", "tree"]).output();
     if let Ok(tree) = tree {
         let programs: Vec<String> = String::from_utf8_lossy(&tree.stdout)
             .lines()
@@ -431,7 +435,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     if let Some(daemon) = cleanup.daemon.take() {
         let mut daemon = daemon;
         // Start the agent now: `ztseg run` needs the daemon, the running agent does not.
-        let mut agent = Command::new("ip")
+        let mut agent = Command::new(programs::IP)
             .args(["netns", "exec", &agents_ns])
             .arg(ztseg_bin)
             .args(["run", "--agent", AGENT, "--"])
@@ -446,7 +450,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
             "    agent connects to the sales database: {}",
             if first == "first ok" { "ALLOW" } else { "DENY" }
         );
-        let _ = Command::new("kill").arg("-KILL").arg(daemon.id().to_string()).status();
+        let _ = daemon.kill();
         let _ = daemon.wait();
         println!("    daemon SIGKILLed; the agent keeps connecting every few ms ...");
         let last = lines.next().transpose()?.unwrap_or_default();

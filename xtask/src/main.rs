@@ -4,9 +4,10 @@
 //! source, a compiler that allows unstable flags and bpf-linker against the same LLVM. On Debian
 //! 12 that is the `rustc-web` compiler (rustc 1.96, LLVM 22, at /usr/bin/rustc), its library
 //! source `rust-web-src`, and bpf-linker 0.13 built against Debian's libLLVM 22
-//! (see ../shared/TOOLCHAIN.md). Userspace builds with the ordinary rustup toolchain.
+//! (docs/building.md). Userspace builds with the ordinary rustup toolchain.
 
 mod demo;
+mod programs;
 mod toolchain;
 
 use std::{
@@ -110,12 +111,12 @@ fn workspace_root() -> Result<PathBuf> {
 fn build_ebpf(root: &Path) -> Result<PathBuf> {
     toolchain::check()?;
     let target_dir = root.join("target/ebpf");
-    let status = Command::new(toolchain::DEBIAN_CARGO)
+    let status = Command::new(programs::DEBIAN_CARGO)
         .current_dir(root)
         .args(["build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
         .args(["-p", "ztseg-ebpf", "--target-dir"])
         .arg(&target_dir)
-        .env("RUSTC", toolchain::DEBIAN_RUSTC)
+        .env("RUSTC", programs::DEBIAN_RUSTC)
         // Debian's compiler is a stable release; this lets it take -Z build-std.
         .env("RUSTC_BOOTSTRAP", "1")
         .env("PATH", toolchain::path_with_cargo_bin())

@@ -8,24 +8,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian's rustc-web compiler and its cargo (rustc 1.96 with LLVM 22).
-pub const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
-pub const DEBIAN_CARGO: &str = "/usr/bin/cargo";
+use crate::programs;
+
 /// Where `-Z build-std` looks for the library source of /usr/bin/rustc.
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
-/// Debian packages: the compiler and its library source (eBPF build); bpftool to inspect what
-/// is enforced; iproute2 for network namespaces (tests, demo); PyJWT with `cryptography` for the
-/// token interoperability test; nftables for the benchmark baseline.
-const PACKAGES: [&str; 8] = [
-    "rustc-web",
-    "rust-web-src",
-    "bpftool",
-    "iproute2",
-    "python3-jwt",
-    "python3-cryptography",
-    "nftables",
-    "systemd",
-];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn cargo_bin() -> PathBuf {
@@ -46,7 +32,7 @@ pub fn path_with_cargo_bin() -> OsString {
 }
 
 fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
+    Command::new(programs::DPKG_QUERY)
         .args(["-W", "-f=${Status}", name])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
@@ -59,17 +45,24 @@ fn bpf_linker_ok() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
-    runs && Command::new("ldd")
+    runs && Command::new(programs::LDD)
         .arg(&linker)
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libLLVM.so.22"))
 }
 
 fn missing() -> Vec<String> {
-    let mut missing: Vec<String> =
-        PACKAGES.iter().filter(|p| !package_installed(p)).map(|p| format!("Debian package {p}")).collect();
-    if !Path::new(DEBIAN_RUSTC).exists() || !Path::new(RUST_SRC).exists() {
-        missing.push(format!("{DEBIAN_RUSTC} with its library source in {RUST_SRC}"));
+    let mut missing: Vec<String> = programs::packages()
+        .into_iter()
+        .filter(|p| !package_installed(p))
+        .map(|p| format!("Debian package {p}"))
+        .collect();
+    missing.extend(
+        programs::missing()
+            .map(|p| format!("{} at {} (package {}, for {})", p.name, p.path, p.package, p.why)),
+    );
+    if !Path::new(RUST_SRC).exists() {
+        missing.push(format!("the library source in {RUST_SRC} (rust-web-src)"));
     }
     if !bpf_linker_ok() {
         missing.push(format!("bpf-linker {BPF_LINKER_VERSION} built against LLVM 22"));
@@ -96,11 +89,11 @@ fn run(command: &mut Command) -> Result<()> {
 
 /// Installs what is missing; takes well under a second when nothing is.
 pub fn setup() -> Result<()> {
-    let packages: Vec<&str> = PACKAGES.iter().copied().filter(|p| !package_installed(p)).collect();
+    let packages: Vec<&str> = programs::packages().into_iter().filter(|p| !package_installed(p)).collect();
     if !packages.is_empty() {
         println!("installing Debian packages: {}", packages.join(" "));
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
+        run(Command::new(programs::APT_GET).arg("update").arg("-q"))?;
+        run(Command::new(programs::APT_GET)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;

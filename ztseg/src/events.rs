@@ -1,5 +1,5 @@
 //! Decision events from the kernel: decoding the ring buffer records and turning them into the
-//! JSON records of the event stream and the audit log (DESIGN.md, "Event / audit record").
+//! JSON records of the event stream and the audit log (docs/events.md).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},

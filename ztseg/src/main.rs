@@ -44,11 +44,13 @@ struct SocketArg {
 enum Command {
     /// Run the enforcement daemon (foreground, systemd-friendly).
     Daemon {
+        /// Daemon config (default: /etc/ztseg/ztseg.toml; built-in defaults when it is absent).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Run CMD as agent ID inside its own cgroup; never starts CMD unconfined.
     Run {
+        /// The agent to run CMD as (its binding or token decides what it may reach).
         #[arg(long, value_name = "ID")]
         agent: String,
         /// Token file, or - for stdin.
@@ -59,6 +61,7 @@ enum Command {
         user: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
+        /// The command and its arguments, after `--`.
         #[arg(required = true, last = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
@@ -67,6 +70,7 @@ enum Command {
     Token(TokenCommand),
     /// Agents, token expiry, state, risk and counters.
     Agents {
+        /// One JSON object per agent instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -79,20 +83,24 @@ enum Command {
     },
     /// Pull the kill switch: every new connect and send of the agent is refused.
     Kill {
+        /// The agent's id.
         id: String,
         #[command(flatten)]
         socket: SocketArg,
     },
     /// Release the kill switch: the agent gets back what a still-valid token grants.
     Revive {
+        /// The agent's id.
         id: String,
         #[command(flatten)]
         socket: SocketArg,
     },
     /// Decision events as JSON lines.
     Events {
+        /// Keep printing new events as they arrive (until interrupted).
         #[arg(long)]
         follow: bool,
+        /// Only this agent's events.
         #[arg(long, value_name = "ID")]
         agent: Option<String>,
         #[command(flatten)]
@@ -106,6 +114,7 @@ enum Command {
     Audit(AuditCommand),
     /// Detach the programs and remove the pins and empty agent cgroups (explicit; never implicit).
     Uninstall {
+        /// Daemon config naming the pin dir and agents' root (default: /etc/ztseg/ztseg.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -115,43 +124,58 @@ enum Command {
 enum TokenCommand {
     /// Make an Ed25519 key pair (PEM) and a JWKS with the public key.
     Keygen {
+        /// Directory to write ed25519.pem, ed25519.pub.pem and jwks.json into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
     /// Issue a signed capability token (printed on stdout).
     Issue {
+        /// The issuer's private key (PEM: Ed25519, P-256 or RSA; e.g. ed25519.pem from keygen).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// Issuer name (`iss`); the daemon's config must list it with this key.
         #[arg(long, value_name = "ISS")]
         iss: String,
+        /// The agent the token is for (`sub`).
         #[arg(long, value_name = "ID")]
         agent: String,
+        /// Operation id (`op`), recorded with every decision the token allows.
         #[arg(long, value_name = "OP")]
         op: Option<String>,
+        /// A scope from the host's catalogue (repeatable).
         #[arg(long = "scope", value_name = "S")]
         scopes: Vec<String>,
+        /// A tool from the host's catalogue (repeatable).
         #[arg(long = "tool", value_name = "T")]
         tools: Vec<String>,
+        /// A tool whose rules become denies that win over any allow (repeatable).
         #[arg(long = "forbid", value_name = "T")]
         forbid: Vec<String>,
+        /// Lifetime in seconds (`exp` - `iat`).
         #[arg(long, value_name = "SECONDS", default_value_t = 300)]
         ttl: u64,
+        /// The `max_tokens` claim (carried, not enforced by ztseg).
         #[arg(long, value_name = "N")]
         max_tokens: Option<u64>,
+        /// Audience (`aud`); must match the daemon's `audience`.
         #[arg(long, value_name = "AUD", default_value = "ztseg")]
         aud: String,
     },
     /// Verify a token and print its claims as JSON (exit 3 if invalid).
     Inspect {
+        /// Daemon config whose issuers, audience and limits to verify against.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The token itself (eyJ...), or - to read it from stdin.
         #[arg(value_name = "TOKEN|-")]
         token: String,
     },
     /// Hand a (refreshed) token to the daemon for an agent.
     Apply {
+        /// The agent the token is for.
         #[arg(long, value_name = "ID")]
         agent: String,
+        /// The token itself (eyJ...), or - to read it from stdin.
         #[arg(value_name = "TOKEN|-")]
         token: String,
         #[command(flatten)]
@@ -162,13 +186,17 @@ enum TokenCommand {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate catalogue and agent files (a file or a directory) without a daemon.
-    Check { path: PathBuf },
+    Check {
+        /// A policy file or a directory of them.
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check the hash chain and the checkpoint signatures.
     Verify {
+        /// The log file(s), oldest rotated file first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
         /// Public key (PEM) to check checkpoints with (default: <log>.pub next to the log).
@@ -454,4 +482,30 @@ fn print_agents(agents: &Value) -> Result<(), Failure> {
         ));
     }
     print(&lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every option and argument of every command says in one line what it is for.
+    #[test]
+    fn every_option_has_a_help_line() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "ztseg", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }
