@@ -101,7 +101,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut command: Command) -> Self {
+    pub fn spawn(mut command: Command) -> Self {
         let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn probe");
         let stdout = child.stdout.take().map(BufReader::new);
         let stdin = child.stdin.take();
@@ -609,4 +609,24 @@ pub fn run_agent_loop(daemon: &Daemon, netns: &Netns, agent: &str, ops: &[&str])
     let mut proc = Proc::spawn(command);
     assert_eq!(proc.line(), "started");
     proc
+}
+
+/// Starts `ztseg run --agent AGENT -- CMD...` inside `netns` with extra environment `env`, as a
+/// process whose output the test reads.
+pub fn spawn_agent(
+    daemon: &Daemon,
+    netns: &Netns,
+    agent: &str,
+    cmd: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &netns.name])
+        .arg(bin("ztseg"))
+        .args(["run", "--agent", agent, "--"])
+        .args(cmd)
+        .envs(env.iter().copied())
+        .env(ztseg::control::SOCKET_ENV, &daemon.socket);
+    Proc::spawn(command)
 }

@@ -382,13 +382,14 @@ fn run_never_starts_the_command_unconfined() {
     let (code, out, err) = run_agent(&w.daemon, &w.ns, "analyst", Some(&bad), &["tcp:10.77.0.1:8001"]);
     assert_eq!(code, 3, "{err}");
     assert!(out.is_empty(), "the command ran: {out:?}");
-    // The agent runs as `nobody`, not as root, and sits in its own cgroup.
+    // The agent runs as its own uid (from agent_uids), not as root, and sits in its own cgroup.
     let mut id = ztseg_integration::spawn_in_netns(
         &w.ns,
         &w.daemon,
         &["run", "--agent", "analyst", "--", "sh", "-c", "id -u; cat /proc/self/cgroup"],
     );
-    assert_eq!(id.line(), "65534");
+    let uid: Value = serde_json::from_str(&w.daemon.agents()).unwrap();
+    assert_eq!(id.line(), uid[0]["uid"].to_string());
     let cgroups = id.finish();
     let unified = cgroups.iter().find(|l| l.starts_with("0::")).unwrap();
     assert!(unified.ends_with(".slice/analyst"), "{cgroups:?}");

@@ -98,11 +98,14 @@ fn a_known_set_of_decisions_produces_exactly_those_events() {
     assert_eq!(decisions.len(), ops.len(), "one event per decision, no more: {records:#?}");
     let token = fs::read_to_string(w.daemon.policy_dir.join("analyst.jwt")).unwrap();
     let jti = token_jti(&token);
+    let agents: Value = serde_json::from_str(&w.daemon.agents()).unwrap();
+    let uid = agents[0]["uid"].as_u64().unwrap();
+    assert!((61184..=65519).contains(&uid), "the agent's own uid: {agents}");
     for r in &decisions {
         assert_eq!(r["agent"], "analyst", "{r}");
         assert_eq!(r["op"], "op-events", "{r}");
         assert_eq!(r["jti"], jti.as_str(), "{r}");
-        assert_eq!(r["uid"], 65534, "{r}");
+        assert_eq!(r["uid"], uid, "{r}");
         assert_eq!(r["comm"], "agent-probe", "{r}");
         assert!(r["pid"].as_u64().unwrap() > 0 && r["cgroup_id"].as_u64().unwrap() > 0, "{r}");
         assert!(r["ts"].as_str().unwrap().ends_with('Z'), "{r}");

@@ -233,7 +233,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("ztseg-demo-{id}"));
     fs::create_dir_all(dir.join("policies"))?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-    // The agent runs as `nobody`: give it a copy of the probe it can execute wherever the repo is.
+    // The agent runs under its own uid: give it a copy of the probe it can execute.
     let probe = dir.join("agent-probe");
     fs::copy(probe_bin, &probe)?;
     fs::set_permissions(&probe, fs::Permissions::from_mode(0o755))?;
@@ -418,7 +418,9 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
         socket: socket.clone(),
         agents_ns: agents_ns.clone(),
     };
-    println!("\n[4] {AGENT} runs (ztseg run, as user nobody, in its own cgroup) and tries:");
+    println!(
+        "\n[4] {AGENT} runs (ztseg run: its own uid, shown as UID above, its own cgroup and box) and tries:"
+    );
     demo.attempt(&ATTEMPTS)?;
 
     println!("\n[5] kill switch: ztseg kill {AGENT}");

@@ -39,6 +39,10 @@ pub struct Config {
     pub leeway_seconds: u64,
     /// Group (name) whose members may use the control socket besides root; none by default.
     pub control_group: Option<String>,
+    /// Uids (and gids of the same number) the daemon gives agents, one each, as "FIRST-LAST".
+    /// The default is systemd's DynamicUser range; uids with a passwd or group entry, or that
+    /// systemd has handed to a DynamicUser service, are skipped.
+    pub agent_uids: UidRange,
     /// Trusted token issuers.
     pub issuers: Vec<Issuer>,
     pub risk: Risk,
@@ -57,9 +61,44 @@ impl Default for Config {
             max_ttl_seconds: 3600,
             leeway_seconds: 5,
             control_group: None,
+            agent_uids: UidRange { first: 61184, last: 65519 },
             issuers: Vec::new(),
             risk: Risk::default(),
         }
+    }
+}
+
+/// An inclusive range of uids, written "FIRST-LAST" in the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a uid range like \"61184-65519\"");
+        let (first, last) = text.split_once('-').ok_or_else(bad)?;
+        let first: u32 = first.trim().parse().map_err(|_| bad())?;
+        let last: u32 = last.trim().parse().map_err(|_| bad())?;
+        Ok(Self { first, last })
+    }
+}
+
+impl TryFrom<String> for UidRange {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl UidRange {
+    pub fn contains(self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
     }
 }
 
@@ -167,6 +206,15 @@ impl Config {
                 ),
             );
         }
+        let UidRange { first, last } = self.agent_uids;
+        // Below 1000 are system accounts; 65534 is `nobody`; 65535 and above are reserved or
+        // belong to user namespaces' ranges on most hosts.
+        if first < 1000 || last >= 65534 || first > last {
+            return invalid(
+                "agent_uids",
+                format!("needs 1000 <= FIRST <= LAST < 65534 (e.g. \"61184-65519\"), got {first}-{last}"),
+            );
+        }
         if self.audience.is_empty() {
             return invalid("audience", "must not be empty".to_owned());
         }
@@ -232,6 +280,7 @@ cgroup_root = "ztseg.slice"
 audience = "ztseg"
 max_ttl_seconds = 3600
 leeway_seconds = 5
+agent_uids = "61184-65519"
 
 [[issuers]]
 iss = "moltbot-orchestrator"
@@ -247,6 +296,7 @@ suspend_at = 90
         assert_eq!(config.issuers.len(), 1);
         assert_eq!(config.issuers[0].algorithms, ["EdDSA"]);
         assert_eq!(config.risk, Risk::default());
+        assert_eq!(config.agent_uids, UidRange { first: 61184, last: 65519 });
     }
 
     #[test]
@@ -262,6 +312,9 @@ suspend_at = 90
         let cases = [
             ("cgroup_root = \"../escape\"", "cgroup_root"),
             ("pin_dir = \"relative\"", "pin_dir"),
+            ("agent_uids = \"0-100\"", "agent_uids"),
+            ("agent_uids = \"62000-61000\"", "agent_uids"),
+            ("agent_uids = \"61184-65534\"", "agent_uids"),
             ("max_ttl_seconds = 0", "max_ttl_seconds"),
             ("[risk]\npause_at = 95\nsuspend_at = 90", "risk"),
             ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),
@@ -275,6 +328,8 @@ suspend_at = 90
             assert!(err.starts_with(&format!("ztseg.toml: {key} ")), "{text:?} -> {err}");
         }
         assert!(parse("max_ttl_seconds = \"long\"").unwrap_err().to_string().starts_with("ztseg.toml:1:19:"));
+        let err = parse("agent_uids = \"lots\"").unwrap_err().to_string();
+        assert!(err.starts_with("ztseg.toml:1:14:") && err.contains("not a uid range"), "{err}");
     }
 
     #[test]

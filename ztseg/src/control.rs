@@ -238,6 +238,58 @@ pub fn peer(stream: &impl std::os::fd::AsFd) -> io::Result<Peer> {
     Ok(Peer { pid: cred.pid(), uid: cred.uid(), gid: cred.gid(), groups })
 }
 
+/// A pidfd for the peer process, taken by the kernel at connect time (SO_PEERPIDFD, Linux 6.5):
+/// unlike the pid, it cannot come to name another process once the peer exits.
+pub fn peer_pidfd(stream: &impl std::os::fd::AsFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_PEERPIDFD writes one int, the new descriptor, which we then own.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The pid a pidfd names now, or `None` once that process has exited (fdinfo says -1).
+pub fn pidfd_pid(pidfd: &impl std::os::fd::AsFd) -> io::Result<Option<i32>> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_fd().as_raw_fd()))?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or_else(|| io::Error::other("fdinfo of a pidfd has no Pid line"))?;
+    Ok((pid > 0).then_some(pid))
+}
+
+/// The cgroup2 path of the process a pidfd names ("/ztseg.slice/a"), read while that process is
+/// known to be alive, so the path cannot be a recycled pid's.
+pub fn pidfd_cgroup(pidfd: &impl std::os::fd::AsFd) -> io::Result<String> {
+    let gone = || io::Error::new(io::ErrorKind::NotFound, "the process has exited");
+    let pid = pidfd_pid(pidfd)?.ok_or_else(gone)?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    if pidfd_pid(pidfd)? != Some(pid) {
+        return Err(gone());
+    }
+    Ok(text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_owned())
+}
+
+/// Whether cgroup `path` ("/a/b") is `root` ("/a") or below it.
+pub fn cgroup_within(path: &str, root: &str) -> bool {
+    Path::new(path).starts_with(root)
+}
+
 impl Peer {
     /// Root, or a member (primary or supplementary) of `group`.
     pub fn authorized(&self, group: Option<u32>) -> bool {
@@ -283,6 +335,23 @@ mod tests {
         assert!(peer(1000, 1000, &[5, 42]).authorized(Some(42)));
         assert!(peer(1000, 42, &[]).authorized(Some(42)));
         assert!(!peer(1000, 1000, &[5]).authorized(Some(42)));
+    }
+
+    #[test]
+    fn a_pidfd_names_its_process_and_its_cgroup() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let pidfd = peer_pidfd(&a).unwrap();
+        assert_eq!(pidfd_pid(&pidfd).unwrap(), Some(std::process::id() as i32));
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        assert!(own.contains(&format!("0::{}", pidfd_cgroup(&pidfd).unwrap())));
+    }
+
+    #[test]
+    fn cgroup_within_compares_whole_components() {
+        assert!(cgroup_within("/ztseg.slice/a", "/ztseg.slice"));
+        assert!(cgroup_within("/ztseg.slice", "/ztseg.slice"));
+        assert!(!cgroup_within("/ztseg.slice2/a", "/ztseg.slice"));
+        assert!(!cgroup_within("/system.slice", "/ztseg.slice"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the kernel and is unit-tested without root.
 
 pub mod agent_id;
+pub mod agent_uid;
 pub mod audit;
 pub mod cgroup;
 pub mod clock;
@@ -14,4 +15,5 @@ pub mod dataplane;
 pub mod events;
 pub mod policy;
 pub mod run;
+pub mod sandbox;
 pub mod token;

@@ -56,9 +56,6 @@ enum Command {
         /// Token file, or - for stdin.
         #[arg(long, value_name = "FILE|-")]
         token: Option<String>,
-        /// User to run CMD as (default: yourself; `nobody` when started by root).
-        #[arg(long, value_name = "USER")]
-        user: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
         /// The command and its arguments, after `--`.
@@ -310,10 +307,10 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
             ztseg::daemon::run(config)?;
             Ok(())
         }
-        Command::Run { agent, token, user, socket, command } => {
+        Command::Run { agent, token, socket, command } => {
             let agent = agent_id(&agent)?;
             let token = token.as_deref().map(read_token_file).transpose()?;
-            let options = RunOptions { agent, token, user, socket: socket_of(&socket)?, command };
+            let options = RunOptions { agent, token, socket: socket_of(&socket)?, command };
             let e = run::run(options);
             Err(Failure::Exit(e.exit_code(), e.to_string()))
         }
@@ -457,8 +454,8 @@ fn audit_verify(files: &[PathBuf], key: Option<&Path>) -> Result<(), Failure> {
 
 fn print_agents(agents: &Value) -> Result<(), Failure> {
     let mut lines = vec![format!(
-        "{:<20} {:<9} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
-        "AGENT", "STATE", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
+        "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+        "AGENT", "STATE", "UID", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
     )];
     for a in agents.as_array().into_iter().flatten() {
         let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
@@ -469,9 +466,10 @@ fn print_agents(agents: &Value) -> Result<(), Failure> {
             None => "-".to_owned(),
         };
         lines.push(format!(
-            "{:<20} {:<9} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+            "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
             s("agent"),
             s("state"),
+            n("uid"),
             expires,
             s("op"),
             n("rules"),

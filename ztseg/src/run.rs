@@ -1,12 +1,12 @@
-//! `ztseg run --agent ID [--token FILE|-] [--user USER] -- CMD...`: start CMD confined as an agent.
+//! `ztseg run --agent ID [--token FILE|-] -- CMD...`: start CMD confined as an agent.
 //!
-//! The daemon registers the agent (creating its cgroup), verifies and applies the token, and
-//! moves this very process (identified by its socket credentials, not by anything it claims)
-//! into the agent's cgroup. Only when this process can see itself in that cgroup does it prepare
-//! CMD: inherited descriptors are closed (a socket opened outside the cgroup would be judged by
-//! the cgroup it was created in), privileges are dropped (root, or anyone with CAP_SYS_ADMIN,
-//! could leave the cgroup), and setuid binaries are neutralised (no_new_privs). Then it execs.
-//! If anything fails, CMD never starts.
+//! Started by root. The daemon registers the agent (creating its cgroup and giving it a uid of
+//! its own), verifies and applies the token, and moves this very process (named by its pidfd,
+//! not by anything it claims) into the agent's cgroup. Only when this process can see itself in
+//! that cgroup does it build the agent's box (`sandbox`): inherited descriptors closed (a socket
+//! opened outside the cgroup would be judged by the cgroup it was created in), a private mount
+//! namespace, the agent's uid and gid with no groups and no capabilities, no_new_privs, Landlock
+//! scopes and a seccomp filter. Then it execs. If anything fails, CMD never starts.
 
 use std::{
     ffi::{CString, OsString},
@@ -20,16 +20,14 @@ use std::{
 
 use nix::{
     sys::socket::{AddressFamily, SockaddrLike as _, SockaddrStorage, getsockname},
-    unistd::{Gid, Uid, User},
+    unistd::Uid,
 };
 
 use crate::{
     agent_id::AgentId,
     control::{Client, ClientError, Request},
+    sandbox::{self, SandboxError},
 };
-
-/// The user an agent runs as when `ztseg run` is started by root without `--user`.
-pub const DEFAULT_AGENT_USER: &str = "nobody";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -39,20 +37,20 @@ pub enum RunError {
         "{0} is a network socket opened outside the agent's cgroup; it would bypass enforcement, so CMD is not started"
     )]
     InheritedSocket(&'static str),
-    #[error("the daemon answered without the agent's cgroup")]
-    NoCgroup,
+    #[error(
+        "ztseg run must be started by root: it runs agent {0} under the agent's own uid, which only root can switch to"
+    )]
+    NotRoot(AgentId),
+    #[error("the daemon answered without the agent's {0}")]
+    Incomplete(&'static str),
     #[error(
         "this process is in cgroup {found:?}, not in the agent's {expected:?}; CMD is not started unconfined"
     )]
     NotConfined { found: String, expected: String },
     #[error("cannot read /proc/self/cgroup: {0}")]
     ProcCgroup(io::Error),
-    #[error("user {0:?} does not exist")]
-    NoSuchUser(String),
-    #[error("cannot drop privileges to {user}: {source}")]
-    Privileges { user: String, source: nix::Error },
-    #[error("cannot set no_new_privs: {0}")]
-    NoNewPrivs(nix::Error),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     #[error("cannot close inherited descriptors: {0}")]
     CloseFds(io::Error),
     #[error("the command contains a NUL byte")]
@@ -65,7 +63,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Daemon(e) => e.exit_code(),
-            Self::InheritedSocket(_) | Self::NotConfined { .. } => 3,
+            Self::InheritedSocket(_) | Self::NotConfined { .. } | Self::NotRoot(_) | Self::Sandbox(_) => 3,
             _ => 1,
         }
     }
@@ -74,7 +72,6 @@ impl RunError {
 pub struct RunOptions {
     pub agent: AgentId,
     pub token: Option<String>,
-    pub user: Option<String>,
     pub socket: PathBuf,
     pub command: Vec<OsString>,
 }
@@ -109,65 +106,118 @@ fn close_inherited_fds() -> Result<(), RunError> {
     Ok(())
 }
 
-fn drop_privileges(user: Option<&str>) -> Result<(), RunError> {
-    let target = match user {
-        Some(name) => Some(name.to_owned()),
-        None if Uid::effective().is_root() => Some(DEFAULT_AGENT_USER.to_owned()),
-        None => None,
-    };
-    if let Some(name) = target {
-        let user = User::from_name(&name).ok().flatten().ok_or_else(|| RunError::NoSuchUser(name.clone()))?;
-        let fail = |source| RunError::Privileges { user: name.clone(), source };
-        if Uid::effective().is_root() {
-            nix::unistd::setgroups(&[]).map_err(fail)?;
-        }
-        nix::unistd::setgid(user.gid).map_err(fail)?;
-        nix::unistd::setuid(user.uid).map_err(fail)?;
-        if Uid::effective().is_root() || Gid::effective().as_raw() != user.gid.as_raw() {
-            return Err(fail(nix::Error::EPERM));
-        }
-    }
-    Ok(())
-}
-
 /// Confines this process as the agent and execs the command; returns only on failure.
 pub fn run(options: RunOptions) -> RunError {
     match prepare(&options) {
-        Ok(()) => exec(&options.command),
+        Ok(program) => exec(&program, &options.command),
         Err(e) => e,
     }
 }
 
-fn prepare(options: &RunOptions) -> Result<(), RunError> {
+fn prepare(options: &RunOptions) -> Result<Program, RunError> {
+    if !Uid::effective().is_root() {
+        return Err(RunError::NotRoot(options.agent.clone()));
+    }
     check_stdio()?;
     let reply = {
         let mut client = Client::connect(&options.socket)?;
         client.call(&Request::Run { agent: options.agent.to_string(), token: options.token.clone() })?
     };
-    let expected = reply.get("cgroup").and_then(|c| c.as_str()).ok_or(RunError::NoCgroup)?;
+    let field = |name: &'static str| reply.get(name).ok_or(RunError::Incomplete(name));
+    let expected = field("cgroup")?.as_str().ok_or(RunError::Incomplete("cgroup"))?;
+    let id =
+        |name| field(name)?.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or(RunError::Incomplete(name));
+    let (uid, gid) = (id("uid")?, id("gid")?);
     let expected = format!("/{}", expected.trim_start_matches('/'));
     let found = own_cgroup()?;
     if found != expected {
         return Err(RunError::NotConfined { found, expected });
     }
     close_inherited_fds()?;
-    drop_privileges(options.user.as_deref())?;
-    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) only sets a flag on this process.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(RunError::NoNewPrivs(nix::Error::last()));
-    }
-    Ok(())
+    // Opened before the agent's private /tmp hides it (and while a 0700 parent directory is still
+    // no obstacle); the kernel checks that the agent may execute it at exec.
+    let program = Program::open(&options.command)?;
+    sandbox::private_mounts()?;
+    sandbox::no_new_privs()?;
+    sandbox::drop_privileges(uid, gid)?;
+    sandbox::landlock_scopes()?;
+    sandbox::seccomp()?;
+    // The launcher's home is root's, which the agent cannot enter; its private /tmp it can.
+    // SAFETY: this process is single-threaded (the CLI starts no threads) and execs next.
+    unsafe { std::env::set_var("HOME", "/tmp") };
+    Ok(program)
 }
 
-fn exec(command: &[OsString]) -> RunError {
+/// CMD's executable, open.
+struct Program {
+    file: fs::File,
+    name: String,
+}
+
+impl Program {
+    /// Finds `command[0]` (on PATH when it has no '/') and opens it. A script keeps its
+    /// descriptor across exec (the kernel hands the interpreter /dev/fd/N); a binary does not.
+    fn open(command: &[OsString]) -> Result<Self, RunError> {
+        let first = command.first().ok_or(RunError::BadCommand)?;
+        let name = Path::new(first).display().to_string();
+        let not_found = || RunError::Exec { command: name.clone(), source: nix::Error::ENOENT };
+        let path = if first.as_bytes().contains(&b'/') {
+            PathBuf::from(first)
+        } else {
+            let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+            std::env::split_paths(&search)
+                .map(|dir| dir.join(first))
+                .find(|p| p.is_file())
+                .ok_or_else(not_found)?
+        };
+        let io_err = |e: io::Error| RunError::Exec {
+            command: name.clone(),
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        // Rust opens with O_CLOEXEC.
+        let file = fs::File::open(&path).map_err(io_err)?;
+        let mut head = [0u8; 2];
+        let script =
+            std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).is_ok_and(|n| n == 2 && head == *b"#!");
+        if script {
+            nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(|e| io_err(e.into()))?;
+        }
+        Ok(Self { file, name })
+    }
+}
+
+fn exec(program: &Program, command: &[OsString]) -> RunError {
+    use std::os::fd::AsRawFd as _;
     let Ok(args) = command.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>() else {
         return RunError::BadCommand;
     };
-    let Some(program) = args.first() else {
-        return RunError::BadCommand;
-    };
-    match nix::unistd::execvp(program, &args) {
-        Err(source) => RunError::Exec { command: Path::new(&command[0]).display().to_string(), source },
-        Ok(never) => match never {},
+    let env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut pair = k.as_bytes().to_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(v.as_bytes());
+            CString::new(pair).ok()
+        })
+        .collect();
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: argv and envp are NULL-terminated arrays of C strings that outlive the call; the
+    // path is the empty string with AT_EMPTY_PATH, so the open descriptor is what is executed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            program.file.as_raw_fd(),
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
     }
+    RunError::Exec { command: program.name.clone(), source: nix::Error::last() }
 }

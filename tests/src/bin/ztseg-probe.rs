@@ -12,8 +12,14 @@
 //!                                                           reading one line from stdin
 //! ztseg-probe [--netns PATH] serve ADDR...                   TCP listeners and UDP sockets on every
 //!                                                           ADDR; "ready" once bound; runs until killed
+//! ztseg-probe hold ADDR                                     a connected UDP socket to ADDR; prints
+//!                                                           "pid PID fd FD", waits for stdin to close
+//! ztseg-probe listen-unix PATH|@NAME                        a Unix listener; "ready"; accepts until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
 //!     | raw4 | udplite4 | mptcp4 | ping4 | ping6 | tcp4-socket     (socket creation only)
+//!     side doors: ptrace:PID | environ:PID | mem:PID | vmread:PID | getfd:PID:FD (take the
+//!     descriptor) | signal:PID (kill 0) | unix:PATH | unix:@NAME
+//!     | vsock | netlink:PROTO | userns | netns | io_uring | mount-ns
 //! ```
 //!
 //! It moves itself into the cgroup (and network namespace) before it opens any socket, as
@@ -67,12 +73,100 @@ fn run_op(op: &str) -> String {
         "ping6" => raw_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6),
         "packet" => raw_socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
         "tcp4-socket" => raw_socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+        "ptrace" => {
+            // SAFETY: PTRACE_SEIZE takes integer arguments; on success we detach right away.
+            let pid: i32 = addr.parse().unwrap();
+            let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+            if rc == 0 {
+                // SAFETY: as above.
+                unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
+            }
+            check(rc)
+        }
+        "environ" => std::fs::read(format!("/proc/{addr}/environ")).map(drop),
+        "mem" => std::fs::File::open(format!("/proc/{addr}/mem")).map(drop),
+        "vmread" => {
+            let pid: i32 = addr.parse().unwrap();
+            let mut buf = [0u8; 8];
+            // Any readable address of the target will do: its stack pointer area is unknown, so ask
+            // for the address of our own buffer (same binary, same layout is not assumed: EFAULT
+            // also proves the call was permitted).
+            let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+            let remote = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+            // SAFETY: the iovecs describe our own 8-byte buffer.
+            let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            match check(rc as i64) {
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Ok(()),
+                other => other,
+            }
+        }
+        "getfd" => {
+            let (pid, fd) = addr.split_once(':').unwrap();
+            let (pid, fd): (i32, i32) = (pid.parse().unwrap(), fd.parse().unwrap());
+            // SAFETY: pidfd_open and pidfd_getfd take integers and return new descriptors we own.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            check(pidfd).and_then(|()| {
+                let stolen = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+                check(stolen)
+            })
+        }
+        "signal" => {
+            // SAFETY: signal 0 only checks permission.
+            check(unsafe { libc::kill(addr.parse().unwrap(), 0) }.into())
+        }
+        "unix" => {
+            use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+            if let Some(name) = addr.strip_prefix('@') {
+                use std::os::linux::net::SocketAddrExt as _;
+                UnixAddr::from_abstract_name(name).and_then(|a| UnixStream::connect_addr(&a)).map(drop)
+            } else {
+                UnixStream::connect(addr).map(drop)
+            }
+        }
+        "vsock" => raw_socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0),
+        "netlink" => raw_socket(libc::AF_NETLINK, libc::SOCK_RAW, addr.parse().unwrap()),
+        "userns" => unshare_in_child(CloneFlags::CLONE_NEWUSER),
+        "netns" => unshare_in_child(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET),
+        "mount-ns" => unshare_in_child(CloneFlags::CLONE_NEWNS),
+        "io_uring" => {
+            let mut params = [0u8; 120];
+            // SAFETY: io_uring_setup reads and writes the 120-byte params struct we own.
+            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
+            check(fd).map(|()| {
+                // SAFETY: we own the new ring's descriptor.
+                unsafe { libc::close(fd as i32) };
+            })
+        }
         other => panic!("unknown op {other}"),
     };
     match result {
         Ok(()) => "ok".to_owned(),
         Err(e) => errno_name(&e),
     }
+}
+
+/// unshare(2) in a forked child, so one op's new namespace does not change the next op.
+fn unshare_in_child(flags: CloneFlags) -> io::Result<()> {
+    // SAFETY: the child only calls unshare and _exit, both async-signal-safe.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            let code = match nix::sched::unshare(flags) {
+                Ok(()) => 0,
+                Err(e) => e as i32,
+            };
+            // SAFETY: leaves the child without running any destructor of the parent's state.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+            Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => Err(io::Error::from_raw_os_error(errno)),
+            other => Err(io::Error::other(format!("{other:?}"))),
+        },
+    }
+}
+
+fn check(rc: i64) -> io::Result<()> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 fn raw_socket(family: i32, kind: i32, protocol: i32) -> io::Result<()> {
@@ -217,6 +311,31 @@ fn main() {
             writeln!(out, "{}", line.join(" ")).unwrap();
         }
         "serve" => serve(&args),
+        "hold" => {
+            use std::os::fd::AsRawFd as _;
+            let target: SocketAddr = args[0].parse().unwrap();
+            let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let socket = UdpSocket::bind(local).unwrap();
+            socket.connect(target).unwrap();
+            println!("pid {} fd {}", std::process::id(), socket.as_raw_fd());
+            io::stdout().flush().unwrap();
+            let mut line = String::new();
+            while io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {}
+        }
+        "listen-unix" => {
+            use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+            let listener = if let Some(name) = args[0].strip_prefix('@') {
+                use std::os::linux::net::SocketAddrExt as _;
+                UnixListener::bind_addr(&UnixAddr::from_abstract_name(name).unwrap()).unwrap()
+            } else {
+                UnixListener::bind(&args[0]).unwrap()
+            };
+            println!("ready");
+            io::stdout().flush().unwrap();
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        }
         other => panic!("unknown mode {other}"),
     }
 }

@@ -11,7 +11,7 @@ mod state;
 use std::{
     collections::VecDeque,
     fs, io,
-    os::unix::fs::PermissionsExt as _,
+    os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -35,7 +35,7 @@ use crate::{
     cgroup::{self, CgroupFs},
     clock,
     config::Config,
-    control::{FailureKind, MAX_REQUEST_BYTES, Request, Response, peer},
+    control::{self, FailureKind, MAX_REQUEST_BYTES, Request, Response, peer},
     dataplane::Dataplane,
     events,
     token::{ReplayCache, Verifier},
@@ -52,6 +52,9 @@ struct Shared {
     stream: broadcast::Sender<Arc<Line>>,
     recent: Mutex<VecDeque<Arc<Line>>>,
     control_gid: Option<u32>,
+    /// The agents' root as /proc/PID/cgroup shows it ("/ztseg.slice"): no process below it is
+    /// ever a client of the control socket.
+    agents_root: String,
 }
 
 /// The state under its lock. Releasing it saves the agents a step changed (`state_dir/agents/`),
@@ -180,11 +183,13 @@ async fn serve(config: Config) -> Result<()> {
     let startup_records = state.take_published();
 
     let (stream, _) = broadcast::channel(4096);
+    let agents_root = format!("/{}", state.config.cgroup_root.display());
     let shared = Arc::new(Shared {
         state: tokio::sync::Mutex::new(state),
         stream,
         recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
         control_gid,
+        agents_root,
     });
 
     for record in startup_records {
@@ -469,22 +474,57 @@ async fn write_response(
     writer.write_all(&line).await
 }
 
+/// Why a control connection is refused before any request is read, if it is.
+fn refuse_peer(shared: &Shared, peer: &control::Peer, pidfd: &OwnedFd) -> Option<Response> {
+    if !peer.authorized(shared.control_gid) {
+        warn!(uid = peer.uid, pid = peer.pid, "control connection refused: not root or in control_group");
+        return Some(Response::fail(
+            FailureKind::Refused,
+            format!("uid {} may not use the ztseg control socket (root or control_group only)", peer.uid),
+            Some("access_denied"),
+        ));
+    }
+    // An agent is never a client, whatever its credentials: it could otherwise lift its own
+    // kill switch or move itself into a better-granted agent. Unknown cgroup: refused too.
+    let cgroup = match control::pidfd_cgroup(pidfd) {
+        Ok(cgroup) if !control::cgroup_within(&cgroup, &shared.agents_root) => return None,
+        Ok(cgroup) => cgroup,
+        Err(e) => format!("unknown ({e})"),
+    };
+    warn!(uid = peer.uid, pid = peer.pid, cgroup, "control connection refused: the peer is an agent");
+    let mut fields = serde_json::Map::new();
+    fields.insert("pid".into(), json!(peer.pid));
+    fields.insert("uid".into(), json!(peer.uid));
+    fields.insert("cgroup".into(), json!(cgroup));
+    fields.insert("reason".into(), json!("agent_peer"));
+    shared.state().audit_event("control_refused", fields);
+    Some(Response::fail(
+        FailureKind::Refused,
+        format!(
+            "process {} is inside the agents' root ({cgroup}); agents may not use the ztseg control socket",
+            peer.pid
+        ),
+        Some("agent_peer"),
+    ))
+}
+
 async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
-    let peer = match peer(&stream) {
-        Ok(peer) => peer,
+    let (peer, pidfd) = match peer(&stream).and_then(|p| Ok((p, control::peer_pidfd(&stream)?))) {
+        Ok(found) => found,
         Err(e) => {
             warn!(error = %e, "cannot read a control peer's credentials; closing");
             return;
         }
     };
+    let pidfd = Arc::new(pidfd);
     let (reader, mut writer) = stream.into_split();
-    if !peer.authorized(shared.control_gid) {
-        warn!(uid = peer.uid, pid = peer.pid, "control connection refused: not root or in control_group");
-        let refusal = Response::fail(
-            FailureKind::Refused,
-            format!("uid {} may not use the ztseg control socket (root or control_group only)", peer.uid),
-            Some("access_denied"),
-        );
+    let refusal = {
+        let (shared, peer, pidfd) = (shared.clone(), peer.clone(), pidfd.clone());
+        tokio::task::spawn_blocking(move || refuse_peer(&shared, &peer, &pidfd)).await.unwrap_or_else(|e| {
+            Some(Response::fail(FailureKind::Error, format!("cannot check the peer: {e}"), None))
+        })
+    };
+    if let Some(refusal) = refusal {
         let _ = write_response(&mut writer, &refusal).await;
         return;
     }
@@ -521,7 +561,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
         let shared2 = shared.clone();
-        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, peer.pid))
+        let pidfd = pidfd.clone();
+        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, &pidfd))
             .await
             .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}"), None));
         if write_response(&mut writer, &response).await.is_err() {
@@ -545,7 +586,7 @@ fn parse_agent(agent: &str) -> Result<AgentId, Response> {
 }
 
 /// Handles one request (blocking: map writes, cgroup moves).
-fn handle(shared: &Shared, request: Request, peer_pid: i32) -> Response {
+fn handle(shared: &Shared, request: Request, peer: &OwnedFd) -> Response {
     let (response, published) = {
         let mut state = shared.state();
         let response = match request {
@@ -565,7 +606,7 @@ fn handle(shared: &Shared, request: Request, peer_pid: i32) -> Response {
                 Err(response) => response,
             },
             Request::Run { agent, token } => match parse_agent(&agent) {
-                Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer_pid),
+                Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
                 Err(response) => response,
             },
             Request::Status {} => Response::ok(status(&state)),
@@ -579,9 +620,11 @@ fn handle(shared: &Shared, request: Request, peer_pid: i32) -> Response {
     response
 }
 
-/// Registers the agent, applies its token, and moves the requesting process into its cgroup.
-fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, pid: i32) -> Response {
-    if let Err(refusal) = state.ensure_agent(agent, None) {
+/// Registers the agent, applies its token, and moves the requesting process (named by its
+/// pidfd, so a recycled pid is never moved in its place) into the agent's cgroup. The answer
+/// carries the agent's uid, which `ztseg run` switches to before it execs.
+fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, peer: &OwnedFd) -> Response {
+    if let Err(refusal) = state.ensure_agent(agent, None, None) {
         return refused(refusal);
     }
     if let Some(token) = token
@@ -589,9 +632,10 @@ fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, pid: i32) 
     {
         return refused(refusal);
     }
-    let Some((relative, cgroup_id)) = state.agent_cgroup(agent) else {
+    let Some(record) = state.agents.get(agent) else {
         return Response::fail(FailureKind::Error, format!("agent {agent} vanished"), None);
     };
+    let (relative, cgroup_id, uid) = (record.cgroup.clone(), record.cgroup_id, record.uid);
     let Some(path) = state.resolve_cgroup(&relative) else {
         return Response::fail(
             FailureKind::Error,
@@ -599,18 +643,22 @@ fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, pid: i32) 
             None,
         );
     };
-    let Ok(pid) = u32::try_from(pid) else {
-        return Response::fail(
-            FailureKind::Error,
-            "the requesting process has no pid in this namespace",
-            None,
-        );
-    };
+    let gone = || Response::fail(FailureKind::Error, "the requesting process has exited", None);
+    let Ok(Some(pid)) = control::pidfd_pid(peer) else { return gone() };
+    let Ok(pid) = u32::try_from(pid) else { return gone() };
     if let Err(e) = cgroup::move_process(&path, pid) {
         return Response::fail(FailureKind::Error, e.to_string(), Some("cgroup"));
     }
-    info!(agent = %agent, pid, "process joined the agent's cgroup");
-    Response::ok(json!({ "agent": agent.as_str(), "cgroup": relative, "cgroup_id": cgroup_id }))
+    // The pid was the caller's when read; had the caller exited in between and its pid been
+    // reused, the pidfd now says so (fail loudly: a stranger was moved).
+    if control::pidfd_pid(peer).ok().flatten() != i32::try_from(pid).ok() {
+        warn!(agent = %agent, pid, "the caller exited while it was moved; pid {pid} may now be another process");
+        return gone();
+    }
+    info!(agent = %agent, pid, uid, "process joined the agent's cgroup");
+    Response::ok(json!({
+        "agent": agent.as_str(), "cgroup": relative, "cgroup_id": cgroup_id, "uid": uid, "gid": uid
+    }))
 }
 
 fn status(state: &State) -> Value {

@@ -21,6 +21,7 @@ use ztseg_common::event::Event;
 
 use crate::{
     agent_id::AgentId,
+    agent_uid,
     audit::AuditLog,
     cgroup::{self, CgroupFs},
     clock,
@@ -89,6 +90,8 @@ pub struct AgentRecord {
     /// Relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
+    /// The agent's own uid and gid (same number), from `agent_uids`; stable across restarts.
+    pub uid: u32,
     /// The policy file whose `[agent]` binding declares this agent, if any.
     pub bound_by: Option<PathBuf>,
     pub active: Option<ActiveGrant>,
@@ -114,6 +117,9 @@ struct TableInfo {
 struct PersistedAgent {
     id: String,
     cgroup: PathBuf,
+    /// Absent in state saved before agents had uids of their own: one is allocated.
+    #[serde(default)]
+    uid: Option<u32>,
     #[serde(default)]
     token: Option<String>,
     /// Hex SHA-256 of the token last taken from the agent's binding file.
@@ -247,7 +253,13 @@ impl State {
     }
 
     /// Makes sure the agent exists: cgroup created, registered in the kernel (no rights yet).
-    pub fn ensure_agent(&mut self, id: &AgentId, cgroup: Option<&Path>) -> Result<&mut AgentRecord, Refusal> {
+    /// `uid` is the agent's uid before a restart, kept when it is still free.
+    pub fn ensure_agent(
+        &mut self,
+        id: &AgentId,
+        cgroup: Option<&Path>,
+        saved_uid: Option<u32>,
+    ) -> Result<&mut AgentRecord, Refusal> {
         let relative = cgroup.map_or_else(|| self.default_cgroup(id), Path::to_owned);
         if !relative.starts_with(&self.config.cgroup_root) || relative == self.config.cgroup_root {
             return Err(Refusal::new(
@@ -272,6 +284,34 @@ impl State {
             ));
         }
         if !self.agents.contains_key(id) {
+            // A cgroup inside (or around) another agent's would let one agent's binding take
+            // over the other's identity in the kernel, or be frozen and killed with it.
+            if let Some(other) = self
+                .agents
+                .values()
+                .find(|a| a.cgroup.starts_with(&relative) || relative.starts_with(&a.cgroup))
+            {
+                return Err(Refusal::new(
+                    "cgroup_of_another_agent",
+                    format!(
+                        "agent {id}'s cgroup {} overlaps agent {}'s cgroup {}",
+                        relative.display(),
+                        other.id,
+                        other.cgroup.display()
+                    ),
+                ));
+            }
+            let taken: std::collections::HashSet<u32> = self.agents.values().map(|a| a.uid).collect();
+            let uid = agent_uid::allocate(self.config.agent_uids, saved_uid, &taken, agent_uid::used_by_host)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        "no_uid",
+                        format!(
+                            "no free uid is left for agent {id} in agent_uids {}-{}",
+                            self.config.agent_uids.first, self.config.agent_uids.last
+                        ),
+                    )
+                })?;
             let path = self.cgroups.resolve(&relative).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             self.dataplane.register(cgroup_id).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
@@ -282,6 +322,7 @@ impl State {
                     id: id.clone(),
                     cgroup: relative,
                     cgroup_id,
+                    uid,
                     bound_by: None,
                     active: None,
                     binding_token: None,
@@ -289,7 +330,10 @@ impl State {
                     last_refusal: None,
                 },
             );
-            info!(agent = %id, cgroup_id, "agent registered");
+            info!(agent = %id, cgroup_id, uid, "agent registered");
+            if saved_uid != Some(uid) {
+                self.mark_changed(id);
+            }
         }
         self.agents.get_mut(id).ok_or_else(|| Refusal::new("internal", "agent vanished"))
     }
@@ -551,7 +595,7 @@ impl State {
         let bindings: Vec<_> = self.policy.bindings.values().cloned().collect();
         for binding in bindings {
             let id = binding.id.clone();
-            let record = match self.ensure_agent(&id, binding.cgroup.as_deref()) {
+            let record = match self.ensure_agent(&id, binding.cgroup.as_deref(), None) {
                 Ok(record) => record,
                 Err(refusal) => {
                     warn!(agent = %id, "binding refused: {}", refusal.message);
@@ -629,7 +673,7 @@ impl State {
         }
         for saved in persisted {
             let Ok(id) = saved.id.parse::<AgentId>() else { continue };
-            match self.ensure_agent(&id, Some(&saved.cgroup)) {
+            match self.ensure_agent(&id, Some(&saved.cgroup), saved.uid) {
                 Ok(record) => {
                     record.binding_token = saved
                         .binding_token_sha256
@@ -692,6 +736,7 @@ impl State {
                     let saved = PersistedAgent {
                         id: a.id.to_string(),
                         cgroup: a.cgroup.clone(),
+                        uid: Some(a.uid),
                         token: a.active.as_ref().map(|g| g.token.clone()),
                         binding_token_sha256: a.binding_token.map(hex::encode),
                     };
@@ -809,6 +854,7 @@ impl State {
                     "state": state,
                     "cgroup": a.cgroup,
                     "cgroup_id": a.cgroup_id,
+                    "uid": a.uid,
                     "binding": a.bound_by,
                     "op": a.active.as_ref().and_then(|g| g.claims.op.clone()),
                     "jti": a.active.as_ref().map(|g| g.claims.jti.clone()),

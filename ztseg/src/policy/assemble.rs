@@ -49,7 +49,8 @@ pub enum Definition {
     Tool(String),
     Scope(String),
     Agent(AgentId),
-    /// An explicit `cgroup` of an agent binding: two agents in one cgroup would share an identity.
+    /// An explicit `cgroup` of an agent binding: two agents in one cgroup (or one inside the
+    /// other's) would share an identity.
     Cgroup(PathBuf),
 }
 
@@ -125,7 +126,13 @@ pub(super) fn merge(files: &[PolicyFile]) -> (PolicySet, Vec<PolicyError>) {
                 continue;
             }
             if let Some(cgroup) = &binding.cgroup {
-                if let Some(&first) = cgroups.get(cgroup.as_path()) {
+                // One agent's cgroup inside another's: the outer agent's kill, freeze or
+                // removal would reach the inner one.
+                let overlapping = cgroups
+                    .iter()
+                    .find(|(c, _)| c.starts_with(cgroup) || cgroup.starts_with(c))
+                    .map(|(_, &at)| at);
+                if let Some(first) = overlapping {
                     duplicate(here, binding.line, Definition::Cgroup(cgroup.clone()), first);
                     continue;
                 }

@@ -365,6 +365,20 @@ impl Checker<'_> {
                             cgroup.get_ref()
                         ),
                     )
+                } else if id
+                    .as_ref()
+                    .is_some_and(|id| path.file_name() != Some(std::ffi::OsStr::new(id.as_str())))
+                {
+                    // A binding names its own agent's cgroup only: another agent's would hand this
+                    // binding's grant to that agent's processes and log them under this name.
+                    let id = id.as_ref().map_or_else(String::new, ToString::to_string);
+                    self.invalid(
+                        self.line(&cgroup.span()),
+                        format!(
+                            "cgroup {:?} must end in the agent's own id {id:?} (e.g. \"ztseg.slice/{id}\"); a binding cannot name another agent's cgroup",
+                            cgroup.get_ref()
+                        ),
+                    )
                 } else {
                     Some(Some(path))
                 }

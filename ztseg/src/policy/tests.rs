@@ -448,6 +448,17 @@ fn invalid_agent_ids_use_the_agent_id_error() {
 }
 
 #[test]
+fn a_binding_cannot_name_another_agents_cgroup() {
+    for other in ["ztseg.slice/b", "ztseg.slice/a/b", "ztseg.slice"] {
+        assert_refused(
+            &format!("[agent]\nid = \"a\"\ntoken = \"x\"\ncgroup = {other:?}"),
+            4,
+            "must end in the agent's own id \"a\"",
+        );
+    }
+}
+
+#[test]
 fn cgroups_must_stay_under_the_cgroup2_mount() {
     for bad in ["/sys/fs/cgroup/x", "ztseg.slice/../system.slice", "..", "", "./x"] {
         assert_refused(
@@ -456,7 +467,7 @@ fn cgroups_must_stay_under_the_cgroup2_mount() {
             "must be a path relative to the cgroup2 mount without '..', e.g. \"ztseg.slice/a\"",
         );
     }
-    for good in ["ztseg.slice/a", "a", "x.slice/y/z", "ztseg.slice/a/"] {
+    for good in ["ztseg.slice/a", "a", "x.slice/y/a", "ztseg.slice/a/"] {
         let file = assert_accepted(&format!("[agent]\nid = \"a\"\ntoken = \"x\"\ncgroup = {good:?}"));
         assert_eq!(file.binding.unwrap().cgroup, Some(PathBuf::from(good)));
     }
@@ -540,15 +551,10 @@ fn an_agent_bound_twice_is_refused() {
 }
 
 #[test]
-fn two_agents_in_one_cgroup_are_refused() {
-    let a = file_at("/p/a.toml", "[agent]\nid = \"a\"\ntoken = \"x\"\ncgroup = \"s/shared\"");
-    let b = file_at("/p/b.toml", "[agent]\nid = \"b\"\ntoken = \"y\"\ncgroup = \"s/shared\"");
-    assert_duplicate(
-        &[a.clone(), b],
-        Definition::Cgroup("s/shared".into()),
-        ("/p/b.toml", 1),
-        ("/p/a.toml", 1),
-    );
+fn an_agent_cgroup_inside_another_agents_is_refused() {
+    let a = file_at("/p/a.toml", "[agent]\nid = \"a\"\ntoken = \"x\"\ncgroup = \"s/a\"");
+    let b = file_at("/p/b.toml", "[agent]\nid = \"b\"\ntoken = \"y\"\ncgroup = \"s/a/b\"");
+    assert_duplicate(&[a.clone(), b], Definition::Cgroup("s/a/b".into()), ("/p/b.toml", 1), ("/p/a.toml", 1));
     let c = file_at("/p/c.toml", "[agent]\nid = \"c\"\ntoken = \"y\"\ncgroup = \"s/c\"");
     assert_eq!(assemble(&[a, c]).unwrap().bindings.len(), 2);
 }
