@@ -304,6 +304,11 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config for `site` under `dir`, makes an issuer key, and starts the daemon.
     pub fn start(site: &Site, dir: &Path) -> Self {
+        Self::start_with(site, dir, "")
+    }
+
+    /// The same, with `extra` top-level config keys (e.g. `control_group = "nogroup"`).
+    pub fn start_with(site: &Site, dir: &Path, extra: &str) -> Self {
         let policy_dir = dir.join("policies");
         let keys = dir.join("keys");
         fs::create_dir_all(&policy_dir).unwrap();
@@ -315,7 +320,7 @@ impl Daemon {
         fs::write(
             &config,
             format!(
-                "policy_dir = {policy:?}\nstate_dir = {state:?}\naudit_log = {audit:?}\nsocket = {socket:?}\n\
+                "{extra}\npolicy_dir = {policy:?}\nstate_dir = {state:?}\naudit_log = {audit:?}\nsocket = {socket:?}\n\
                  pin_dir = {pins:?}\ncgroup_root = {root:?}\nmax_ttl_seconds = 3600\nleeway_seconds = 0\n\n\
                  [[issuers]]\niss = {issuer:?}\nkey = {jwks:?}\nalgorithms = [\"EdDSA\"]\n",
                 policy = policy_dir,

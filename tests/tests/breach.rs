@@ -34,7 +34,8 @@ fn world() -> World {
     let dir = TempDir::new("ztseg-breach");
     let ns = Netns::new(&["10.77.0.1/32", "10.77.0.53/32"]);
     let server = serve(&ns, &["10.77.0.1:8001", "10.77.0.1:8002"]);
-    let daemon = Daemon::start(&site, &dir.path);
+    // nogroup (gid 65534) may use the control socket: the tests show what such a member may not do.
+    let daemon = Daemon::start_with(&site, &dir.path, "control_group = \"nogroup\"");
     daemon.write_policy("catalogue.toml", CATALOGUE);
     let world = World { daemon, ns, site, _server: server, _dir: dir };
     world.bind("alpha", &["--scope", "read:db"]);
@@ -135,12 +136,20 @@ fn an_agent_cannot_touch_another_agent() {
 fn an_agent_cannot_leave_its_box() {
     let w = world();
     let tag = std::process::id();
-    // A host service's socket anyone may write to, and one only root and its group may.
-    let open_socket = format!("/run/ztseg-test-{tag}-open.sock");
-    let closed_socket = format!("/run/ztseg-test-{tag}-closed.sock");
-    let _cleanup = Cleanup(vec![open_socket.clone(), closed_socket.clone()]);
+    // Host services' sockets: anyone may write to the first two (one under /run, one elsewhere),
+    // only root and its group to the third (outside /run, so only its mode stops the agent).
+    let elsewhere = format!("/var/lib/ztseg-test-{tag}");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let _dir_cleanup = CleanupDir(elsewhere.clone().into());
+    let run_socket = format!("/run/ztseg-test-{tag}-open.sock");
+    let open_socket = format!("{elsewhere}/open.sock");
+    let closed_socket = format!("{elsewhere}/closed.sock");
+    let _cleanup = Cleanup(vec![run_socket.clone()]);
+    // A SysV shared-memory segment anyone may open.
+    let shm_key: i32 = 0x7a74_0000 | (tag as i32 & 0xffff);
+    let _shm = Shm::create(shm_key);
     let mut host = Vec::new();
-    for (path, mode) in [(&open_socket, 0o777), (&closed_socket, 0o770)] {
+    for (path, mode) in [(&run_socket, 0o777), (&open_socket, 0o777), (&closed_socket, 0o770)] {
         let mut listener = Proc::spawn({
             let mut c = Command::new(ztseg_integration::probe_bin());
             c.args(["listen-unix", path]);
@@ -159,8 +168,11 @@ fn an_agent_cannot_leave_its_box() {
     let beta_tmp_from_host = format!("/proc/{}/root/tmp/beta.sock", beta_tmp.pid());
 
     let cases = [
-        ("connect to a world-writable host Unix socket", format!("unix:{open_socket}")),
+        ("connect to a world-writable host Unix socket in /run", format!("unix:{run_socket}")),
+        ("connect to a world-writable host Unix socket elsewhere", format!("unix:{open_socket}")),
         ("connect to a root-only host Unix socket", format!("unix:{closed_socket}")),
+        ("open the host's SysV shared memory", format!("shm:{shm_key}")),
+        ("type into a terminal (TIOCSTI)", "tiocsti".to_owned()),
         ("connect to another agent's abstract socket", format!("unix:@{abstract_name}")),
         ("connect to another agent's socket in /tmp", "unix:/tmp/beta.sock".to_owned()),
         ("connect to the ztseg control socket", format!("unix:{}", w.daemon.socket.display())),
@@ -173,7 +185,7 @@ fn an_agent_cannot_leave_its_box() {
     ];
     // The outside control for the /tmp case reaches the same socket through beta's root.
     let mut outside_cases = cases.clone();
-    outside_cases[3].1 = format!("unix:{beta_tmp_from_host}");
+    outside_cases[6].1 = format!("unix:{beta_tmp_from_host}");
     let ops: Vec<&str> = cases.iter().map(|(_, op)| op.as_str()).collect();
     let inside = w.inside("alpha", &ops);
     let controls: Vec<&str> = outside_cases.iter().map(|(_, op)| op.as_str()).collect();
@@ -220,6 +232,27 @@ fn an_agent_is_never_a_control_client() {
     // Positive control: the same command from outside the agents' root works.
     let (code, _, err) = w.daemon.ztseg(&["revive", "alpha"]);
     assert_eq!(code, 0, "{err}");
+    // A control_group member (nogroup) that speaks the protocol itself, skipping the client's
+    // root check, is refused by the daemon and stays where it was.
+    let out = {
+        use std::os::unix::process::CommandExt as _;
+        let script = "import json, socket, sys\n\
+            s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+            s.sendall(b'{\"cmd\":\"run\",\"agent\":\"alpha\"}\\n')\n\
+            print(json.loads(s.makefile().readline()).get('code'))\n\
+            print(open('/proc/self/cgroup').read().strip().split('::')[-1])\n";
+        Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(&w.daemon.socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let said = String::from_utf8_lossy(&out.stdout);
+    let mut lines = said.lines();
+    assert_eq!(lines.next(), Some("run_needs_root"), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!lines.next().unwrap().ends_with("/alpha"), "{said}");
     // And a non-root launcher cannot start an agent at all: CMD would keep its uid.
     let marker = w._dir.path.join("started");
     let out = {
@@ -260,6 +293,25 @@ fn a_binding_cannot_take_over_another_agents_cgroup() {
     // Positive control: mallory in its own cgroup is accepted.
     w.daemon.write_policy("mallory.toml", &format!("[agent]\nid = \"mallory\"\ntoken = {token:?}\n"));
     w.daemon.wait_event("mallory's grant", |r| r["event"] == "token_granted" && r["agent"] == "mallory");
+}
+
+/// A SysV shared-memory segment (mode 0666) the test made; removed on drop.
+struct Shm(i32);
+
+impl Shm {
+    fn create(key: i32) -> Self {
+        // SAFETY: shmget with integer arguments creates a segment we remove on drop.
+        let id = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o666) };
+        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+        Self(id)
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: removes the segment this test created.
+        unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
 }
 
 /// A file removed on drop (a Unix socket the test bound outside its temp dir).

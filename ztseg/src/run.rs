@@ -34,7 +34,7 @@ pub enum RunError {
     #[error(transparent)]
     Daemon(#[from] ClientError),
     #[error(
-        "{0} is a network socket opened outside the agent's cgroup; it would bypass enforcement, so CMD is not started"
+        "{0} is a socket (not a Unix one) opened outside the agent's cgroup; it would bypass enforcement, so CMD is not started"
     )]
     InheritedSocket(&'static str),
     #[error(
@@ -76,13 +76,15 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
 }
 
-/// Refuses when stdin, stdout or stderr is an IPv4/IPv6 socket.
+/// Refuses when stdin, stdout or stderr is a socket of any family but Unix.
 fn check_stdio() -> Result<(), RunError> {
     for (fd, name) in [(0, "stdin"), (1, "stdout"), (2, "stderr")] {
         // SAFETY: the descriptor is only inspected, and only while this function runs.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        // Any socket but a Unix one (the journal's stream under systemd, a pipe-like pair):
+        // network, packet, netlink sockets would be the agent's without being judged as its.
         if let Ok(addr) = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()))
-            && matches!(addr.family(), Some(AddressFamily::Inet | AddressFamily::Inet6))
+            && !matches!(addr.family(), Some(AddressFamily::Unix))
         {
             return Err(RunError::InheritedSocket(name));
         }
@@ -138,6 +140,7 @@ fn prepare(options: &RunOptions) -> Result<Program, RunError> {
     // no obstacle); the kernel checks that the agent may execute it at exec.
     let program = Program::open(&options.command)?;
     sandbox::private_mounts()?;
+    sandbox::detach_terminal()?;
     sandbox::no_new_privs()?;
     sandbox::drop_privileges(uid, gid)?;
     sandbox::landlock_scopes()?;

@@ -6,9 +6,12 @@
 //! | ptrace, /proc/PID/mem and environ, process_vm_readv, pidfd_getfd, signals to other agents | its own uid (the kernel's permission checks), seccomp, Landlock signal scope |
 //! | other processes in /proc | a private procfs mounted with `hidepid=invisible` |
 //! | abstract Unix sockets outside the agent | Landlock abstract-socket scope |
-//! | path Unix sockets of the host | its own uid with no groups (needs o+w), host sockets with o+w masked in its mount namespace |
-//! | files and sockets of other agents in /tmp, /var/tmp, /dev/shm | a private tmpfs on each |
+//! | path Unix sockets of the host | its own uid with no groups (needs o+w); an empty /run (only the resolver config kept); other world-writable host sockets masked in its mount namespace |
+//! | files and sockets of other agents in /tmp, /var/tmp, /dev/shm, /run/lock | a private tmpfs on each |
+//! | SysV IPC and POSIX message queues of the host or other agents | its own IPC namespace |
+//! | typing into the launcher's terminal (TIOCSTI), reading it | a new session (no controlling terminal), seccomp on those ioctls |
 //! | AF_PACKET, AF_VSOCK, AF_NETLINK (but route), other families | seccomp (socket, socketpair) |
+//! | x32 or 32-bit syscall numbers for any of these | seccomp: other ABIs refused outright |
 //! | new user/network/mount namespaces, setns | seccomp (unshare, clone flags, clone3, setns) |
 //! | io_uring (its operations bypass seccomp), bpf, perf_event_open, keyrings, mounts | seccomp |
 //! | capabilities, setuid binaries | no capabilities in any set, bounding set empty, no_new_privs |
@@ -30,6 +33,8 @@ pub enum SandboxError {
     Privileges { uid: u32, what: &'static str, source: io::Error },
     #[error("privileges remain after dropping them to uid {uid}: {what}; CMD is not started")]
     Remaining { uid: u32, what: String },
+    #[error("cannot leave the launcher's terminal: {0}")]
+    Terminal(io::Error),
     #[error("cannot set no_new_privs: {0}")]
     NoNewPrivs(io::Error),
     #[error(
@@ -40,22 +45,40 @@ pub enum SandboxError {
     Seccomp(String),
 }
 
-/// A private mount namespace: its own /tmp, /var/tmp and /dev/shm, a /proc that shows only the
-/// agent's own processes, and the host's world-writable Unix sockets masked.
+/// Where the host's resolver configuration may point (systemd-resolved's stub file, for one):
+/// kept visible under the agent's empty /run.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// A private mount and IPC namespace: its own /tmp, /var/tmp, /dev/shm and /run (empty but for
+/// the resolver configuration), a /proc that shows only the agent's own processes, the host's
+/// other world-writable Unix sockets masked, and SysV IPC and POSIX message queues of its own.
 pub fn private_mounts() -> Result<(), SandboxError> {
     let fail = |what: &str| {
         let what = what.to_owned();
         move |source| SandboxError::Mounts { what, source }
     };
-    unshare(CloneFlags::CLONE_NEWNS).map_err(fail("unshare"))?;
+    // The resolver file, found before /run is covered.
+    let resolver = fs::canonicalize(RESOLV_CONF).ok().filter(|p| p.starts_with("/run"));
+    let resolver_copy = resolver.as_ref().and_then(|p| fs::File::open(p).ok());
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC).map_err(fail("unshare"))?;
     // Host mounts still reach the agent; nothing the agent's namespace does reaches the host.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
         .map_err(fail("/ as slave"))?;
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+    for (dir, mode) in
+        [("/tmp", "mode=1777"), ("/var/tmp", "mode=1777"), ("/dev/shm", "mode=1777"), ("/run", "mode=0755")]
+    {
         if Path::new(dir).is_dir() {
-            mount(Some("tmpfs"), dir, Some("tmpfs"), hardened, Some("mode=1777")).map_err(fail(dir))?;
+            mount(Some("tmpfs"), dir, Some("tmpfs"), hardened, Some(mode)).map_err(fail(dir))?;
         }
+    }
+    if let (Some(path), Some(file)) = (resolver, resolver_copy) {
+        keep_resolver(&path, &file).map_err(fail("the resolver configuration"))?;
+    }
+    // POSIX message queues live in the mqueue filesystem of the IPC namespace.
+    if Path::new("/dev/mqueue").is_dir() {
+        mount(Some("mqueue"), "/dev/mqueue", Some("mqueue"), hardened | MsFlags::MS_NOEXEC, None::<&str>)
+            .map_err(fail("/dev/mqueue"))?;
     }
     mount(Some("proc"), "/proc", Some("proc"), hardened | MsFlags::MS_NOEXEC, Some("hidepid=invisible"))
         .map_err(fail("/proc"))?;
@@ -67,6 +90,26 @@ pub fn private_mounts() -> Result<(), SandboxError> {
         }
     }
     Ok(())
+}
+
+/// Puts the resolver file `path` (under /run, now an empty tmpfs) back, read-only, from the
+/// descriptor opened before /run was covered.
+fn keep_resolver(path: &Path, file: &fs::File) -> Result<(), nix::Error> {
+    use std::os::fd::AsRawFd as _;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    }
+    fs::File::create(path).map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+    mount(Some(source.as_str()), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
 }
 
 /// Bound path sockets that any uid may connect to: those of this network namespace and of the
@@ -94,6 +137,27 @@ fn world_writable_sockets() -> Vec<String> {
     paths.sort();
     paths.dedup();
     paths
+}
+
+/// Leaves the launcher's terminal: a new session when this process can start one, else
+/// TIOCNOTTY (a process group leader, e.g. a shell's foreground job, cannot call setsid). Then
+/// /dev/tty must no longer open.
+pub fn detach_terminal() -> Result<(), SandboxError> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let fail = |source: io::Error| SandboxError::Terminal(source);
+    let open_tty =
+        || fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open("/dev/tty");
+    if nix::unistd::setsid().is_err()
+        && let Ok(tty) = open_tty()
+    {
+        // SAFETY: TIOCNOTTY takes no argument and only detaches this process from the terminal.
+        check(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCNOTTY) }.into()).map_err(fail)?;
+    }
+    match open_tty() {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
+        Err(e) => Err(fail(e)),
+        Ok(_) => Err(fail(io::Error::other("/dev/tty still opens"))),
+    }
 }
 
 fn os(what: &'static str, uid: u32) -> impl Fn(io::Error) -> SandboxError {
@@ -276,6 +340,14 @@ fn refusal_rules() -> Result<BTreeMap<i64, Vec<seccompiler::SeccompRule>>, secco
         ],
     );
     rules.insert(libc::SYS_socketpair, vec![Rule::new(vec![arg(0, Op::Ne, AF_UNIX)?])?]);
+    // Typing into a terminal (TIOCSTI) or driving the console (TIOCLINUX).
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            Rule::new(vec![arg(1, Op::Eq, libc::TIOCSTI)?])?,
+            Rule::new(vec![arg(1, Op::Eq, libc::TIOCLINUX)?])?,
+        ],
+    );
     let namespace_rules = |index: u8| -> Result<Vec<Rule>, seccompiler::BackendError> {
         NAMESPACE_FLAGS
             .iter()
@@ -291,12 +363,34 @@ fn refusal_rules() -> Result<BTreeMap<i64, Vec<seccompiler::SeccompRule>>, secco
     Ok(rules)
 }
 
+/// x32 syscalls carry the x86_64 audit arch with bit 30 set in the number: a filter written for
+/// x86_64 numbers would not see them. Refused outright (where the kernel has x32 at all).
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// A hand-written first filter: any syscall number with the x32 bit is refused with EPERM.
+fn other_abi_filter() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JGE_K: u16 = 0x35;
+    const RET_K: u16 = 0x06;
+    let stmt = |code, k| sock_filter { code, jt: 0, jf: 0, k };
+    vec![
+        // seccomp_data.nr is at offset 0.
+        stmt(LD_W_ABS, 0),
+        sock_filter { code: JGE_K, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
+        stmt(RET_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// Installs the agent's seccomp filters (after no_new_privs). clone3 passes its flags in memory a
 /// filter cannot read, so it answers ENOSYS and the C library falls back to clone, whose flags the
-/// filter checks.
+/// filter checks. A syscall of another architecture (int 0x80) kills the process: the
+/// generated filters check the audit arch first.
 pub fn seccomp() -> Result<(), SandboxError> {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
     let fail = |e: &dyn std::fmt::Display| SandboxError::Seccomp(e.to_string());
+    seccompiler::apply_filter(&other_abi_filter()).map_err(|e| fail(&e))?;
     let refusals = refusal_rules().map_err(|e| fail(&e))?;
     let enosys = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
     for (rules, action) in [
@@ -338,6 +432,29 @@ mod tests {
             assert!(err.contains(named), "{to}: {err}");
         }
         assert!(verify_dropped(DROPPED, 61185, 61184).unwrap_err().contains("Uid"));
+    }
+
+    #[test]
+    fn the_other_abi_filter_refuses_only_numbers_with_the_x32_bit() {
+        // Run the classic BPF program by hand on seccomp_data.nr.
+        fn verdict(program: &[seccompiler::sock_filter], nr: u32) -> u32 {
+            let (mut acc, mut pc) = (0u32, 0usize);
+            loop {
+                let insn = &program[pc];
+                match insn.code {
+                    0x20 => acc = if insn.k == 0 { nr } else { 0 },
+                    0x35 => pc += usize::from(if acc >= insn.k { insn.jt } else { insn.jf }),
+                    0x06 => return insn.k,
+                    other => panic!("unexpected opcode {other:#x}"),
+                }
+                pc += 1;
+            }
+        }
+        let program = other_abi_filter();
+        let refused = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        assert_eq!(verdict(&program, libc::SYS_socket as u32), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(&program, X32_SYSCALL_BIT | libc::SYS_socket as u32), refused);
+        assert_eq!(verdict(&program, X32_SYSCALL_BIT | 521), refused, "x32 ptrace");
     }
 
     #[test]

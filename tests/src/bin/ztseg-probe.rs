@@ -128,6 +128,31 @@ fn run_op(op: &str) -> String {
         "userns" => unshare_in_child(CloneFlags::CLONE_NEWUSER),
         "netns" => unshare_in_child(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET),
         "mount-ns" => unshare_in_child(CloneFlags::CLONE_NEWNS),
+        "tiocsti" => {
+            // A pseudo-terminal of our own: TIOCSTI types one byte into its input queue.
+            let master = nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY)
+                .map_err(io::Error::from);
+            master.and_then(|m| {
+                nix::pty::grantpt(&m).and_then(|()| nix::pty::unlockpt(&m)).map_err(io::Error::from)?;
+                // SAFETY: ptsname is called once, on this thread only.
+                let name = unsafe { nix::pty::ptsname(&m) }.map_err(io::Error::from)?;
+                // O_NOCTTY: a session leader (the agent is one) would otherwise adopt it.
+                let slave = {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(name)?
+                };
+                let byte = b'x';
+                // SAFETY: TIOCSTI reads one byte from the pointer.
+                check(
+                    unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&slave), libc::TIOCSTI, &byte) }
+                        .into(),
+                )
+            })
+        }
+        "shm" => {
+            // SAFETY: shmget with integer arguments looks a segment up by key.
+            check(unsafe { libc::shmget(addr.parse().unwrap(), 0, 0) }.into())
+        }
         "io_uring" => {
             let mut params = [0u8; 120];
             // SAFETY: io_uring_setup reads and writes the 120-byte params struct we own.

@@ -561,8 +561,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
         let shared2 = shared.clone();
-        let pidfd = pidfd.clone();
-        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, &pidfd))
+        let (pidfd, uid) = (pidfd.clone(), peer.uid);
+        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, &pidfd, uid))
             .await
             .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}"), None));
         if write_response(&mut writer, &response).await.is_err() {
@@ -586,7 +586,7 @@ fn parse_agent(agent: &str) -> Result<AgentId, Response> {
 }
 
 /// Handles one request (blocking: map writes, cgroup moves).
-fn handle(shared: &Shared, request: Request, peer: &OwnedFd) -> Response {
+fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> Response {
     let (response, published) = {
         let mut state = shared.state();
         let response = match request {
@@ -605,6 +605,13 @@ fn handle(shared: &Shared, request: Request, peer: &OwnedFd) -> Response {
                 Ok(agent) => state.set_killed(&agent, false).map_or_else(refused, Response::ok),
                 Err(response) => response,
             },
+            // Only root can give the process the agent's own uid and box: any other caller's
+            // process would join the agent's cgroup and rights with its own uid and groups.
+            Request::Run { .. } if peer_uid != 0 => Response::fail(
+                FailureKind::Refused,
+                format!("uid {peer_uid} may not start agents: `ztseg run` must be started by root"),
+                Some("run_needs_root"),
+            ),
             Request::Run { agent, token } => match parse_agent(&agent) {
                 Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
                 Err(response) => response,

@@ -148,6 +148,8 @@ pub struct State {
     pub events_written: u64,
     /// Daemon-side audit records not yet handed to event subscribers.
     published: Vec<Map<String, Value>>,
+    /// Where the next new agent's uid search starts; saved in `state_dir/uid_cursor`.
+    uid_cursor: u32,
 }
 
 use clock::unix_now_secs as now_unix;
@@ -200,7 +202,14 @@ impl State {
         replay: ReplayCache,
         audit: AuditLog,
     ) -> Self {
+        // A missing or unreadable cursor starts at the range's first uid: round-robin then
+        // resumes from there, and uids in use are skipped either way.
+        let uid_cursor = fs::read_to_string(config.state_dir.join("uid_cursor"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(config.agent_uids.first);
         Self {
+            uid_cursor,
             config,
             cgroups,
             dataplane,
@@ -223,6 +232,11 @@ impl State {
 
     fn persisted_dir(&self) -> PathBuf {
         self.config.state_dir.join("agents")
+    }
+
+    /// Where the next new agent's uid search starts (`agent_uid::allocate`).
+    fn uid_cursor_path(&self) -> PathBuf {
+        self.config.state_dir.join("uid_cursor")
     }
 
     pub fn replay_path(&self) -> PathBuf {
@@ -301,8 +315,10 @@ impl State {
                     ),
                 ));
             }
-            let taken: std::collections::HashSet<u32> = self.agents.values().map(|a| a.uid).collect();
-            let uid = agent_uid::allocate(self.config.agent_uids, saved_uid, &taken, agent_uid::used_by_host)
+            let agents: std::collections::HashSet<u32> = self.agents.values().map(|a| a.uid).collect();
+            let live = if saved_uid.is_some() { Default::default() } else { agent_uid::live_uids() };
+            let in_use = agent_uid::InUse { agents: &agents, live: &live, by_host: &agent_uid::used_by_host };
+            let uid = agent_uid::allocate(self.config.agent_uids, saved_uid, self.uid_cursor, &in_use)
                 .ok_or_else(|| {
                     Refusal::new(
                         "no_uid",
@@ -333,6 +349,11 @@ impl State {
             info!(agent = %id, cgroup_id, uid, "agent registered");
             if saved_uid != Some(uid) {
                 self.mark_changed(id);
+                self.uid_cursor = uid.saturating_add(1);
+                if let Err(e) = rewrite_file(&self.uid_cursor_path(), self.uid_cursor.to_string().as_bytes())
+                {
+                    warn!(error = %e, "cannot save the uid cursor");
+                }
             }
         }
         self.agents.get_mut(id).ok_or_else(|| Refusal::new("internal", "agent vanished"))
@@ -671,6 +692,8 @@ impl State {
                 }
             }
         }
+        // Agents with a saved uid first, so one without cannot be given another's uid.
+        persisted.sort_by_key(|saved| saved.uid.is_none());
         for saved in persisted {
             let Ok(id) = saved.id.parse::<AgentId>() else { continue };
             match self.ensure_agent(&id, Some(&saved.cgroup), saved.uid) {
