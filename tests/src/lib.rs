@@ -70,8 +70,9 @@ impl Netns {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
-    /// Joins this namespace and `peer` with a veth pair, addressing each end.
-    pub fn veth_to(&self, peer: &Netns, here: &str, there: &str) {
+    /// Joins this namespace and `peer` with a veth pair, addressing each end; returns the names
+    /// of this end and of the peer's.
+    pub fn veth_to(&self, peer: &Netns, here: &str, there: &str) -> (String, String) {
         let (a, b) = (
             format!("zt{}a", NEXT.fetch_add(1, Ordering::SeqCst)),
             format!("zt{}b", NEXT.fetch_add(1, Ordering::SeqCst)),
@@ -81,6 +82,12 @@ impl Netns {
         ip(&["-n", &peer.name, "addr", "add", there, "dev", &b]);
         ip(&["-n", &self.name, "link", "set", &a, "up"]);
         ip(&["-n", &peer.name, "link", "set", &b, "up"]);
+        (a, b)
+    }
+
+    /// Adds an IPv6 address to `dev`, usable at once (no duplicate address detection).
+    pub fn add_v6(&self, addr: &str, dev: &str) {
+        ip(&["-n", &self.name, "addr", "add", addr, "dev", dev, "nodad"]);
     }
 }
 

@@ -43,6 +43,12 @@ pub const PROGRAMS: &[Program] = &[
     },
     Program { name: "bpftool", path: BPFTOOL, package: "bpftool", why: "the demo, tests and bench" },
     Program { name: "ip", path: IP, package: "iproute2", why: "test networks in namespaces" },
+    Program {
+        name: "sysctl",
+        path: "/sbin/sysctl",
+        package: "procps",
+        why: "namespace sysctls in the tests",
+    },
     Program { name: "nsenter", path: "/usr/bin/nsenter", package: "util-linux", why: "the bench" },
     Program { name: "nft", path: "/usr/sbin/nft", package: "nftables", why: "the bench's baseline" },
     Program {

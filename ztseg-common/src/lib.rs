@@ -10,4 +10,5 @@ pub mod agent;
 pub mod decision;
 pub mod event;
 pub mod maps;
+pub mod packet;
 pub mod rule;

@@ -20,10 +20,10 @@ use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        generated::{bpf_get_current_comm, bpf_ringbuf_query},
+        generated::{bpf_get_current_comm, bpf_ringbuf_query, bpf_skb_cgroup_id},
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use ztseg_common::{
     agent::AgentState,
@@ -33,6 +33,7 @@ use ztseg_common::{
         UNREGISTERED_SLOT,
     },
     maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, wake_reader},
+    packet::{self, Headers},
     rule::{
         ANY_PORT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY, effective_v4,
         effective_v6,
@@ -91,6 +92,40 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     judge_v6(&ctx, ACTION_SENDMSG)
+}
+
+/// Every packet into an agent's socket: nothing comes in while the agent is killed, paused,
+/// expired or without a token.
+#[cgroup_skb(ingress)]
+pub fn packets_in(ctx: SkBuffContext) -> i32 {
+    judge_packet(&ctx, false)
+}
+
+/// Every packet out of an agent's socket: nothing leaves while the agent is denied (but a TCP
+/// reset), and nothing leaves with IPv4 options or an IPv6 routing header, which would take it
+/// somewhere other than the destination the socket hooks judged.
+#[cgroup_skb(egress)]
+pub fn packets_out(ctx: SkBuffContext) -> i32 {
+    judge_packet(&ctx, true)
+}
+
+#[inline(always)]
+fn judge_packet(ctx: &SkBuffContext, egress: bool) -> i32 {
+    // SAFETY: the kernel hands cgroup_skb programs a valid skb; the helpers only read it.
+    let (cgroup_id, now) = unsafe { (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns()) };
+    // SAFETY: the entry is copied out at once, never kept.
+    let agent = unsafe { AGENTS.get(cgroup_id).copied() };
+    // The skb starts at the IP header. An unreadable byte reads as a value that fails closed.
+    let first: u8 = ctx.load(0).unwrap_or(0);
+    let version = first >> 4;
+    let ihl = first & 0x0f;
+    let next: u8 = ctx.load(if version == 6 { 6 } else { 9 }).unwrap_or(u8::MAX);
+    let mut headers = Headers { version, ihl, next, tcp_flags: 0 };
+    if egress && next == PROTO_TCP as u8 {
+        let tcp = if version == 6 { 40 } else { usize::from(ihl) * 4 };
+        headers.tcp_flags = ctx.load(tcp + 13).unwrap_or(0);
+    }
+    if packet::passes(agent.as_ref(), now, egress, &headers) { ALLOW } else { DENY }
 }
 
 /// Refuses the sockets no other hook can judge: raw sockets, and protocols other than TCP and UDP

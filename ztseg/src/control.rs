@@ -26,6 +26,10 @@ pub enum Request {
         agent: String,
         token: String,
     },
+    /// Revoke the token in force for an agent, durably (until its `exp`).
+    TokenRevoke {
+        agent: String,
+    },
     /// Agents, token expiry, state, counters.
     Agents {},
     /// Register (or join) an agent and move the calling process into its cgroup.

@@ -16,4 +16,5 @@ pub mod events;
 pub mod policy;
 pub mod run;
 pub mod sandbox;
+pub mod sockets;
 pub mod token;

@@ -167,6 +167,14 @@ enum TokenCommand {
         #[arg(value_name = "TOKEN|-")]
         token: String,
     },
+    /// Revoke the token in force for an agent: refused again until its exp, restarts included.
+    Revoke {
+        /// The agent whose token is revoked.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Hand a (refreshed) token to the daemon for an agent.
     Apply {
         /// The agent the token is for.
@@ -328,8 +336,14 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         }
         Command::Kill { id, socket } => {
             agent_id(&id)?;
-            call(&socket, &Request::Kill { agent: id.clone() })?;
-            print(&format!("{id}: kill switch on; every new connection and send is refused"))
+            let answer = call(&socket, &Request::Kill { agent: id.clone() })?;
+            let closed = match answer.get("sockets_closed").and_then(Value::as_u64) {
+                Some(n) => format!("{n} socket(s) closed"),
+                None => "its sockets could not all be closed (see the daemon's log)".to_owned(),
+            };
+            print(&format!(
+                "{id}: kill switch on; no packet of its connections passes, every new connection and send is refused; {closed}"
+            ))
         }
         Command::Revive { id, socket } => {
             agent_id(&id)?;
@@ -418,6 +432,16 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
             let now = clock::unix_now_secs();
             let claims = verifier.verify(&token, now).map_err(|e| Failure::Refused(e.to_string()))?;
             print(&serde_json::to_string_pretty(&claims).unwrap_or_default())
+        }
+        TokenCommand::Revoke { agent, socket } => {
+            agent_id(&agent)?;
+            let answer = call(&socket, &Request::TokenRevoke { agent: agent.clone() })?;
+            match answer.get("revoked").and_then(Value::as_str) {
+                Some(jti) => {
+                    print(&format!("{agent}: token {jti} revoked until its exp; the agent has no rights"))
+                }
+                None => print(&format!("{agent}: no token in force; nothing to revoke")),
+            }
         }
         TokenCommand::Apply { agent, token, socket } => {
             agent_id(&agent)?;

@@ -14,6 +14,13 @@
 //!                                                           ADDR; "ready" once bound; runs until killed
 //! ztseg-probe hold ADDR                                     a connected UDP socket to ADDR; prints
 //!                                                           "pid PID fd FD", waits for stdin to close
+//! ztseg-probe [--netns PATH] echo ADDR                     TCP and UDP echo on ADDR; "ready"; prints
+//!                                                           "rx BOOT_NS" for each chunk it receives
+//! ztseg-probe stream ADDR                                   a TCP connection and a connected UDP
+//!                                                           socket to an echo at ADDR; "connected";
+//!                                                           a byte on each every 10 ms; prints
+//!                                                           "tcp|udp BOOT_NS" per echo, and
+//!                                                           "tcp-closed ERRNO" when TCP fails
 //! ztseg-probe listen-unix PATH|@NAME                        a Unix listener; "ready"; accepts until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
 //!     | raw4 | udplite4 | mptcp4 | ping4 | ping6 | tcp4-socket     (socket creation only)
@@ -139,7 +146,11 @@ fn run_op(op: &str) -> String {
                 // O_NOCTTY: a session leader (the agent is one) would otherwise adopt it.
                 let slave = {
                     use std::os::unix::fs::OpenOptionsExt as _;
-                    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(name)?
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_NOCTTY)
+                        .open(name)?
                 };
                 let byte = b'x';
                 // SAFETY: TIOCSTI reads one byte from the pointer.
@@ -152,6 +163,30 @@ fn run_op(op: &str) -> String {
         "shm" => {
             // SAFETY: shmget with integer arguments looks a segment up by key.
             check(unsafe { libc::shmget(addr.parse().unwrap(), 0, 0) }.into())
+        }
+        "rthdr" => {
+            // rthdr:[Y]:PORT:[X]: a UDP datagram to Y with a segment routing header (type 4)
+            // whose next segment is X, set with setsockopt(IPV6_RTHDR) as any user may.
+            let (to, via) = addr.rsplit_once(":[").unwrap();
+            let target: SocketAddr = to.parse().unwrap();
+            let via: std::net::Ipv6Addr = via.trim_matches(|c| c == '[' || c == ']').parse().unwrap();
+            UdpSocket::bind("[::]:0").and_then(|socket| {
+                let mut srh = vec![0u8, 4, 4, 1, 1, 0, 0, 0];
+                srh.extend_from_slice(&[0u8; 16]);
+                srh.extend_from_slice(&via.octets());
+                // SAFETY: the option value is `srh`, whose length is passed with it.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&socket),
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_RTHDR,
+                        srh.as_ptr().cast(),
+                        srh.len() as libc::socklen_t,
+                    )
+                };
+                check(rc.into())?;
+                socket.send_to(b"detour", target).map(drop)
+            })
         }
         "io_uring" => {
             let mut params = [0u8; 120];
@@ -216,6 +251,129 @@ fn unix_ns() -> u64 {
 fn clock_ns(clock: nix::time::ClockId) -> u64 {
     let t = nix::time::clock_gettime(clock).unwrap();
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Writes one line with one write(2): lines of the probe's threads never interleave, and no
+/// thread waits on std's stdout lock (a thread that exits the process could be holding it).
+fn emit(line: &str) {
+    let line = format!("{line}\n");
+    // SAFETY: writes the bytes of `line` to fd 1.
+    unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+}
+
+/// Ends the process when stdin closes (the test's "stop"), after stdout is flushed.
+fn exit_on_stdin_close() {
+    thread::spawn(|| {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads raw fd 0 into our buffer until end of file.
+        while unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        // SAFETY: ends the process at once; every line was written with one write(2).
+        unsafe { libc::_exit(0) }
+    });
+}
+
+fn echo(addr: &str) {
+    use std::io::Read as _;
+    exit_on_stdin_close();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = TcpListener::bind(addr).unwrap();
+    let udp = UdpSocket::bind(addr).unwrap();
+    thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            emit(&format!("rx {}", boot_ns()));
+            let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
+    emit("ready");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                emit(&format!("rx {}", boot_ns()));
+                let _ = stream.write_all(&buf[..n]);
+            }
+        });
+    }
+}
+
+/// Prints "pkt DST NEXT" for every IPv6 packet that arrives on interface `iface` (the raw view
+/// of the wire, before any protocol handling), until stdin closes.
+fn capture(iface: &str) {
+    exit_on_stdin_close();
+    const ETH_P_IPV6: u16 = 0x86dd;
+    // SAFETY: socket(2) returns a new descriptor, kept for the life of the process.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(ETH_P_IPV6.to_be())) };
+    assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+    let index = nix::net::if_::if_nametoindex(iface).unwrap();
+    // SAFETY: a zeroed sockaddr_ll with family, protocol and ifindex set is a valid address.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_IPV6.to_be();
+    sll.sll_ifindex = index as i32;
+    // SAFETY: binds fd to the address above.
+    let rc = unsafe { libc::bind(fd, (&raw const sll).cast(), size_of::<libc::sockaddr_ll>() as u32) };
+    assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+    emit("ready");
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: receives at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 40 {
+            continue;
+        }
+        let dst = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&buf[24..40]).unwrap());
+        emit(&format!("pkt {dst} {}", buf[6]));
+    }
+}
+
+fn stream(addr: &str) {
+    use std::io::Read as _;
+    exit_on_stdin_close();
+    let target: SocketAddr = addr.parse().unwrap();
+    let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+    let udp = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+    udp.connect(target).unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let reader = tcp.try_clone().unwrap();
+    thread::spawn(move || {
+        let mut reader = reader;
+        let mut buf = [0u8; 64];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    emit("tcp-closed EOF");
+                    return;
+                }
+                Ok(_) => emit(&format!("tcp {}", boot_ns())),
+                Err(e) => {
+                    emit(&format!("tcp-closed {}", errno_name(&e)));
+                    return;
+                }
+            }
+        }
+    });
+    emit("connected");
+    let mut buf = [0u8; 64];
+    let mut write_failed = false;
+    loop {
+        // The abort's error goes to whichever of reader and writer asks first.
+        if let Err(e) = tcp.write_all(b"t")
+            && !write_failed
+        {
+            write_failed = true;
+            emit(&format!("tcp-closed {}", errno_name(&e)));
+        }
+        let _ = udp.send(b"u");
+        if udp.recv(&mut buf).is_ok() {
+            emit(&format!("udp {}", boot_ns()));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn serve(addrs: &[String]) {
@@ -347,6 +505,9 @@ fn main() {
             let mut line = String::new();
             while io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {}
         }
+        "echo" => echo(&args[0]),
+        "capture" => capture(&args[0]),
+        "stream" => stream(&args[0]),
         "listen-unix" => {
             use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
             let listener = if let Some(name) = args[0].strip_prefix('@') {

@@ -109,6 +109,13 @@ impl Shared {
     }
 }
 
+/// The persisted revocation list; a damaged one stops the start (it would un-revoke tokens).
+fn ztseg_revocations(config: &Config) -> anyhow::Result<crate::token::Revocations> {
+    let path = config.state_dir.join("revoked.json");
+    crate::token::Revocations::load(&path, crate::clock::unix_now_secs())
+        .with_context(|| format!("cannot read the revocation list {}", path.display()))
+}
+
 /// Creates a directory with `mode`; an existing one keeps its mode (it may be shared).
 fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
     if path.is_dir() {
@@ -160,10 +167,11 @@ async fn serve(config: Config) -> Result<()> {
     let ring = dataplane.take_events().context("the events ring buffer was already taken")?;
     let replay = ReplayCache::load(&config.state_dir.join("replay.json"))
         .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
+    let revoked = ztseg_revocations(&config)?;
     let key = HostKey::load_or_create(&config.state_dir)?;
     let (audit, recovery) = AuditLog::open(&config.audit_log, key, AuditOptions::default())?;
 
-    let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, audit);
+    let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, revoked, audit);
     let mut fields = Map::new();
     fields.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     fields.insert("links_updated".into(), json!(report.links_updated));
@@ -596,6 +604,18 @@ fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> R
                 }
                 Err(response) => response,
             },
+            Request::TokenRevoke { agent } => match parse_agent(&agent) {
+                Ok(agent) if !state.agents.contains_key(&agent) => Response::fail(
+                    FailureKind::Refused,
+                    format!("no agent {agent} is registered"),
+                    Some("unknown_agent"),
+                ),
+                Ok(agent) => match state.revoke_durably(&agent, "revoked by `ztseg token revoke`") {
+                    Ok(jti) => Response::ok(json!({ "agent": agent.as_str(), "revoked": jti })),
+                    Err(refusal) => refused(refusal),
+                },
+                Err(response) => response,
+            },
             Request::Agents {} => Response::ok(state.agents_json()),
             Request::Kill { agent } => match parse_agent(&agent) {
                 Ok(agent) => state.set_killed(&agent, true).map_or_else(refused, Response::ok),
@@ -682,6 +702,7 @@ fn status(state: &State) -> Value {
             "decisions": s.decisions, "denied": s.denied, "emitted": s.emitted, "dropped": s.dropped
         })).unwrap_or(Value::Null),
         "audit_next_seq": state.audit.next_seq(),
+        "revoked_tokens": state.revoked_tokens(),
     })
 }
 

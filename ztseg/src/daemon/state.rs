@@ -29,7 +29,8 @@ use crate::{
     dataplane::Dataplane,
     events::{self, Attribution},
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
-    token::{Claims, ReplayCache, TokenError, Verifier},
+    sockets,
+    token::{Claims, ReplayCache, Revocations, TokenError, Verifier},
 };
 
 /// Why a request or a file was refused: a stable code and one sentence.
@@ -150,6 +151,8 @@ pub struct State {
     published: Vec<Map<String, Value>>,
     /// Where the next new agent's uid search starts; saved in `state_dir/uid_cursor`.
     uid_cursor: u32,
+    /// Tokens whose rights were taken back before their `exp`.
+    revoked: Revocations,
 }
 
 use clock::unix_now_secs as now_unix;
@@ -200,6 +203,7 @@ impl State {
         dataplane: Dataplane,
         verifier: Verifier,
         replay: ReplayCache,
+        revoked: Revocations,
         audit: AuditLog,
     ) -> Self {
         // A missing or unreadable cursor starts at the range's first uid: round-robin then
@@ -210,6 +214,7 @@ impl State {
             .unwrap_or(config.agent_uids.first);
         Self {
             uid_cursor,
+            revoked,
             config,
             cgroups,
             dataplane,
@@ -386,6 +391,12 @@ impl State {
     fn try_apply(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
         let now = now_unix();
         let claims = self.verifier.verify_for(token, agent, now)?;
+        if self.revoked.contains(&claims.jti, now) {
+            return Err(Refusal::new(
+                "revoked",
+                format!("token {} was revoked for agent {agent} and stays revoked until its exp", claims.jti),
+            ));
+        }
         let hash = sha256(token);
         let record = self.agents.get(agent).ok_or_else(|| {
             Refusal::new(
@@ -476,18 +487,42 @@ impl State {
             warn!(agent = %agent, error = %e, "revoking in the kernel failed");
         }
         self.tables.retain(|(cg, _), _| *cg != cgroup_id);
+        let closed = self.close_sockets(agent);
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
         fields.insert("reason".into(), json!(why));
+        fields.insert("sockets_closed".into(), json!(closed));
         self.audit_event("token_revoked", fields);
         info!(agent = %agent, "rights revoked: {why}");
         self.mark_changed(agent);
     }
 
+    /// Revokes the agent's token in force and puts its `jti` on the revocation list first, so the
+    /// same token presented again is refused until its `exp`, restarts included. Returns the
+    /// revoked token's id, or `None` when the agent held none.
+    pub fn revoke_durably(&mut self, agent: &AgentId, why: &str) -> Result<Option<String>, Refusal> {
+        let Some(active) = self.agents.get(agent).and_then(|a| a.active.as_ref()) else {
+            return Ok(None);
+        };
+        let (jti, exp) = (active.claims.jti.clone(), active.claims.exp);
+        let saved = self.revoked.add(&jti, exp, now_unix());
+        // The rights go whatever happened to the list (fail closed); only its durability failed.
+        self.revoke(agent, why);
+        saved.map_err(|e| {
+            Refusal::new(
+                "internal",
+                format!("token {jti} is revoked, but the revocation list could not be saved ({e}); a restart would forget it"),
+            )
+        })?;
+        Ok(Some(jti))
+    }
+
     /// Removes an agent: rights revoked, unregistered (its cgroup is then denied everything), and
     /// its cgroup removed if empty.
     pub fn remove_agent(&mut self, agent: &AgentId, why: &str) {
-        self.revoke(agent, why);
+        if let Err(refusal) = self.revoke_durably(agent, why) {
+            warn!(agent = %agent, "{}", refusal.message);
+        }
         let Some(record) = self.agents.remove(agent) else { return };
         self.by_cgroup.remove(&record.cgroup_id);
         if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
@@ -513,11 +548,34 @@ impl State {
         self.dataplane
             .set_killed(record.cgroup_id, killed)
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        // From the flag on, the packet programs pass none of the agent's bytes; its sockets are
+        // then closed so its connections end rather than stall.
+        let closed = if killed { self.close_sockets(agent) } else { None };
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
+        if killed {
+            fields.insert("sockets_closed".into(), json!(closed));
+        }
         self.audit_event(if killed { "kill" } else { "revive" }, fields);
         warn!(agent = %agent, killed, "kill switch {}", if killed { "on" } else { "off" });
-        Ok(json!({ "agent": agent.as_str(), "killed": killed }))
+        Ok(json!({ "agent": agent.as_str(), "killed": killed, "sockets_closed": closed }))
+    }
+
+    /// Destroys the agent's TCP and UDP sockets (`sockets::close_all`); how many, or `None` when
+    /// that failed (logged: the packet programs still pass none of their bytes).
+    fn close_sockets(&self, agent: &AgentId) -> Option<usize> {
+        let record = self.agents.get(agent)?;
+        let path = self.cgroups.resolve(&record.cgroup).ok()?;
+        match sockets::close_all(&path, record.cgroup_id) {
+            Ok(closed) => {
+                info!(agent = %agent, closed, "closed the agent's sockets");
+                Some(closed)
+            }
+            Err(e) => {
+                warn!(agent = %agent, error = %e, "cannot close the agent's sockets");
+                None
+            }
+        }
     }
 
     /// Re-reads the policy dir and applies it: [`Self::load_policy`], then
@@ -820,7 +878,10 @@ impl State {
         }
         for (agent, jti, op) in expired {
             info!(agent = %agent, jti = %jti, "token expired");
+            // The kernel stopped the agent's bytes at exp on its own; its sockets go now.
+            let closed = agent.parse::<AgentId>().ok().and_then(|id| self.close_sockets(&id));
             let mut fields = Map::new();
+            fields.insert("sockets_closed".into(), json!(closed));
             fields.insert("agent".into(), json!(agent));
             fields.insert("jti".into(), json!(jti));
             fields.insert("op".into(), json!(op));
@@ -898,6 +959,11 @@ impl State {
             })
             .collect();
         Value::Array(agents)
+    }
+
+    /// How many tokens are on the revocation list.
+    pub fn revoked_tokens(&self) -> usize {
+        self.revoked.len()
     }
 
     pub fn agent_cgroup(&self, agent: &AgentId) -> Option<(PathBuf, u64)> {

@@ -27,7 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, cgroup_sock::CgroupSockAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, ProgramError,
+        cgroup_skb::CgroupSkbAttachType, cgroup_sock::CgroupSockAttachType,
         cgroup_sock_addr::CgroupSockAddrAttachType, links::FdLink,
     },
 };
@@ -92,6 +93,7 @@ impl ReclaimBarrier {
 enum Hook {
     SockAddr(CgroupSockAddrAttachType),
     Sock(CgroupSockAttachType),
+    Skb(CgroupSkbAttachType),
 }
 
 impl Hook {
@@ -99,18 +101,22 @@ impl Hook {
         let t: bpf_attach_type = match self {
             Self::SockAddr(t) => t.into(),
             Self::Sock(t) => t.into(),
+            Self::Skb(CgroupSkbAttachType::Ingress) => bpf_attach_type::BPF_CGROUP_INET_INGRESS,
+            Self::Skb(CgroupSkbAttachType::Egress) => bpf_attach_type::BPF_CGROUP_INET_EGRESS,
         };
         t as u32
     }
 }
 
 /// Every program ztseg attaches, by name in the object (also its link's pin name).
-const PROGRAMS: [(&str, Hook); 5] = [
+const PROGRAMS: [(&str, Hook); 7] = [
     ("connect4", Hook::SockAddr(CgroupSockAddrAttachType::Connect4)),
     ("connect6", Hook::SockAddr(CgroupSockAddrAttachType::Connect6)),
     ("sendmsg4", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4)),
     ("sendmsg6", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg6)),
     ("sock_create", Hook::Sock(CgroupSockAttachType::SockCreate)),
+    ("packets_in", Hook::Skb(CgroupSkbAttachType::Ingress)),
+    ("packets_out", Hook::Skb(CgroupSkbAttachType::Egress)),
 ];
 
 /// Names of the attached programs, for status output and tests.
@@ -707,6 +713,18 @@ fn attach(
                 return Ok(true);
             }
             let id = program.attach(root, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
+                .map_err(|e| link_err(io::Error::other(e.to_string())))?
+        }
+        Hook::Skb(attach_type) => {
+            let program: &mut CgroupSkb = program.try_into().map_err(prog_err(name))?;
+            program.load().map_err(prog_err(name))?;
+            if let Some(link) = &existing {
+                let fd = program.fd().map_err(prog_err(name))?;
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+                return Ok(true);
+            }
+            let id = program.attach(root, attach_type, CgroupAttachMode::Single).map_err(prog_err(name))?;
             FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
                 .map_err(|e| link_err(io::Error::other(e.to_string())))?
         }

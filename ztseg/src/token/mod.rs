@@ -14,6 +14,7 @@ mod error;
 mod issue;
 mod keys;
 mod replay;
+mod revoked;
 mod verify;
 
 #[cfg(test)]
@@ -26,4 +27,5 @@ pub use issue::{
 };
 pub use keys::KeyError;
 pub use replay::{ReplayCache, ReplayCacheError};
+pub use revoked::Revocations;
 pub use verify::{MAX_TOKEN_BYTES, TokenConfigError, Verifier};

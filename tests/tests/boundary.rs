@@ -1,0 +1,244 @@
+//! The network boundary is whole: the kill switch and a token's expiry cut established traffic in
+//! both directions (the cgroup_skb programs read the agent's entry on every packet), the daemon
+//! closes the agent's sockets, and no packet leaves with a destination other than the one the
+//! socket hooks judged.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::{ffi::OsStr, fs, process::Command};
+
+use serde_json::Value;
+use ztseg_integration::{At, Daemon, Netns, Proc, Site, TempDir, probe, run_agent, spawn_agent};
+
+const CATALOGUE: &str = r#"
+[scopes."stream"]
+allow = [{ to = "10.77.0.1/32", ports = [8003], proto = "tcp" }, { to = "10.77.0.1/32", ports = [8003], proto = "udp" }]
+"#;
+
+/// Echoes stamped after the kernel let them through can be stamped a little later: the receiving
+/// thread may be scheduled late. No byte may arrive later than this after the cut.
+const STAMP_SLACK_NS: u64 = 100_000_000;
+
+struct World {
+    daemon: Daemon,
+    ns: Netns,
+    echo: Proc,
+    _dir: TempDir,
+    _site: Site,
+}
+
+fn world(ttl: &str) -> World {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-boundary");
+    let ns = Netns::new(&["10.77.0.1/32"]);
+    let echo = {
+        let mut command = Command::new(ztseg_integration::probe_bin());
+        command.arg("--netns").arg(ns.path()).args(["echo", "10.77.0.1:8003"]);
+        let mut echo = Proc::spawn(command);
+        assert_eq!(echo.line(), "ready");
+        echo
+    };
+    let daemon = Daemon::start(&site, &dir.path);
+    daemon.write_policy("catalogue.toml", CATALOGUE);
+    let token = daemon.issue("alpha", &["--scope", "stream", "--ttl", ttl]);
+    fs::write(daemon.policy_dir.join("alpha.jwt"), &token).unwrap();
+    daemon.write_policy("alpha.toml", "[agent]\nid = \"alpha\"\ntoken_file = \"alpha.jwt\"\n");
+    daemon.wait_event("the grant", |r| r["event"] == "token_granted" && r["agent"] == "alpha");
+    World { daemon, ns, echo, _dir: dir, _site: site }
+}
+
+fn boot_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// Starts the streaming agent and returns once echoes came back over TCP and UDP (bytes flow
+/// both ways: the positive control for everything after).
+fn streaming_agent(w: &World) -> Proc {
+    let cmd = [w.daemon.probe.as_os_str(), OsStr::new("stream"), OsStr::new("10.77.0.1:8003")];
+    let mut agent = spawn_agent(&w.daemon, &w.ns, "alpha", &cmd, &[]);
+    assert_eq!(agent.line(), "connected");
+    let (mut tcp, mut udp) = (0, 0);
+    while tcp < 3 || udp < 3 {
+        let line = agent.line();
+        if line.starts_with("tcp ") {
+            tcp += 1;
+        } else if line.starts_with("udp ") {
+            udp += 1;
+        } else {
+            panic!("unexpected line before the cut: {line}");
+        }
+    }
+    agent
+}
+
+/// The boot-time stamps of the lines starting with `prefix`.
+fn stamps(lines: &[String], prefix: &str) -> Vec<u64> {
+    lines.iter().filter_map(|l| l.strip_prefix(prefix)).map(|t| t.parse().unwrap()).collect()
+}
+
+#[test]
+fn kill_cuts_established_tcp_and_udp_both_ways_and_closes_the_sockets() {
+    let w = world("300");
+    let agent = streaming_agent(&w);
+    let (code, out, err) = w.daemon.ztseg(&["kill", "alpha"]);
+    let killed_at = boot_ns();
+    assert_eq!(code, 0, "{err}");
+    let agent_lines = agent.finish();
+    let server_lines = w.echo.finish();
+    // No echo reached the agent, and nothing of the agent reached the server, after the kill.
+    let late_in: Vec<u64> = [stamps(&agent_lines, "tcp "), stamps(&agent_lines, "udp ")]
+        .concat()
+        .into_iter()
+        .filter(|&t| t > killed_at + STAMP_SLACK_NS)
+        .collect();
+    let late_out: Vec<u64> =
+        stamps(&server_lines, "rx ").into_iter().filter(|&t| t > killed_at + STAMP_SLACK_NS).collect();
+    assert!(late_in.is_empty() && late_out.is_empty(), "bytes after kill: in {late_in:?} out {late_out:?}");
+    // The sockets were closed: the TCP connection ended with an abort, not a hang.
+    // (The reader or the writer sees the abort, the other then sees the end or a broken pipe.)
+    assert!(agent_lines.iter().any(|l| l == "tcp-closed ECONNABORTED"), "{agent_lines:?}\n{out}");
+    let record = w.daemon.wait_event("the kill record", |r| r["event"] == "kill");
+    assert!(record["sockets_closed"].as_u64().unwrap_or(0) >= 2, "{record}");
+    assert!(out.contains("socket(s) closed"), "{out}");
+}
+
+#[test]
+fn expiry_cuts_established_traffic_with_the_daemon_stopped_and_a_restart_keeps_it_cut() {
+    let mut w = world("4");
+    // The kernel's deadline for the agent, on the boot clock.
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(w._site.pin_dir.join("agents"))
+        .output()
+        .unwrap();
+    let entries: Value = serde_json::from_slice(&dump.stdout).unwrap();
+    // With BTF, bpftool's JSON carries named fields under "formatted".
+    let entry = &entries[0];
+    let deadline = entry["formatted"]["value"]["deadline_ns"]
+        .as_u64()
+        .or_else(|| entry["value"]["deadline_ns"].as_u64())
+        .unwrap_or_else(|| panic!("no deadline in {entries}"));
+    let agent = streaming_agent(&w);
+    w.daemon.freeze(true);
+    // Nothing to await but the clock: the kernel alone enforces exp. Wait past it.
+    let wait = deadline.saturating_sub(boot_ns()) + 2 * STAMP_SLACK_NS;
+    std::thread::sleep(std::time::Duration::from_nanos(wait));
+    let agent_lines = agent.finish();
+    let server_lines = w.echo.finish();
+    let before = stamps(&agent_lines, "tcp ").into_iter().filter(|&t| t < deadline).count();
+    let late_in: Vec<u64> = [stamps(&agent_lines, "tcp "), stamps(&agent_lines, "udp ")]
+        .concat()
+        .into_iter()
+        .filter(|&t| t > deadline + STAMP_SLACK_NS)
+        .collect();
+    let late_out: Vec<u64> =
+        stamps(&server_lines, "rx ").into_iter().filter(|&t| t > deadline + STAMP_SLACK_NS).collect();
+    assert!(before >= 3, "traffic flowed before exp: {agent_lines:?}");
+    assert!(late_in.is_empty() && late_out.is_empty(), "bytes after exp: in {late_in:?} out {late_out:?}");
+    // A restart keeps it so: new connects are refused.
+    w.daemon.freeze(false);
+    w.daemon.crash();
+    w.daemon.launch();
+    let (code, out, err) = run_agent(&w.daemon, &w.ns, "alpha", None, &["tcp:10.77.0.1:8003"]);
+    assert_eq!((code, out), (0, vec!["EPERM".to_owned()]), "{err}");
+}
+
+/// Reads capture lines up to the marker (a plain UDP datagram to `marker_dst`), returning them.
+fn captured_until_marker(capture: &mut Proc, marker_dst: &str) -> Vec<String> {
+    let marker = format!("pkt {marker_dst} 17");
+    let mut lines = Vec::new();
+    loop {
+        let line = capture.line();
+        if line == marker {
+            return lines;
+        }
+        lines.push(line);
+    }
+}
+
+#[test]
+fn a_routing_header_cannot_take_a_packet_past_the_judged_destination() {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-rthdr");
+    // The agent's host and a far host on a veth link: Y (fd78::1) is granted, X (fd78::2) not.
+    let here = Netns::new(&[]);
+    let far = Netns::new(&[]);
+    let (a, b) = here.veth_to(&far, "10.78.0.10/24", "10.78.0.1/24");
+    here.add_v6("fd78::10/64", &a);
+    far.add_v6("fd78::1/64", &b);
+    far.add_v6("fd78::2/64", &b);
+    let mut capture = {
+        let mut command = Command::new(ztseg_integration::probe_bin());
+        command.arg("--netns").arg(far.path()).args(["capture", &b]);
+        let mut capture = Proc::spawn(command);
+        assert_eq!(capture.line(), "ready");
+        capture
+    };
+    let daemon = Daemon::start(&site, &dir.path);
+    daemon.write_policy(
+        "catalogue.toml",
+        "[scopes.\"detour\"]\nallow = [{ to = \"fd78::1/128\", ports = [9000], proto = \"udp\" }]\n",
+    );
+    let token = daemon.issue("alpha", &["--scope", "detour"]);
+    fs::write(daemon.policy_dir.join("alpha.jwt"), &token).unwrap();
+    daemon.write_policy("alpha.toml", "[agent]\nid = \"alpha\"\ntoken_file = \"alpha.jwt\"\n");
+    daemon.wait_event("the grant", |r| r["event"] == "token_granted" && r["agent"] == "alpha");
+    let detour = "rthdr:[fd78::1]:9000:[fd78::2]";
+    let marker = "udp-sendto:[fd78::2]:9001";
+
+    // Positive control: from outside any agent the routing header takes the datagram to X.
+    assert_eq!(probe(At { netns: &here, cgroup: None }, &[detour, marker]), ["ok", "ok"]);
+    let seen = captured_until_marker(&mut capture, "fd78::2");
+    assert!(seen.contains(&"pkt fd78::2 43".to_owned()), "control: no routed packet reached X: {seen:?}");
+
+    // The agent: the datagram with the routing header is refused; a plain one to Y still goes.
+    let (code, out, err) = run_agent(&daemon, &here, "alpha", None, &[detour, "udp-sendto:[fd78::1]:9000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, ["EPERM", "ok"]);
+    assert_eq!(probe(At { netns: &here, cgroup: None }, &[marker]), ["ok"]);
+    let seen = captured_until_marker(&mut capture, "fd78::2");
+    assert!(!seen.iter().any(|l| l.starts_with("pkt fd78::2 ")), "the agent's packet reached X: {seen:?}");
+    assert!(
+        seen.contains(&"pkt fd78::1 17".to_owned()),
+        "the agent's plain datagram to Y is missing: {seen:?}"
+    );
+}
+
+#[test]
+fn a_revoked_token_stays_revoked_until_its_exp_restarts_included() {
+    let mut w = world("300");
+    let token_file = w.daemon.policy_dir.join("alpha.jwt");
+    let token = fs::read_to_string(&token_file).unwrap();
+    let kept = w._dir.path.join("kept.jwt");
+    fs::copy(&token_file, &kept).unwrap();
+    // Deleting the binding is how an orchestrator revokes.
+    fs::remove_file(w.daemon.policy_dir.join("alpha.toml")).unwrap();
+    w.daemon.wait_event("the revocation", |r| r["event"] == "token_revoked" && r["agent"] == "alpha");
+    let refused = |w: &World| {
+        let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "alpha", &token]);
+        assert_eq!(code, 3, "{err}");
+        assert!(err.contains("revoked"), "{err}");
+        let (code, out, err) = run_agent(&w.daemon, &w.ns, "alpha", Some(&kept), &["tcp:10.77.0.1:8003"]);
+        assert_eq!(code, 3, "{err}");
+        assert!(out.is_empty() && err.contains("revoked"), "{out:?} {err}");
+    };
+    refused(&w);
+    w.daemon.crash();
+    w.daemon.launch();
+    refused(&w);
+    // Positive control: a new token for the same agent is accepted, and `ztseg token revoke`
+    // revokes it the same way.
+    let fresh = w.daemon.issue("alpha", &["--scope", "stream"]);
+    let fresh_file = w._dir.path.join("fresh.jwt");
+    fs::write(&fresh_file, &fresh).unwrap();
+    let (code, out, err) = run_agent(&w.daemon, &w.ns, "alpha", Some(&fresh_file), &["tcp:10.77.0.1:8003"]);
+    assert_eq!((code, out), (0, vec!["ok".to_owned()]), "{err}");
+    let (code, out, err) = w.daemon.ztseg(&["token", "revoke", "--agent", "alpha"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked until its exp"), "{out}");
+    let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "alpha", &fresh]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    let (code, out, _) = run_agent(&w.daemon, &w.ns, "alpha", None, &["tcp:10.77.0.1:8003"]);
+    assert_eq!((code, out), (0, vec!["EPERM".to_owned()]));
+}

@@ -1,0 +1,252 @@
+//! Closing an agent's sockets: when its kill switch is pulled, or its rights are revoked or
+//! lapse, its TCP and UDP sockets are destroyed (SOCK_DESTROY over sock_diag netlink, what
+//! `ss -K` does), so established connections end instead of hanging on dropped packets.
+//!
+//! sock_diag sees one network namespace per netlink socket: every namespace one of the agent's
+//! processes is in gets its own (opened from a thread that joins that namespace). A socket is the
+//! agent's when its cgroup id (INET_DIAG_CGROUP_ID) is the agent's cgroup.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const HEADER: usize = 16;
+/// `inet_diag_req_v2`: family, protocol, ext, pad, states, then the 48-byte socket id.
+const REQUEST: usize = 56;
+/// `inet_diag_msg`: family, state, timer, retrans, the socket id, then 5 u32.
+const MESSAGE: usize = 72;
+
+/// A socket to destroy: its family and protocol, and its `inet_diag_sockid` as the kernel sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Found {
+    family: u8,
+    protocol: u8,
+    id: [u8; 48],
+}
+
+fn request(kind: u16, flags: u16, family: u8, protocol: u8, id: &[u8; 48]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER + REQUEST);
+    m.extend_from_slice(&((HEADER + REQUEST) as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&[0u8; 8]); // seq, pid
+    m.extend_from_slice(&[family, protocol, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(id);
+    m
+}
+
+/// The netlink messages in a datagram: (type, payload).
+fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + HEADER <= buf.len() {
+        let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+        if len < HEADER || at + len > buf.len() {
+            break;
+        }
+        out.push((u16::from_ne_bytes([buf[at + 4], buf[at + 5]]), &buf[at + HEADER..at + len]));
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// The socket in one `inet_diag_msg` (with its attributes), if its cgroup is `cgroup_id`.
+fn parse_found(payload: &[u8], protocol: u8, cgroup_id: u64) -> Option<Found> {
+    if payload.len() < MESSAGE {
+        return None;
+    }
+    let mut at = MESSAGE;
+    let mut cgroup = None;
+    while at + 4 <= payload.len() {
+        let len = usize::from(u16::from_ne_bytes([payload[at], payload[at + 1]]));
+        let kind = u16::from_ne_bytes([payload[at + 2], payload[at + 3]]);
+        if len < 4 || at + len > payload.len() {
+            break;
+        }
+        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
+            cgroup = payload[at + 4..at + 12].try_into().ok().map(u64::from_ne_bytes);
+        }
+        at += (len + 3) & !3;
+    }
+    (cgroup == Some(cgroup_id)).then(|| Found {
+        family: payload[0],
+        protocol,
+        // The socket id follows family, state, timer and retrans.
+        id: payload[4..52].try_into().unwrap_or([0; 48]),
+    })
+}
+
+struct Diag {
+    fd: OwnedFd,
+}
+
+impl Diag {
+    /// A sock_diag socket in the network namespace of `/proc/PID/ns/net` (or this thread's).
+    fn open(netns: Option<&Path>) -> io::Result<Self> {
+        let open = || -> io::Result<Self> {
+            // SAFETY: socket(2) returns a new descriptor we own.
+            let fd = unsafe {
+                libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: just created, owned here only.
+            Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        };
+        let Some(netns) = netns else { return open() };
+        let ns = fs::File::open(netns)?;
+        // setns changes only the calling thread: a short-lived one joins, opens, and ends.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                    open()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+        })
+    }
+
+    fn send(&self, message: &[u8]) -> io::Result<()> {
+        // SAFETY: sends the bytes of `message` to the kernel (netlink address 0).
+        let rc = unsafe { libc::send(self.fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: receives at most `buf.len()` bytes into `buf`.
+        let rc = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Every socket of `family`/`protocol` whose cgroup is `cgroup_id`.
+    fn dump(&self, family: u8, protocol: u8, cgroup_id: u64) -> io::Result<Vec<Found>> {
+        self.send(&request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, protocol, &[0; 48]))?;
+        let mut found = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.recv(&mut buf)?;
+            for (kind, payload) in messages(&buf[..n]) {
+                match kind {
+                    NLMSG_DONE => return Ok(found),
+                    NLMSG_ERROR => {
+                        return Err(netlink_error(payload).unwrap_or_else(|| io::Error::other("dump failed")));
+                    }
+                    _ => found.extend(parse_found(payload, protocol, cgroup_id)),
+                }
+            }
+        }
+    }
+
+    fn destroy(&self, socket: &Found) -> io::Result<()> {
+        self.send(&request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            socket.family,
+            socket.protocol,
+            &socket.id,
+        ))?;
+        let mut buf = [0u8; 512];
+        let n = self.recv(&mut buf)?;
+        match messages(&buf[..n]).first() {
+            Some((NLMSG_ERROR, payload)) => netlink_error(payload).map_or(Ok(()), Err),
+            _ => Err(io::Error::other("no answer to SOCK_DESTROY")),
+        }
+    }
+}
+
+/// The error an NLMSG_ERROR carries (`None` for an acknowledgement).
+fn netlink_error(payload: &[u8]) -> Option<io::Error> {
+    let code = i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?);
+    (code != 0).then(|| io::Error::from_raw_os_error(-code))
+}
+
+/// The network namespaces of the processes in `cgroup` (one `/proc/PID/ns/net` path each), the
+/// daemon's own first.
+fn namespaces(cgroup: &Path) -> Vec<Option<std::path::PathBuf>> {
+    let own = fs::read_link("/proc/self/ns/net").ok();
+    let mut by_ns = BTreeMap::new();
+    for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
+        let path = Path::new("/proc").join(pid.trim()).join("ns/net");
+        if let Ok(ns) = fs::read_link(&path)
+            && Some(&ns) != own.as_ref()
+        {
+            by_ns.entry(ns).or_insert(path);
+        }
+    }
+    std::iter::once(None).chain(by_ns.into_values().map(Some)).collect()
+}
+
+/// Destroys every TCP and UDP socket (v4 and v6) of cgroup `cgroup_id` at `cgroup` in each
+/// network namespace its processes are in; returns how many were closed.
+pub fn close_all(cgroup: &Path, cgroup_id: u64) -> io::Result<usize> {
+    let mut closed = 0;
+    for netns in namespaces(cgroup) {
+        let diag = match Diag::open(netns.as_deref()) {
+            Ok(diag) => diag,
+            // The process left, and its namespace with it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
+                for socket in diag.dump(family, protocol, cgroup_id)? {
+                    match diag.destroy(&socket) {
+                        // Gone already (closed between the dump and now).
+                        Ok(()) => closed += 1,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_a_header_and_an_inet_diag_req_v2() {
+        let id = [7u8; 48];
+        let m = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2, 6, &id);
+        assert_eq!(m.len(), 72);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), SOCK_DESTROY);
+        assert_eq!(&m[16..20], &[2, 6, 0, 0]);
+        assert_eq!(&m[24..72], &id);
+    }
+
+    #[test]
+    fn a_message_is_the_agents_only_when_its_cgroup_attribute_says_so() {
+        let mut msg = vec![0u8; MESSAGE];
+        msg[0] = 10;
+        msg[4..52].copy_from_slice(&[9u8; 48]);
+        let mut attr = vec![12, 0, INET_DIAG_CGROUP_ID as u8, 0];
+        attr.extend_from_slice(&77u64.to_ne_bytes());
+        msg.extend_from_slice(&attr);
+        assert_eq!(parse_found(&msg, 6, 77), Some(Found { family: 10, protocol: 6, id: [9; 48] }));
+        assert_eq!(parse_found(&msg, 6, 78), None);
+        assert_eq!(parse_found(&msg[..MESSAGE], 6, 77), None, "no cgroup attribute");
+    }
+
+    #[test]
+    fn the_daemons_own_namespace_comes_first() {
+        assert_eq!(namespaces(Path::new("/nonexistent")), vec![None]);
+    }
+}
