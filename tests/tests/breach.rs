@@ -83,12 +83,18 @@ impl World {
 
 /// Each technique, its op, and the mechanism the table in the README names for it.
 fn assert_refused_inside_and_working_outside(w: &World, cases: &[(&str, String)]) {
+    let ops: Vec<String> = cases.iter().map(|(_, op)| op.clone()).collect();
+    assert_refused_inside_working_outside_as(w, cases, &ops);
+}
+
+/// The same, with the outside controls given op by op (one may reach the same target another way).
+fn assert_refused_inside_working_outside_as(w: &World, cases: &[(&str, String)], controls: &[String]) {
     let ops: Vec<&str> = cases.iter().map(|(_, op)| op.as_str()).collect();
     let inside = w.inside("alpha", &ops);
-    let outside = w.outside(&ops);
+    let outside = w.outside(&controls.iter().map(String::as_str).collect::<Vec<_>>());
     let mut table = String::new();
     for (((what, op), got), control) in cases.iter().zip(&inside).zip(&outside) {
-        table.push_str(&format!("{what:<48} {op:<40} agent: {got:<14} outside: {control}\n"));
+        table.push_str(&format!("{what:<52} {op:<48} agent: {got:<14} outside: {control}\n"));
     }
     eprintln!("{table}");
     for (((what, _), got), control) in cases.iter().zip(&inside).zip(&outside) {
@@ -184,21 +190,9 @@ fn an_agent_cannot_leave_its_box() {
         ("set up io_uring (its ops bypass seccomp)", "io_uring".to_owned()),
     ];
     // The outside control for the /tmp case reaches the same socket through beta's root.
-    let mut outside_cases = cases.clone();
-    outside_cases[6].1 = format!("unix:{beta_tmp_from_host}");
-    let ops: Vec<&str> = cases.iter().map(|(_, op)| op.as_str()).collect();
-    let inside = w.inside("alpha", &ops);
-    let controls: Vec<&str> = outside_cases.iter().map(|(_, op)| op.as_str()).collect();
-    let outside = w.outside(&controls);
-    let mut table = String::new();
-    for (((what, op), got), control) in cases.iter().zip(&inside).zip(&outside) {
-        table.push_str(&format!("{what:<52} {op:<48} agent: {got:<14} outside: {control}\n"));
-    }
-    eprintln!("{table}");
-    for (((what, _), got), control) in cases.iter().zip(&inside).zip(&outside) {
-        assert_ne!(got, "ok", "{what} worked from inside the agent\n{table}");
-        assert_eq!(control, "ok", "positive control failed: {what}\n{table}");
-    }
+    let mut controls: Vec<String> = cases.iter().map(|(_, op)| op.clone()).collect();
+    controls[6] = format!("unix:{beta_tmp_from_host}");
+    assert_refused_inside_working_outside_as(&w, &cases, &controls);
     // What ordinary programs need still works inside: route netlink, and the agent's own
     // Unix sockets (here a socketpair-free connect to a listener of its own is in the Python test).
     assert_eq!(w.inside("alpha", &["netlink:0", "tcp:10.77.0.1:8001"]), ["ok", "ok"]);

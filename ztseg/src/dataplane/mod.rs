@@ -703,42 +703,27 @@ fn attach(
             });
         }
     }
+    // The three program types share these steps but not a trait: load, then swap into the
+    // pinned link or attach a new one.
+    macro_rules! load_and_link {
+        ($ty:ty, |$p:ident| $attach:expr) => {{
+            let $p: &mut $ty = program.try_into().map_err(prog_err(name))?;
+            $p.load().map_err(prog_err(name))?;
+            if let Some(link) = &existing {
+                let fd = $p.fd().map_err(prog_err(name))?;
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+                return Ok(true);
+            }
+            let id = $attach.map_err(prog_err(name))?;
+            FdLink::try_from($p.take_link(id).map_err(prog_err(name))?)
+                .map_err(|e| link_err(io::Error::other(e.to_string())))?
+        }};
+    }
     let fd_link: FdLink = match hook {
-        Hook::SockAddr(_) => {
-            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
-            program.load().map_err(prog_err(name))?;
-            if let Some(link) = &existing {
-                let fd = program.fd().map_err(prog_err(name))?;
-                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
-                return Ok(true);
-            }
-            let id = program.attach(root, CgroupAttachMode::Single).map_err(prog_err(name))?;
-            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
-                .map_err(|e| link_err(io::Error::other(e.to_string())))?
-        }
+        Hook::SockAddr(_) => load_and_link!(CgroupSockAddr, |p| p.attach(root, CgroupAttachMode::Single)),
+        Hook::Sock(_) => load_and_link!(CgroupSock, |p| p.attach(root, CgroupAttachMode::Single)),
         Hook::Skb(attach_type) => {
-            let program: &mut CgroupSkb = program.try_into().map_err(prog_err(name))?;
-            program.load().map_err(prog_err(name))?;
-            if let Some(link) = &existing {
-                let fd = program.fd().map_err(prog_err(name))?;
-                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
-                return Ok(true);
-            }
-            let id = program.attach(root, attach_type, CgroupAttachMode::Single).map_err(prog_err(name))?;
-            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
-                .map_err(|e| link_err(io::Error::other(e.to_string())))?
-        }
-        Hook::Sock(_) => {
-            let program: &mut CgroupSock = program.try_into().map_err(prog_err(name))?;
-            program.load().map_err(prog_err(name))?;
-            if let Some(link) = &existing {
-                let fd = program.fd().map_err(prog_err(name))?;
-                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
-                return Ok(true);
-            }
-            let id = program.attach(root, CgroupAttachMode::Single).map_err(prog_err(name))?;
-            FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
-                .map_err(|e| link_err(io::Error::other(e.to_string())))?
+            load_and_link!(CgroupSkb, |p| p.attach(root, attach_type, CgroupAttachMode::Single))
         }
     };
     fd_link.pin(link_path).map_err(|e| link_err(io::Error::other(e.to_string())))?;
