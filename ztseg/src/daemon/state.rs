@@ -771,12 +771,14 @@ impl State {
                 && let Err(refusal) = self.apply_token(&id, &token, Source::Restore)
             {
                 info!(agent = %id, "saved token not restored: {}", refusal.message);
-                // An expired or refused token grants nothing: drop its table too.
+                // An expired or refused token grants nothing: drop its table too, and close the
+                // sockets the kernel has been passing no packet of since.
                 if let Some(record) = self.agents.get(&id)
                     && let Err(e) = self.dataplane.revoke(record.cgroup_id)
                 {
                     warn!(agent = %id, error = %e, "revoking in the kernel failed");
                 }
+                self.close_sockets(&id);
             }
         }
     }
