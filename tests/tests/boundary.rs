@@ -204,20 +204,43 @@ fn a_routing_header_cannot_take_a_packet_past_the_judged_destination() {
     );
 }
 
+/// The `iat` of a token, decoded without verification (test bookkeeping only).
+fn iat_of(token: &str) -> u64 {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
+            .unwrap();
+    claims["iat"].as_u64().unwrap()
+}
+
+/// Waits for the wall clock to pass `iat`, so the next token issued is strictly newer.
+fn after_second(iat: u64) {
+    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() <= iat {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_revoked_token_stays_revoked_until_its_exp_restarts_included() {
     let mut w = world("300");
-    let token_file = w.daemon.policy_dir.join("alpha.jwt");
-    let token = fs::read_to_string(&token_file).unwrap();
+    // An older token of the agent, still unexpired, and a newer one applied over it.
+    let older = fs::read_to_string(w.daemon.policy_dir.join("alpha.jwt")).unwrap();
+    after_second(iat_of(&older));
+    let token = w.daemon.issue("alpha", &["--scope", "stream"]);
+    let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "alpha", &token]);
+    assert_eq!(code, 0, "{err}");
     let kept = w._dir.path.join("kept.jwt");
-    fs::copy(&token_file, &kept).unwrap();
+    fs::write(&kept, &token).unwrap();
     // Deleting the binding is how an orchestrator revokes.
     fs::remove_file(w.daemon.policy_dir.join("alpha.toml")).unwrap();
     w.daemon.wait_event("the revocation", |r| r["event"] == "token_revoked" && r["agent"] == "alpha");
     let refused = |w: &World| {
-        let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "alpha", &token]);
-        assert_eq!(code, 3, "{err}");
-        assert!(err.contains("revoked"), "{err}");
+        for presented in [&token, &older] {
+            let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "alpha", presented]);
+            assert_eq!(code, 3, "{err}");
+            assert!(err.contains("revoked"), "{err}");
+        }
         let (code, out, err) = run_agent(&w.daemon, &w.ns, "alpha", Some(&kept), &["tcp:10.77.0.1:8003"]);
         assert_eq!(code, 3, "{err}");
         assert!(out.is_empty() && err.contains("revoked"), "{out:?} {err}");
@@ -226,8 +249,9 @@ fn a_revoked_token_stays_revoked_until_its_exp_restarts_included() {
     w.daemon.crash();
     w.daemon.launch();
     refused(&w);
-    // Positive control: a new token for the same agent is accepted, and `ztseg token revoke`
-    // revokes it the same way.
+    // Positive control: a token issued after the revoked one is accepted, and `ztseg token
+    // revoke` revokes it the same way.
+    after_second(iat_of(&token));
     let fresh = w.daemon.issue("alpha", &["--scope", "stream"]);
     let fresh_file = w._dir.path.join("fresh.jwt");
     fs::write(&fresh_file, &fresh).unwrap();

@@ -192,29 +192,44 @@ fn namespaces(cgroup: &Path) -> Vec<Option<std::path::PathBuf>> {
 
 /// Destroys every TCP and UDP socket (v4 and v6) of cgroup `cgroup_id` at `cgroup` in each
 /// network namespace its processes are in; returns how many were closed.
+/// One failure does not stop the rest: every socket that can be closed is, and the first error
+/// is returned afterwards.
 pub fn close_all(cgroup: &Path, cgroup_id: u64) -> io::Result<usize> {
     let mut closed = 0;
+    let mut first_error = None;
     for netns in namespaces(cgroup) {
         let diag = match Diag::open(netns.as_deref()) {
             Ok(diag) => diag,
             // The process left, and its namespace with it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
         };
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
-                for socket in diag.dump(family, protocol, cgroup_id)? {
+                let found = match diag.dump(family, protocol, cgroup_id) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                };
+                for socket in found {
                     match diag.destroy(&socket) {
-                        // Gone already (closed between the dump and now).
                         Ok(()) => closed += 1,
+                        // Gone already (closed between the dump and now).
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
                     }
                 }
             }
         }
     }
-    Ok(closed)
+    first_error.map_or(Ok(closed), Err)
 }
 
 #[cfg(test)]

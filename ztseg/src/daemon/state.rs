@@ -30,7 +30,7 @@ use crate::{
     events::{self, Attribution},
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
     sockets,
-    token::{Claims, ReplayCache, Revocations, TokenError, Verifier},
+    token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
 };
 
 /// Why a request or a file was refused: a stable code and one sentence.
@@ -391,10 +391,13 @@ impl State {
     fn try_apply(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
         let now = now_unix();
         let claims = self.verifier.verify_for(token, agent, now)?;
-        if self.revoked.contains(&claims.jti, now) {
+        if self.revoked.refuses(&claims.jti, agent.as_str(), claims.iat, now) {
             return Err(Refusal::new(
                 "revoked",
-                format!("token {} was revoked for agent {agent} and stays revoked until its exp", claims.jti),
+                format!(
+                    "token {} was revoked for agent {agent}, or was issued before a token revoked for it; it stays refused until it would have expired",
+                    claims.jti
+                ),
             ));
         }
         let hash = sha256(token);
@@ -504,8 +507,16 @@ impl State {
         let Some(active) = self.agents.get(agent).and_then(|a| a.active.as_ref()) else {
             return Ok(None);
         };
-        let (jti, exp) = (active.claims.jti.clone(), active.claims.exp);
-        let saved = self.revoked.add(&jti, exp, now_unix());
+        let (jti, iat, exp) = (active.claims.jti.clone(), active.claims.iat, active.claims.exp);
+        let leeway = self.config.leeway_seconds;
+        let revoked = Revoked {
+            jti: &jti,
+            agent: agent.as_str(),
+            iat,
+            token_until: exp + leeway,
+            floor_until: iat + self.config.max_ttl_seconds + 2 * leeway,
+        };
+        let saved = self.revoked.add(&revoked, now_unix());
         // The rights go whatever happened to the list (fail closed); only its durability failed.
         self.revoke(agent, why);
         saved.map_err(|e| {

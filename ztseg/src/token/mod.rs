@@ -27,5 +27,5 @@ pub use issue::{
 };
 pub use keys::KeyError;
 pub use replay::{ReplayCache, ReplayCacheError};
-pub use revoked::Revocations;
+pub use revoked::{Revocations, Revoked};
 pub use verify::{MAX_TOKEN_BYTES, TokenConfigError, Verifier};
