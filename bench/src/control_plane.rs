@@ -228,7 +228,9 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     fs::write(
         &config_path,
         format!(
+            // 10,000 agents need more uids than the default range's 4,336.
             "policy_dir = {:?}\nstate_dir = {:?}\naudit_log = {:?}\nsocket = {socket:?}\npin_dir = {pin_dir:?}\ncgroup_root = {root_rel:?}\n\
+             agent_uids = \"300000-319999\"\n\
              [[issuers]]\niss = {issuer:?}\nkey = {:?}\nalgorithms = [\"EdDSA\"]\n",
             dir.join("policies"),
             dir.join("state"),

@@ -207,12 +207,22 @@ impl Config {
             );
         }
         let UidRange { first, last } = self.agent_uids;
-        // Below 1000 are system accounts; 65534 is `nobody`; 65535 and above are reserved or
-        // belong to user namespaces' ranges on most hosts.
-        if first < 1000 || last >= 65534 || first > last {
+        // Below 1000 are system accounts; 65534 is `nobody` and 65535 the 16-bit -1; u32::MAX
+        // is -1 itself. Larger fleets than the default range holds (4,336 agents) pick a range
+        // above 65535 that no /etc/subuid entry uses.
+        let reserved = |uid: u32| uid == 65534 || uid == 65535;
+        if first < 1000
+            || first > last
+            || last == u32::MAX
+            || reserved(first)
+            || reserved(last)
+            || (first < 65534 && last > 65535)
+        {
             return invalid(
                 "agent_uids",
-                format!("needs 1000 <= FIRST <= LAST < 65534 (e.g. \"61184-65519\"), got {first}-{last}"),
+                format!(
+                    "needs 1000 <= FIRST <= LAST, not spanning 65534-65535 (e.g. \"61184-65519\" or \"200000-299999\"), got {first}-{last}"
+                ),
             );
         }
         if self.audience.is_empty() {
@@ -297,6 +307,8 @@ suspend_at = 90
         assert_eq!(config.issuers[0].algorithms, ["EdDSA"]);
         assert_eq!(config.risk, Risk::default());
         assert_eq!(config.agent_uids, UidRange { first: 61184, last: 65519 });
+        let large = parse("agent_uids = \"200000-299999\"").unwrap();
+        assert_eq!(large.agent_uids, UidRange { first: 200_000, last: 299_999 });
     }
 
     #[test]
@@ -315,6 +327,8 @@ suspend_at = 90
             ("agent_uids = \"0-100\"", "agent_uids"),
             ("agent_uids = \"62000-61000\"", "agent_uids"),
             ("agent_uids = \"61184-65534\"", "agent_uids"),
+            ("agent_uids = \"60000-70000\"", "agent_uids"),
+            ("agent_uids = \"100000-4294967295\"", "agent_uids"),
             ("max_ttl_seconds = 0", "max_ttl_seconds"),
             ("[risk]\npause_at = 95\nsuspend_at = 90", "risk"),
             ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),

@@ -13,7 +13,7 @@ use std::{
     fs, io,
     os::{
         fd::{AsFd as _, BorrowedFd},
-        unix::ffi::OsStrExt as _,
+        unix::ffi::{OsStrExt as _, OsStringExt as _},
     },
     path::{Path, PathBuf},
 };
@@ -145,9 +145,6 @@ fn prepare(options: &RunOptions) -> Result<Program, RunError> {
     sandbox::drop_privileges(uid, gid)?;
     sandbox::landlock_scopes()?;
     sandbox::seccomp()?;
-    // The launcher's home is root's, which the agent cannot enter; its private /tmp it can.
-    // SAFETY: this process is single-threaded (the CLI starts no threads) and execs next.
-    unsafe { std::env::set_var("HOME", "/tmp") };
     Ok(program)
 }
 
@@ -193,34 +190,25 @@ impl Program {
     }
 }
 
+/// Executes the open file with the launcher's environment, HOME pointed at the agent's private
+/// /tmp (the launcher's home is root's, which the agent cannot enter).
 fn exec(program: &Program, command: &[OsString]) -> RunError {
     use std::os::fd::AsRawFd as _;
     let Ok(args) = command.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<Vec<_>, _>>() else {
         return RunError::BadCommand;
     };
     let env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != "HOME")
+        .chain([("HOME".into(), "/tmp".into())])
         .filter_map(|(k, v)| {
-            let mut pair = k.as_bytes().to_vec();
+            let mut pair = k.into_vec();
             pair.push(b'=');
             pair.extend_from_slice(v.as_bytes());
             CString::new(pair).ok()
         })
         .collect();
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    // SAFETY: argv and envp are NULL-terminated arrays of C strings that outlive the call; the
-    // path is the empty string with AT_EMPTY_PATH, so the open descriptor is what is executed.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            program.file.as_raw_fd(),
-            c"".as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        );
+    match nix::unistd::fexecve(program.file.as_raw_fd(), &args, &env) {
+        Err(source) => RunError::Exec { command: program.name.clone(), source },
+        Ok(never) => match never {},
     }
-    RunError::Exec { command: program.name.clone(), source: nix::Error::last() }
 }

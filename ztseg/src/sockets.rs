@@ -7,7 +7,7 @@
 //! agent's when its cgroup id (INET_DIAG_CGROUP_ID) is the agent's cgroup.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fs, io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
@@ -27,9 +27,11 @@ const REQUEST: usize = 56;
 /// `inet_diag_msg`: family, state, timer, retrans, the socket id, then 5 u32.
 const MESSAGE: usize = 72;
 
-/// A socket to destroy: its family and protocol, and its `inet_diag_sockid` as the kernel sent it.
+/// A socket to destroy: its cgroup, family and protocol, and its `inet_diag_sockid` as the
+/// kernel sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Found {
+    cgroup_id: u64,
     family: u8,
     protocol: u8,
     id: [u8; 48],
@@ -62,8 +64,8 @@ fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
-/// The socket in one `inet_diag_msg` (with its attributes), if its cgroup is `cgroup_id`.
-fn parse_found(payload: &[u8], protocol: u8, cgroup_id: u64) -> Option<Found> {
+/// The socket in one `inet_diag_msg` (with its attributes), if its cgroup is one of `wanted`.
+fn parse_found(payload: &[u8], protocol: u8, wanted: &HashSet<u64>) -> Option<Found> {
     if payload.len() < MESSAGE {
         return None;
     }
@@ -80,7 +82,9 @@ fn parse_found(payload: &[u8], protocol: u8, cgroup_id: u64) -> Option<Found> {
         }
         at += (len + 3) & !3;
     }
-    (cgroup == Some(cgroup_id)).then(|| Found {
+    let cgroup_id = cgroup.filter(|c| wanted.contains(c))?;
+    Some(Found {
+        cgroup_id,
         family: payload[0],
         protocol,
         // The socket id follows family, state, timer and retrans.
@@ -132,8 +136,8 @@ impl Diag {
         usize::try_from(rc).map_err(|_| io::Error::last_os_error())
     }
 
-    /// Every socket of `family`/`protocol` whose cgroup is `cgroup_id`.
-    fn dump(&self, family: u8, protocol: u8, cgroup_id: u64) -> io::Result<Vec<Found>> {
+    /// Every socket of `family`/`protocol` whose cgroup is one of `wanted`.
+    fn dump(&self, family: u8, protocol: u8, wanted: &HashSet<u64>) -> io::Result<Vec<Found>> {
         self.send(&request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, protocol, &[0; 48]))?;
         let mut found = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -145,7 +149,7 @@ impl Diag {
                     NLMSG_ERROR => {
                         return Err(netlink_error(payload).unwrap_or_else(|| io::Error::other("dump failed")));
                     }
-                    _ => found.extend(parse_found(payload, protocol, cgroup_id)),
+                    _ => found.extend(parse_found(payload, protocol, wanted)),
                 }
             }
         }
@@ -174,30 +178,34 @@ fn netlink_error(payload: &[u8]) -> Option<io::Error> {
     (code != 0).then(|| io::Error::from_raw_os_error(-code))
 }
 
-/// The network namespaces of the processes in `cgroup` (one `/proc/PID/ns/net` path each), the
+/// The network namespaces of the processes in `cgroups` (one `/proc/PID/ns/net` path each), the
 /// daemon's own first.
-fn namespaces(cgroup: &Path) -> Vec<Option<std::path::PathBuf>> {
+fn namespaces<'a>(cgroups: impl IntoIterator<Item = &'a Path>) -> Vec<Option<std::path::PathBuf>> {
     let own = fs::read_link("/proc/self/ns/net").ok();
     let mut by_ns = BTreeMap::new();
-    for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
-        let path = Path::new("/proc").join(pid.trim()).join("ns/net");
-        if let Ok(ns) = fs::read_link(&path)
-            && Some(&ns) != own.as_ref()
-        {
-            by_ns.entry(ns).or_insert(path);
+    for cgroup in cgroups {
+        for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
+            let path = Path::new("/proc").join(pid.trim()).join("ns/net");
+            if let Ok(ns) = fs::read_link(&path)
+                && Some(&ns) != own.as_ref()
+            {
+                by_ns.entry(ns).or_insert(path);
+            }
         }
     }
     std::iter::once(None).chain(by_ns.into_values().map(Some)).collect()
 }
 
-/// Destroys every TCP and UDP socket (v4 and v6) of cgroup `cgroup_id` at `cgroup` in each
-/// network namespace its processes are in; returns how many were closed.
-/// One failure does not stop the rest: every socket that can be closed is, and the first error
-/// is returned afterwards.
-pub fn close_all(cgroup: &Path, cgroup_id: u64) -> io::Result<usize> {
-    let mut closed = 0;
+/// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), in each
+/// network namespace their processes are in, with one dump per namespace, family and protocol
+/// however many cgroups there are. Returns how many were closed per cgroup id. One failure does
+/// not stop the rest: every socket that can be closed is, and the first error is returned
+/// afterwards.
+pub fn close_all(targets: &[(&Path, u64)]) -> io::Result<HashMap<u64, usize>> {
+    let wanted: HashSet<u64> = targets.iter().map(|(_, id)| *id).collect();
+    let mut closed: HashMap<u64, usize> = wanted.iter().map(|id| (*id, 0)).collect();
     let mut first_error = None;
-    for netns in namespaces(cgroup) {
+    for netns in namespaces(targets.iter().map(|(path, _)| *path)) {
         let diag = match Diag::open(netns.as_deref()) {
             Ok(diag) => diag,
             // The process left, and its namespace with it.
@@ -209,7 +217,7 @@ pub fn close_all(cgroup: &Path, cgroup_id: u64) -> io::Result<usize> {
         };
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
-                let found = match diag.dump(family, protocol, cgroup_id) {
+                let found = match diag.dump(family, protocol, &wanted) {
                     Ok(found) => found,
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -218,7 +226,7 @@ pub fn close_all(cgroup: &Path, cgroup_id: u64) -> io::Result<usize> {
                 };
                 for socket in found {
                     match diag.destroy(&socket) {
-                        Ok(()) => closed += 1,
+                        Ok(()) => *closed.entry(socket.cgroup_id).or_default() += 1,
                         // Gone already (closed between the dump and now).
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                         Err(e) => {
@@ -255,13 +263,26 @@ mod tests {
         let mut attr = vec![12, 0, INET_DIAG_CGROUP_ID as u8, 0];
         attr.extend_from_slice(&77u64.to_ne_bytes());
         msg.extend_from_slice(&attr);
-        assert_eq!(parse_found(&msg, 6, 77), Some(Found { family: 10, protocol: 6, id: [9; 48] }));
-        assert_eq!(parse_found(&msg, 6, 78), None);
-        assert_eq!(parse_found(&msg[..MESSAGE], 6, 77), None, "no cgroup attribute");
+        let wanted = |ids: &[u64]| ids.iter().copied().collect::<HashSet<u64>>();
+        assert_eq!(
+            parse_found(&msg, 6, &wanted(&[5, 77])),
+            Some(Found { cgroup_id: 77, family: 10, protocol: 6, id: [9; 48] })
+        );
+        assert_eq!(parse_found(&msg, 6, &wanted(&[78])), None);
+        assert_eq!(parse_found(&msg[..MESSAGE], 6, &wanted(&[77])), None, "no cgroup attribute");
     }
 
     #[test]
-    fn the_daemons_own_namespace_comes_first() {
-        assert_eq!(namespaces(Path::new("/nonexistent")), vec![None]);
+    fn the_daemons_own_namespace_comes_first_and_only_once() {
+        assert_eq!(namespaces([Path::new("/nonexistent")]), vec![None]);
+        // A cgroup listing this process (in the daemon's namespace) twice, and pid 1 (the host's):
+        // the own namespace is not repeated; another one comes once.
+        let dir = std::env::temp_dir().join(format!("ztseg-sockets-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        fs::write(dir.join("cgroup.procs"), format!("{me}\n{me}\n")).unwrap();
+        let found = namespaces([dir.as_path(), dir.as_path()]);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, vec![None]);
     }
 }

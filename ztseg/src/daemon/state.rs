@@ -144,6 +144,14 @@ pub struct State {
     generation: u64,
     pub agents: BTreeMap<AgentId, AgentRecord>,
     by_cgroup: HashMap<u64, AgentId>,
+    /// The agents' cgroups (relative paths, in component order) and uids: kept with `agents` and
+    /// `by_cgroup` at the one place each agent is added and removed, so registering an agent
+    /// checks overlaps and free uids without a scan over every agent.
+    by_path: BTreeMap<PathBuf, AgentId>,
+    uids: std::collections::HashSet<u32>,
+    /// Uids of running processes, read from /proc at most once a second (10,000 new bindings
+    /// at start-up read it a few times, not 10,000).
+    live_uids: Option<(std::time::Instant, std::collections::HashSet<u32>)>,
     tables: HashMap<(u64, u32), TableInfo>,
     pub audit: AuditLog,
     pub events_written: u64,
@@ -228,6 +236,9 @@ impl State {
             generation: 0,
             agents: BTreeMap::new(),
             by_cgroup: HashMap::new(),
+            by_path: BTreeMap::new(),
+            uids: std::collections::HashSet::new(),
+            live_uids: None,
             tables: HashMap::new(),
             audit,
             events_written: 0,
@@ -271,6 +282,32 @@ impl State {
         self.config.cgroup_root.join(id.as_str())
     }
 
+    /// The agent whose cgroup is `relative`, an ancestor of it, or below it. Paths order by
+    /// component, so the first cgroup at or after `relative` is a descendant if any is.
+    fn agent_overlapping(&self, relative: &Path) -> Option<AgentId> {
+        relative
+            .ancestors()
+            .find_map(|a| self.by_path.get(a))
+            .or_else(|| {
+                self.by_path
+                    .range(relative.to_owned()..)
+                    .next()
+                    .filter(|(p, _)| p.starts_with(relative))
+                    .map(|(_, id)| id)
+            })
+            .cloned()
+    }
+
+    /// Uids some running process has, refreshed at most once a second.
+    fn live_uids(&mut self) -> std::collections::HashSet<u32> {
+        let fresh =
+            self.live_uids.as_ref().is_some_and(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1));
+        if !fresh {
+            self.live_uids = Some((std::time::Instant::now(), agent_uid::live_uids()));
+        }
+        self.live_uids.as_ref().map(|(_, uids)| uids.clone()).unwrap_or_default()
+    }
+
     /// Makes sure the agent exists: cgroup created, registered in the kernel (no rights yet).
     /// `uid` is the agent's uid before a restart, kept when it is still free.
     pub fn ensure_agent(
@@ -305,24 +342,19 @@ impl State {
         if !self.agents.contains_key(id) {
             // A cgroup inside (or around) another agent's would let one agent's binding take
             // over the other's identity in the kernel, or be frozen and killed with it.
-            if let Some(other) = self
-                .agents
-                .values()
-                .find(|a| a.cgroup.starts_with(&relative) || relative.starts_with(&a.cgroup))
-            {
+            if let Some(other) = self.agent_overlapping(&relative) {
                 return Err(Refusal::new(
                     "cgroup_of_another_agent",
                     format!(
-                        "agent {id}'s cgroup {} overlaps agent {}'s cgroup {}",
+                        "agent {id}'s cgroup {} overlaps agent {other}'s cgroup {}",
                         relative.display(),
-                        other.id,
-                        other.cgroup.display()
+                        self.agents.get(&other).map_or_else(String::new, |a| a.cgroup.display().to_string())
                     ),
                 ));
             }
-            let agents: std::collections::HashSet<u32> = self.agents.values().map(|a| a.uid).collect();
-            let live = if saved_uid.is_some() { Default::default() } else { agent_uid::live_uids() };
-            let in_use = agent_uid::InUse { agents: &agents, live: &live, by_host: &agent_uid::used_by_host };
+            let live = if saved_uid.is_some() { Default::default() } else { self.live_uids() };
+            let in_use =
+                agent_uid::InUse { agents: &self.uids, live: &live, by_host: &agent_uid::used_by_host };
             let uid = agent_uid::allocate(self.config.agent_uids, saved_uid, self.uid_cursor, &in_use)
                 .ok_or_else(|| {
                     Refusal::new(
@@ -337,6 +369,8 @@ impl State {
             let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             self.dataplane.register(cgroup_id).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
             self.by_cgroup.insert(cgroup_id, id.clone());
+            self.by_path.insert(relative.clone(), id.clone());
+            self.uids.insert(uid);
             self.agents.insert(
                 id.clone(),
                 AgentRecord {
@@ -490,7 +524,7 @@ impl State {
             warn!(agent = %agent, error = %e, "revoking in the kernel failed");
         }
         self.tables.retain(|(cg, _), _| *cg != cgroup_id);
-        let closed = self.close_sockets(agent);
+        let closed = self.close_agent_sockets(agent);
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
         fields.insert("reason".into(), json!(why));
@@ -536,6 +570,8 @@ impl State {
         }
         let Some(record) = self.agents.remove(agent) else { return };
         self.by_cgroup.remove(&record.cgroup_id);
+        self.by_path.remove(&record.cgroup);
+        self.uids.remove(&record.uid);
         if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
             warn!(agent = %agent, error = %e, "unregistering in the kernel failed");
         }
@@ -561,7 +597,7 @@ impl State {
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
         // From the flag on, the packet programs pass none of the agent's bytes; its sockets are
         // then closed so its connections end rather than stall.
-        let closed = if killed { self.close_sockets(agent) } else { None };
+        let closed = if killed { self.close_agent_sockets(agent) } else { None };
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
         if killed {
@@ -572,21 +608,44 @@ impl State {
         Ok(json!({ "agent": agent.as_str(), "killed": killed, "sockets_closed": closed }))
     }
 
-    /// Destroys the agent's TCP and UDP sockets (`sockets::close_all`); how many, or `None` when
-    /// that failed (logged: the packet programs still pass none of their bytes).
-    fn close_sockets(&self, agent: &AgentId) -> Option<usize> {
-        let record = self.agents.get(agent)?;
-        let path = self.cgroups.resolve(&record.cgroup).ok()?;
-        match sockets::close_all(&path, record.cgroup_id) {
-            Ok(closed) => {
-                info!(agent = %agent, closed, "closed the agent's sockets");
+    /// Destroys the TCP and UDP sockets of `agents` in one pass (`sockets::close_all`); how many
+    /// per agent, or `None` for all when that failed (logged: the packet programs still pass
+    /// none of their bytes).
+    fn close_sockets(&self, agents: &[AgentId]) -> Option<HashMap<AgentId, usize>> {
+        let targets: Vec<(PathBuf, u64, &AgentId)> = agents
+            .iter()
+            .filter_map(|id| {
+                let record = self.agents.get(id)?;
+                Some((self.cgroups.resolve(&record.cgroup).ok()?, record.cgroup_id, id))
+            })
+            .collect();
+        if targets.is_empty() {
+            return Some(HashMap::new());
+        }
+        let paths: Vec<(&Path, u64)> = targets.iter().map(|(path, id, _)| (path.as_path(), *id)).collect();
+        match sockets::close_all(&paths) {
+            Ok(by_cgroup) => {
+                let closed: HashMap<AgentId, usize> = targets
+                    .iter()
+                    .map(|(_, cgroup_id, id)| ((*id).clone(), by_cgroup.get(cgroup_id).copied().unwrap_or(0)))
+                    .collect();
+                info!(
+                    agents = targets.len(),
+                    closed = closed.values().sum::<usize>(),
+                    "closed agents' sockets"
+                );
                 Some(closed)
             }
             Err(e) => {
-                warn!(agent = %agent, error = %e, "cannot close the agent's sockets");
+                warn!(agents = targets.len(), error = %e, "cannot close the agents' sockets");
                 None
             }
         }
+    }
+
+    /// [`Self::close_sockets`] for one agent.
+    fn close_agent_sockets(&self, agent: &AgentId) -> Option<usize> {
+        self.close_sockets(std::slice::from_ref(agent)).map(|closed| closed.get(agent).copied().unwrap_or(0))
     }
 
     /// Re-reads the policy dir and applies it: [`Self::load_policy`], then
@@ -763,6 +822,7 @@ impl State {
         }
         // Agents with a saved uid first, so one without cannot be given another's uid.
         persisted.sort_by_key(|saved| saved.uid.is_none());
+        let mut lapsed = Vec::new();
         for saved in persisted {
             let Ok(id) = saved.id.parse::<AgentId>() else { continue };
             match self.ensure_agent(&id, Some(&saved.cgroup), saved.uid) {
@@ -783,15 +843,16 @@ impl State {
             {
                 info!(agent = %id, "saved token not restored: {}", refusal.message);
                 // An expired or refused token grants nothing: drop its table too, and close the
-                // sockets the kernel has been passing no packet of since.
+                // sockets the kernel has been passing no packet of since (all in one pass below).
                 if let Some(record) = self.agents.get(&id)
                     && let Err(e) = self.dataplane.revoke(record.cgroup_id)
                 {
                     warn!(agent = %id, error = %e, "revoking in the kernel failed");
                 }
-                self.close_sockets(&id);
+                lapsed.push(id);
             }
         }
+        self.close_sockets(&lapsed);
     }
 
     /// Kernel agents that no binding, no saved state and no `ztseg run` explains lose everything.
@@ -886,16 +947,20 @@ impl State {
                 && now >= active.claims.exp
             {
                 active.expiry_logged = true;
-                expired.push((record.id.to_string(), active.claims.jti.clone(), active.claims.op.clone()));
+                expired.push((record.id.clone(), active.claims.jti.clone(), active.claims.op.clone()));
             }
         }
+        // The kernel stopped their bytes at exp on its own; their sockets go now, in one pass.
+        let ids: Vec<AgentId> = expired.iter().map(|(agent, ..)| agent.clone()).collect();
+        let closed = self.close_sockets(&ids);
         for (agent, jti, op) in expired {
             info!(agent = %agent, jti = %jti, "token expired");
-            // The kernel stopped the agent's bytes at exp on its own; its sockets go now.
-            let closed = agent.parse::<AgentId>().ok().and_then(|id| self.close_sockets(&id));
             let mut fields = Map::new();
-            fields.insert("sockets_closed".into(), json!(closed));
-            fields.insert("agent".into(), json!(agent));
+            fields.insert(
+                "sockets_closed".into(),
+                json!(closed.as_ref().map(|c| c.get(&agent).copied().unwrap_or(0))),
+            );
+            fields.insert("agent".into(), json!(agent.as_str()));
             fields.insert("jti".into(), json!(jti));
             fields.insert("op".into(), json!(op));
             self.audit_event("token_expired", fields);
@@ -977,10 +1042,6 @@ impl State {
     /// How many tokens are on the revocation list.
     pub fn revoked_tokens(&self) -> usize {
         self.revoked.len()
-    }
-
-    pub fn agent_cgroup(&self, agent: &AgentId) -> Option<(PathBuf, u64)> {
-        self.agents.get(agent).map(|a| (a.cgroup.clone(), a.cgroup_id))
     }
 
     pub fn resolve_cgroup(&self, relative: &Path) -> Option<PathBuf> {
