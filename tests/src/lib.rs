@@ -408,10 +408,10 @@ impl Daemon {
     /// SIGTERMs the daemon and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            // A test that failed while the daemon was frozen must not wait for it forever.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
             let _ = child.wait();
         }
     }
@@ -519,6 +519,25 @@ impl Daemon {
         let (code, out, err) = self.ztseg(&args);
         assert_eq!(code, 0, "token issue failed: {err}");
         out.trim().to_owned()
+    }
+
+    /// Binds `agent` to `token` through a policy file (`AGENT.jwt` and `AGENT.toml`, as an
+    /// orchestrator would) and waits for the grant of that very token.
+    pub fn bind(&self, agent: &str, token: &str) {
+        let jti = claims(token)["jti"].as_str().unwrap().to_owned();
+        fs::write(self.policy_dir.join(format!("{agent}.jwt")), token).unwrap();
+        self.write_policy(
+            &format!("{agent}.toml"),
+            &format!("[agent]\nid = {agent:?}\ntoken_file = \"{agent}.jwt\"\n"),
+        );
+        self.wait_event("the grant", move |r| r["event"] == "token_granted" && r["jti"] == jti.as_str());
+    }
+
+    /// Issues a token for `agent` with `grant` (token issue options) and binds it; returns it.
+    pub fn bind_new(&self, agent: &str, grant: &[&str]) -> String {
+        let token = self.issue(agent, grant);
+        self.bind(agent, &token);
+        token
     }
 
     /// Writes a policy file atomically (as an orchestrator should: temp file, then rename).
@@ -641,4 +660,12 @@ pub fn spawn_agent(
         .envs(env.iter().copied())
         .env(ztseg::control::SOCKET_ENV, &daemon.socket);
     Proc::spawn(command)
+}
+
+/// The claims of a token, decoded without verification (test bookkeeping only).
+pub fn claims(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = token.trim().split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
+        .unwrap()
 }

@@ -38,24 +38,12 @@ fn world() -> World {
     let daemon = Daemon::start_with(&site, &dir.path, "control_group = \"nogroup\"");
     daemon.write_policy("catalogue.toml", CATALOGUE);
     let world = World { daemon, ns, site, _server: server, _dir: dir };
-    world.bind("alpha", &["--scope", "read:db"]);
-    world.bind("beta", &["--tool", "net"]);
+    world.daemon.bind_new("alpha", &["--scope", "read:db"]);
+    world.daemon.bind_new("beta", &["--tool", "net"]);
     world
 }
 
 impl World {
-    fn bind(&self, agent: &str, grant: &[&str]) {
-        let token = self.daemon.issue(agent, grant);
-        fs::write(self.daemon.policy_dir.join(format!("{agent}.jwt")), &token).unwrap();
-        self.daemon.write_policy(
-            &format!("{agent}.toml"),
-            &format!("[agent]\nid = {agent:?}\ntoken_file = \"{agent}.jwt\"\n"),
-        );
-        let agent = agent.to_owned();
-        self.daemon
-            .wait_event("the grant", move |r| r["event"] == "token_granted" && r["agent"] == agent.as_str());
-    }
-
     fn agent(&self, id: &str) -> Value {
         let agents: Value = serde_json::from_str(&self.daemon.agents()).unwrap();
         agents.as_array().unwrap().iter().find(|a| a["agent"] == id).unwrap().clone()
@@ -81,25 +69,37 @@ impl World {
     }
 }
 
-/// Each technique, its op, and the mechanism the table in the README names for it.
-fn assert_refused_inside_and_working_outside(w: &World, cases: &[(&str, String)]) {
-    let ops: Vec<String> = cases.iter().map(|(_, op)| op.clone()).collect();
-    assert_refused_inside_working_outside_as(w, cases, &ops);
+/// One technique: what it is, the probe op alpha runs, the outcome the mechanism named in the
+/// README gives it, and the control: the op run outside any agent (the same op unless it must
+/// reach the target another way) and its outcome there ("ok" unless the kernel answers
+/// otherwise without any filter).
+struct Case {
+    what: &'static str,
+    op: String,
+    inside: &'static str,
+    control: Option<String>,
+    outside: &'static str,
 }
 
-/// The same, with the outside controls given op by op (one may reach the same target another way).
-fn assert_refused_inside_working_outside_as(w: &World, cases: &[(&str, String)], controls: &[String]) {
-    let ops: Vec<&str> = cases.iter().map(|(_, op)| op.as_str()).collect();
+fn case(what: &'static str, op: impl Into<String>, inside: &'static str) -> Case {
+    Case { what, op: op.into(), inside, control: None, outside: "ok" }
+}
+
+/// Runs every case inside alpha and outside any agent; each gives exactly its expected outcome
+/// on both sides, so a refusal from another cause than the one named fails the test.
+fn assert_cases(w: &World, cases: &[Case]) {
+    let ops: Vec<&str> = cases.iter().map(|c| c.op.as_str()).collect();
+    let controls: Vec<&str> = cases.iter().map(|c| c.control.as_deref().unwrap_or(&c.op)).collect();
     let inside = w.inside("alpha", &ops);
-    let outside = w.outside(&controls.iter().map(String::as_str).collect::<Vec<_>>());
+    let outside = w.outside(&controls);
     let mut table = String::new();
-    for (((what, op), got), control) in cases.iter().zip(&inside).zip(&outside) {
-        table.push_str(&format!("{what:<52} {op:<48} agent: {got:<14} outside: {control}\n"));
+    for ((c, got), control) in cases.iter().zip(&inside).zip(&outside) {
+        table.push_str(&format!("{:<52} {:<48} agent: {got:<14} outside: {control}\n", c.what, c.op));
     }
     eprintln!("{table}");
-    for (((what, _), got), control) in cases.iter().zip(&inside).zip(&outside) {
-        assert_ne!(got, "ok", "{what} worked from inside the agent\n{table}");
-        assert_eq!(control, "ok", "positive control failed: {what}\n{table}");
+    for ((c, got), control) in cases.iter().zip(&inside).zip(&outside) {
+        assert_eq!(got, c.inside, "{} from inside the agent\n{table}", c.what);
+        assert_eq!(control, c.outside, "positive control: {}\n{table}", c.what);
     }
 }
 
@@ -125,14 +125,14 @@ fn an_agent_cannot_touch_another_agent() {
     );
 
     let cases = [
-        ("ptrace another agent", format!("ptrace:{pid}")),
-        ("read another agent's environment (its secrets)", format!("environ:{pid}")),
-        ("open another agent's memory", format!("mem:{pid}")),
-        ("process_vm_readv another agent", format!("vmread:{pid}")),
-        ("take another agent's socket (pidfd_getfd)", format!("getfd:{pid}:{fd}")),
-        ("signal another agent", format!("signal:{pid}")),
+        case("ptrace another agent", format!("ptrace:{pid}"), "EPERM"),
+        case("read another agent's environment (its secrets)", format!("environ:{pid}"), "ENOENT"),
+        case("open another agent's memory", format!("mem:{pid}"), "ENOENT"),
+        case("process_vm_readv another agent", format!("vmread:{pid}"), "EPERM"),
+        case("take another agent's socket (pidfd_getfd)", format!("getfd:{pid}:{fd}"), "EPERM"),
+        case("signal another agent", format!("signal:{pid}"), "EPERM"),
     ];
-    assert_refused_inside_and_working_outside(&w, &cases);
+    assert_cases(&w, &cases);
     // beta is unharmed.
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     beta.finish();
@@ -174,30 +174,40 @@ fn an_agent_cannot_leave_its_box() {
     let beta_tmp_from_host = format!("/proc/{}/root/tmp/beta.sock", beta_tmp.pid());
 
     let cases = [
-        ("connect to a world-writable host Unix socket in /run", format!("unix:{run_socket}")),
-        ("connect to a world-writable host Unix socket elsewhere", format!("unix:{open_socket}")),
-        ("connect to a root-only host Unix socket", format!("unix:{closed_socket}")),
-        ("open the host's SysV shared memory", format!("shm:{shm_key}")),
-        ("type into a terminal (TIOCSTI)", "tiocsti".to_owned()),
-        ("connect to another agent's abstract socket", format!("unix:@{abstract_name}")),
-        ("connect to another agent's socket in /tmp", "unix:/tmp/beta.sock".to_owned()),
-        ("connect to the ztseg control socket", format!("unix:{}", w.daemon.socket.display())),
-        ("open an AF_PACKET socket", "packet".to_owned()),
-        ("open an AF_NETLINK sock_diag socket", "netlink:4".to_owned()),
-        ("create a user namespace", "userns".to_owned()),
-        ("create a network namespace (with a user namespace)", "netns".to_owned()),
-        ("create a mount namespace", "mount-ns".to_owned()),
-        ("set up io_uring (its ops bypass seccomp)", "io_uring".to_owned()),
+        case("connect to a world-writable host Unix socket in /run", format!("unix:{run_socket}"), "ENOENT"),
+        case(
+            "connect to a world-writable host Unix socket elsewhere",
+            format!("unix:{open_socket}"),
+            "ECONNREFUSED",
+        ),
+        case("connect to a root-only (0770) host Unix socket", format!("unix:{closed_socket}"), "EACCES"),
+        case("open the host's SysV shared memory", format!("shm:{shm_key}"), "ENOENT"),
+        case("type into its own terminal (TIOCSTI)", "tiocsti", "EPERM"),
+        case("connect to another agent's abstract socket", format!("unix:@{abstract_name}"), "EPERM"),
+        // The control reaches the same (0777) socket through beta's root.
+        Case {
+            control: Some(format!("unix:{beta_tmp_from_host}")),
+            ..case("connect to another agent's 0777 socket in /tmp", "unix:/tmp/beta.sock", "ENOENT")
+        },
+        // The test's socket sits in /tmp; the default /run/ztseg is just as private to an agent.
+        case("connect to the ztseg control socket", format!("unix:{}", w.daemon.socket.display()), "ENOENT"),
+        case("open an AF_PACKET socket (also needs CAP_NET_RAW)", "packet", "EPERM"),
+        // Any user may open sock_diag (it lists every socket of the namespace): the filter's EPERM.
+        case("open an AF_NETLINK sock_diag socket", "netlink:4", "EPERM"),
+        case("create a user namespace (unshare)", "userns", "EPERM"),
+        case("create a network namespace (with a user namespace)", "netns", "EPERM"),
+        case("create a user namespace (clone flags)", "clone-newuser", "EPERM"),
+        // An empty clone3 call: the kernel says EINVAL, the filter ENOSYS before it.
+        Case { outside: "EINVAL", ..case("clone3 (flags the filter cannot read)", "clone3", "ENOSYS") },
+        case("set up io_uring (its ops bypass seccomp)", "io_uring", "EPERM"),
     ];
-    // The outside control for the /tmp case reaches the same socket through beta's root.
-    let mut controls: Vec<String> = cases.iter().map(|(_, op)| op.clone()).collect();
-    controls[6] = format!("unix:{beta_tmp_from_host}");
-    assert_refused_inside_working_outside_as(&w, &cases, &controls);
+    assert_cases(&w, &cases);
     // What ordinary programs need still works inside: route netlink, and the agent's own
     // Unix sockets (here a socketpair-free connect to a listener of its own is in the Python test).
     assert_eq!(w.inside("alpha", &["netlink:0", "tcp:10.77.0.1:8001"]), ["ok", "ok"]);
-    // AF_VSOCK: refused inside; outside it needs the vsock module, which this host may lack.
-    assert_ne!(w.inside("alpha", &["vsock"]), ["ok"]);
+    // AF_VSOCK: refused by the filter inside; outside it needs the vsock module, which this host
+    // may lack, so there is no control.
+    assert_eq!(w.inside("alpha", &["vsock"]), ["EPERM"]);
 }
 
 #[test]
@@ -247,17 +257,27 @@ fn an_agent_is_never_a_control_client() {
     let mut lines = said.lines();
     assert_eq!(lines.next(), Some("run_needs_root"), "{said} {}", String::from_utf8_lossy(&out.stderr));
     assert!(!lines.next().unwrap().ends_with("/alpha"), "{said}");
-    // And a non-root launcher cannot start an agent at all: CMD would keep its uid.
-    let marker = w._dir.path.join("started");
-    let out = {
+    // And a non-root launcher cannot start an agent at all: CMD would keep its uid. The marker
+    // goes where that user may write, as the positive control shows.
+    let open = w.daemon.dir.join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+    let as_nobody = |program: &Path| {
         use std::os::unix::process::CommandExt as _;
-        Command::new(&w.daemon.ztseg_for_others)
+        let mut command = Command::new(program);
+        command.uid(65534).gid(65534);
+        command
+    };
+    let control = open.join("control");
+    assert!(as_nobody(Path::new("touch")).arg(&control).status().unwrap().success());
+    assert!(control.exists());
+    let marker = open.join("started");
+    let out = {
+        as_nobody(&w.daemon.ztseg_for_others)
             .args(["run", "--agent", "alpha", "--socket"])
             .arg(&w.daemon.socket)
             .args(["--", "touch"])
             .arg(&marker)
-            .uid(65534)
-            .gid(65534)
             .output()
             .unwrap()
     };

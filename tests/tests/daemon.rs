@@ -9,7 +9,7 @@ use std::fs;
 
 use serde_json::Value;
 use ztseg_integration::{
-    At, Daemon, Netns, Site, TempDir, loop_counts, probe, run_agent, run_agent_loop, serve,
+    At, Daemon, Netns, Site, TempDir, claims, loop_counts, probe, run_agent, run_agent_loop, serve,
 };
 
 /// The catalogue of these tests: scope `read:db` reaches 10.77.0.1:8001; tool `net` reaches every
@@ -48,18 +48,6 @@ fn world() -> World {
 }
 
 impl World {
-    /// Binds `agent` to `token` through a policy file and waits for the grant.
-    fn bind(&self, agent: &str, token: &str) {
-        let jti = claims(token)["jti"].as_str().unwrap().to_owned();
-        fs::write(self.daemon.policy_dir.join(format!("{agent}.jwt")), token).unwrap();
-        self.daemon.write_policy(
-            &format!("{agent}.toml"),
-            &format!("[agent]\nid = {agent:?}\ntoken_file = \"{agent}.jwt\"\n"),
-        );
-        self.daemon
-            .wait_event("the grant", move |r| r["event"] == "token_granted" && r["jti"] == jti.as_str());
-    }
-
     fn run(&self, agent: &str, ops: &[&str]) -> Vec<String> {
         let (code, out, err) = run_agent(&self.daemon, &self.ns, agent, None, ops);
         assert_eq!(code, 0, "ztseg run failed: {err}");
@@ -71,19 +59,11 @@ impl World {
     }
 }
 
-/// The claims of a token, decoded without verification (test bookkeeping only).
-fn claims(token: &str) -> Value {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn a_scope_reaches_its_service_and_nothing_else() {
     let w = world();
     let token = w.daemon.issue("analyst", &["--op", "op-1", "--scope", "read:db"]);
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002", "tcp:10.77.0.2:8001", "udp-sendto:10.77.0.1:8001"];
     assert_eq!(w.run("analyst", &ops), ["ok", "EPERM", "EPERM", "EPERM"]);
     assert_eq!(w.outside(&ops), ["ok"; 4]);
@@ -93,7 +73,7 @@ fn a_scope_reaches_its_service_and_nothing_else() {
 fn a_forbidden_tool_beats_an_allow() {
     let w = world();
     let token = w.daemon.issue("analyst", &["--tool", "net", "--forbid", "shell"]);
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8002", "tcp:10.77.0.2:8001"];
     assert_eq!(w.run("analyst", &ops), ["ok", "ok", "EPERM"]);
     assert_eq!(w.outside(&ops), ["ok"; 3]);
@@ -104,7 +84,7 @@ fn a_short_token_stops_at_exp_even_with_the_daemon_stopped() {
     let mut w = world();
     let token = w.daemon.issue("analyst", &["--scope", "read:db", "--ttl", "3"]);
     let exp_ns = claims(&token)["exp"].as_u64().unwrap() * 1_000_000_000;
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     // The agent starts while the daemon runs; then the daemon dies and the agent keeps going.
     let mut agent = run_agent_proc(&w, "analyst", &["until-denied", "tcp:10.77.0.1:8001"]);
     assert_eq!(agent.line(), "first ok");
@@ -133,11 +113,11 @@ fn run_agent_proc(w: &World, agent: &str, args: &[&str]) -> ztseg_integration::P
 fn a_refreshed_token_keeps_a_connect_loop_going_without_a_refusal() {
     let w = world();
     let first = w.daemon.issue("analyst", &["--op", "op-1", "--scope", "read:db"]);
-    w.bind("analyst", &first);
+    w.daemon.bind("analyst", &first);
     let looping = run_agent_loop(&w.daemon, &w.ns, "analyst", &["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"]);
     // Refresh by replacing the binding's token file...
     let second = w.daemon.issue("analyst", &["--op", "op-1", "--scope", "read:db", "--scope", "read:db2"]);
-    w.bind("analyst", &second);
+    w.daemon.bind("analyst", &second);
     // ...and by `ztseg token apply`.
     let third = w.daemon.issue("analyst", &["--op", "op-2", "--scope", "read:db"]);
     let (code, out, err) = w.daemon.ztseg(&["token", "apply", "--agent", "analyst", &third]);
@@ -182,7 +162,7 @@ fn hs256_with_public_key(daemon: &Daemon, claims: &Value) -> String {
 fn each_bad_token_is_refused_with_its_reason_and_rights_stay() {
     let w = world();
     let good = w.daemon.issue("analyst", &["--scope", "read:db"]);
-    w.bind("analyst", &good);
+    w.daemon.bind("analyst", &good);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // Valid claims asking for more than the good token; each case breaks one thing.
     let valid = serde_json::json!({
@@ -290,7 +270,7 @@ fn the_same_token_again_is_idempotent_and_an_older_one_cannot_roll_back() {
     // An older, broader token first, then a newer, narrower one.
     let broad = signed(&w.daemon, &claims_at("broad", now - 100, &["read:db", "read:db2"]));
     let narrow = signed(&w.daemon, &claims_at("narrow", now, &["read:db"]));
-    w.bind("analyst", &broad);
+    w.daemon.bind("analyst", &broad);
     let (code, _, err) = w.daemon.ztseg(&["token", "apply", "--agent", "analyst", &narrow]);
     assert_eq!(code, 0, "{err}");
     // The same token again changes nothing (a restart or a re-read binding presents it again).
@@ -307,7 +287,7 @@ fn the_same_token_again_is_idempotent_and_an_older_one_cannot_roll_back() {
 fn a_broken_policy_file_is_refused_and_the_running_policy_stays() {
     let w = world();
     let token = w.daemon.issue("analyst", &["--scope", "read:db"]);
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     w.daemon.write_policy("broken.toml", "[scopes.\"read:db\"\nallow = [");
     let refused = w.daemon.wait_event("the refusal", |r| {
         r["event"] == "policy_refused" && r["reason"].as_str().is_some_and(|s| s.contains("broken.toml"))
@@ -326,7 +306,7 @@ fn a_broken_policy_file_is_refused_and_the_running_policy_stays() {
 fn sigkill_and_restart_keep_enforcement_in_force_throughout() {
     let mut w = world();
     let token = w.daemon.issue("analyst", &["--scope", "read:db"]);
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     let looping = run_agent_loop(&w.daemon, &w.ns, "analyst", &["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"]);
     w.daemon.crash();
     w.daemon.launch();
@@ -345,7 +325,7 @@ fn sigkill_and_restart_keep_enforcement_in_force_throughout() {
 fn kill_refuses_the_next_connect_survives_a_restart_and_revive_restores() {
     let mut w = world();
     let token = w.daemon.issue("analyst", &["--scope", "read:db"]);
-    w.bind("analyst", &token);
+    w.daemon.bind("analyst", &token);
     assert_eq!(w.run("analyst", &["tcp:10.77.0.1:8001"]), ["ok"]);
     let (code, _, err) = w.daemon.ztseg(&["kill", "analyst"]);
     assert_eq!(code, 0, "{err}");

@@ -31,10 +31,7 @@ fn world() -> World {
     let server = serve(&ns, &["10.77.0.1:8001", "10.77.0.1:8002", "[fd77::1]:8001", "[fd77::1]:8002"]);
     let daemon = Daemon::start(&site, &dir.path);
     daemon.write_policy("catalogue.toml", CATALOGUE);
-    let token = daemon.issue("analyst", &["--op", "op-events", "--scope", "read:svc"]);
-    fs::write(daemon.policy_dir.join("analyst.jwt"), &token).unwrap();
-    daemon.write_policy("analyst.toml", "[agent]\nid = \"analyst\"\ntoken_file = \"analyst.jwt\"\n");
-    daemon.wait_event("the grant", |r| r["event"] == "token_granted");
+    daemon.bind_new("analyst", &["--op", "op-events", "--scope", "read:svc"]);
     World { daemon, ns, _server: server, dir, _site: site }
 }
 
@@ -113,12 +110,7 @@ fn a_known_set_of_decisions_produces_exactly_those_events() {
 }
 
 fn token_jti(token: &str) -> String {
-    use base64::Engine as _;
-    let payload = token.trim().split('.').nth(1).unwrap();
-    let claims: Value =
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap())
-            .unwrap();
-    claims["jti"].as_str().unwrap().to_owned()
+    ztseg_integration::claims(token)["jti"].as_str().unwrap().to_owned()
 }
 
 fn verify(log: &Path, extra: &[&str]) -> (i32, String) {

@@ -70,6 +70,8 @@ pub const PROGRAMS: &[Program] = &[
         package: "python3-cryptography",
         why: "the PyJWT interop test",
     },
+    Program { name: "touch", path: "/bin/touch", package: "coreutils", why: "agents the tests start" },
+    Program { name: "sh", path: "/bin/sh", package: "dash", why: "agents the tests start" },
     Program { name: "apt-get", path: APT_GET, package: "apt", why: "cargo xtask setup" },
     Program { name: "dpkg-query", path: DPKG_QUERY, package: "dpkg", why: "cargo xtask setup" },
     Program { name: "ldd", path: LDD, package: "libc-bin", why: "checking bpf-linker's LLVM" },

@@ -421,6 +421,9 @@ mod tests {
     fn anything_left_over_is_named() {
         let cases = [
             ("Uid:\t61184\t61184\t61184\t61184", "Uid:\t61184\t0\t61184\t61184", "Uid"),
+            ("Gid:\t61184\t61184\t61184\t61184", "Gid:\t61184\t61184\t0\t61184", "Gid"),
+            ("CapPrm:\t0000000000000000", "CapPrm:\t0000000000200000", "CapPrm"),
+            ("CapEff:\t0000000000000000", "CapEff:\t0000000000200000", "CapEff"),
             ("Groups:\t", "Groups:\t27", "supplementary groups"),
             ("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff", "CapBnd"),
             ("CapInh:\t0000000000000000", "CapInh:\t0000000000000400", "CapInh"),

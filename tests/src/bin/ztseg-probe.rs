@@ -19,14 +19,15 @@
 //! ztseg-probe stream ADDR                                   a TCP connection and a connected UDP
 //!                                                           socket to an echo at ADDR; "connected";
 //!                                                           a byte on each every 10 ms; prints
-//!                                                           "tcp|udp BOOT_NS" per echo, and
+//!                                                           "tcp|udp BOOT_NS" per chunk received, and
 //!                                                           "tcp-closed ERRNO" when TCP fails
 //! ztseg-probe listen-unix PATH|@NAME                        a Unix listener; "ready"; accepts until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
 //!     | raw4 | udplite4 | mptcp4 | ping4 | ping6 | tcp4-socket     (socket creation only)
 //!     side doors: ptrace:PID | environ:PID | mem:PID | vmread:PID | getfd:PID:FD (take the
 //!     descriptor) | signal:PID (kill 0) | unix:PATH | unix:@NAME
-//!     | vsock | netlink:PROTO | userns | netns | io_uring | mount-ns
+//!     | vsock | netlink:PROTO | userns | netns | mount-ns | clone-newuser | clone3 | io_uring
+//!     | tiocsti (in a new session, into its own pty) | shm:KEY | ipopts:ADDR | rthdr:[Y]:PORT:[X]
 //! ```
 //!
 //! It moves itself into the cgroup (and network namespace) before it opens any socket, as
@@ -135,29 +136,61 @@ fn run_op(op: &str) -> String {
         "userns" => unshare_in_child(CloneFlags::CLONE_NEWUSER),
         "netns" => unshare_in_child(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET),
         "mount-ns" => unshare_in_child(CloneFlags::CLONE_NEWNS),
-        "tiocsti" => {
-            // A pseudo-terminal of our own: TIOCSTI types one byte into its input queue.
-            let master = nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY)
-                .map_err(io::Error::from);
-            master.and_then(|m| {
-                nix::pty::grantpt(&m).and_then(|()| nix::pty::unlockpt(&m)).map_err(io::Error::from)?;
-                // SAFETY: ptsname is called once, on this thread only.
-                let name = unsafe { nix::pty::ptsname(&m) }.map_err(io::Error::from)?;
-                // O_NOCTTY: a session leader (the agent is one) would otherwise adopt it.
-                let slave = {
-                    use std::os::unix::fs::OpenOptionsExt as _;
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .custom_flags(libc::O_NOCTTY)
-                        .open(name)?
+        "tiocsti" => in_child(|| {
+            // A session leader's exit hangs up its terminal: not the outcome being measured.
+            // SAFETY: sets SIGHUP's disposition in this single-threaded child.
+            unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+            // A new session whose controlling terminal is a pty of its own: TIOCSTI into one's own
+            // terminal is what the kernel allows any user (legacy_tiocsti), so only a filter stops it.
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            let master = nix::pty::posix_openpt(nix::fcntl::OFlag::O_RDWR).map_err(io::Error::from)?;
+            nix::pty::grantpt(&master).and_then(|()| nix::pty::unlockpt(&master)).map_err(io::Error::from)?;
+            // SAFETY: ptsname is called once, in this single-threaded child.
+            let name = unsafe { nix::pty::ptsname(&master) }.map_err(io::Error::from)?;
+            let slave = std::fs::OpenOptions::new().read(true).write(true).open(name)?;
+            let byte = b'x';
+            // SAFETY: TIOCSTI reads one byte from the pointer.
+            check(
+                unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&slave), libc::TIOCSTI, &byte) }.into(),
+            )
+        }),
+        "clone3" => {
+            // An empty clone_args: the kernel answers EINVAL; a filter that hides clone3, ENOSYS.
+            // SAFETY: a null pointer with size 0 is rejected before anything is created.
+            check(unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) })
+        }
+        "clone-newuser" => {
+            // clone(2) with CLONE_NEWUSER, fork-like (no new stack): the child exits at once.
+            // SAFETY: the child only calls _exit; the parent reaps it.
+            let pid =
+                unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0) };
+            if pid == 0 {
+                // SAFETY: leaves the child at once.
+                unsafe { libc::_exit(0) }
+            }
+            check(pid).map(|()| {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            })
+        }
+        "ipopts" => {
+            // A datagram to ADDR with IPv4 options (NOPs and an end marker: harmless ones, which
+            // any user may set); the egress program drops any packet with options.
+            let target: SocketAddr = addr.parse().unwrap();
+            UdpSocket::bind("0.0.0.0:0").and_then(|socket| {
+                let options = [1u8, 1, 1, 0];
+                // SAFETY: the option value is `options`, whose length is passed with it.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&socket),
+                        libc::IPPROTO_IP,
+                        libc::IP_OPTIONS,
+                        options.as_ptr().cast(),
+                        options.len() as libc::socklen_t,
+                    )
                 };
-                let byte = b'x';
-                // SAFETY: TIOCSTI reads one byte from the pointer.
-                check(
-                    unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&slave), libc::TIOCSTI, &byte) }
-                        .into(),
-                )
+                // A refused option is a different outcome from a refused datagram.
+                check(rc.into()).map_err(|e| io::Error::other(format!("setsockopt-{}", errno_name(&e))))?;
+                socket.send_to(b"options", target).map(drop)
             })
         }
         "shm" => {
@@ -184,7 +217,8 @@ fn run_op(op: &str) -> String {
                         srh.len() as libc::socklen_t,
                     )
                 };
-                check(rc.into())?;
+                // A refused option is a different outcome from a refused datagram.
+                check(rc.into()).map_err(|e| io::Error::other(format!("setsockopt-{}", errno_name(&e))))?;
                 socket.send_to(b"detour", target).map(drop)
             })
         }
@@ -207,12 +241,18 @@ fn run_op(op: &str) -> String {
 
 /// unshare(2) in a forked child, so one op's new namespace does not change the next op.
 fn unshare_in_child(flags: CloneFlags) -> io::Result<()> {
-    // SAFETY: the child only calls unshare and _exit, both async-signal-safe.
+    in_child(|| nix::sched::unshare(flags).map_err(io::Error::from))
+}
+
+/// Runs `f` in a forked child (its session, namespaces or terminal stay there) and returns its
+/// outcome: the errno travels back as the exit code.
+fn in_child(f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    // SAFETY: the probe is single-threaded in `once` mode; the child runs `f` and `_exit`s.
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
-            let code = match nix::sched::unshare(flags) {
+            let code = match f() {
                 Ok(()) => 0,
-                Err(e) => e as i32,
+                Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
             };
             // SAFETY: leaves the child without running any destructor of the parent's state.
             unsafe { libc::_exit(code) }
@@ -278,16 +318,36 @@ fn echo(addr: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
     let listener = TcpListener::bind(addr).unwrap();
     let udp = UdpSocket::bind(addr).unwrap();
+    // Besides echoing, it sends a byte of its own every 10 ms to each peer it has heard from,
+    // so what reaches the agent does not depend on what the agent sends.
+    let push = udp.try_clone().unwrap();
+    let last_peer = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let heard = last_peer.clone();
     thread::spawn(move || {
         let mut buf = [0u8; 64];
         while let Ok((n, peer)) = udp.recv_from(&mut buf) {
             emit(&format!("rx {}", boot_ns()));
+            *heard.lock().unwrap() = Some(peer);
             let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
+    thread::spawn(move || {
+        loop {
+            if let Some(peer) = *last_peer.lock().unwrap() {
+                let _ = push.send_to(b"p", peer);
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     });
     emit("ready");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
+        let mut pusher = stream.try_clone().unwrap();
+        thread::spawn(move || {
+            while pusher.write_all(b"p").is_ok() {
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
         thread::spawn(move || {
             let mut buf = [0u8; 64];
             while let Ok(n) = stream.read(&mut buf) {
@@ -338,7 +398,19 @@ fn stream(addr: &str) {
     let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
     let udp = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
     udp.connect(target).unwrap();
-    udp.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    // Each socket has a reader of its own that stamps a chunk the moment it is taken off the
+    // socket, so a backlog cannot show up as late arrivals.
+    let udp_reader = udp.try_clone().unwrap();
+    thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        loop {
+            match udp_reader.recv(&mut buf) {
+                Ok(_) => emit(&format!("udp {}", boot_ns())),
+                // Refused (ICMP) or closed: the socket stays; keep reading.
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
     let reader = tcp.try_clone().unwrap();
     thread::spawn(move || {
         let mut reader = reader;
@@ -358,7 +430,6 @@ fn stream(addr: &str) {
         }
     });
     emit("connected");
-    let mut buf = [0u8; 64];
     let mut write_failed = false;
     loop {
         // The abort's error goes to whichever of reader and writer asks first.
@@ -369,9 +440,6 @@ fn stream(addr: &str) {
             emit(&format!("tcp-closed {}", errno_name(&e)));
         }
         let _ = udp.send(b"u");
-        if udp.recv(&mut buf).is_ok() {
-            emit(&format!("udp {}", boot_ns()));
-        }
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -514,7 +582,11 @@ fn main() {
                 use std::os::linux::net::SocketAddrExt as _;
                 UnixListener::bind_addr(&UnixAddr::from_abstract_name(name).unwrap()).unwrap()
             } else {
-                UnixListener::bind(&args[0]).unwrap()
+                let listener = UnixListener::bind(&args[0]).unwrap();
+                // World-writable: only the mechanism under test may stop a connect, not the mode.
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&args[0], std::fs::Permissions::from_mode(0o777)).unwrap();
+                listener
             };
             println!("ready");
             io::stdout().flush().unwrap();

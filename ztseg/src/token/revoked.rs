@@ -115,14 +115,29 @@ impl Revocations {
 mod tests {
     use super::*;
 
-    fn scratch() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "ztseg-revoked-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir.join("revoked.json")
+    /// A scratch directory removed on drop, even when the test fails.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "ztseg-revoked-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn list(&self) -> PathBuf {
+            self.0.join("revoked.json")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 
     fn revoked<'a>(jti: &'a str, agent: &'a str, iat: u64, exp: u64) -> Revoked<'a> {
@@ -131,7 +146,8 @@ mod tests {
 
     #[test]
     fn a_revocation_survives_a_reload_until_the_token_would_have_expired() {
-        let path = scratch();
+        let scratch = Scratch::new();
+        let path = scratch.list();
         let mut list = Revocations::load(&path, 100).unwrap();
         assert!(list.is_empty());
         list.add(&revoked("jti-a", "a", 90, 200), 100).unwrap();
@@ -150,22 +166,22 @@ mod tests {
 
     #[test]
     fn an_older_token_of_a_revoked_agent_is_refused_too_but_a_newer_one_is_not() {
-        let path = scratch();
-        let mut list = Revocations::load(&path, 100).unwrap();
-        list.add(&revoked("jti-new", "a", 90, 200), 100).unwrap();
+        let scratch = Scratch::new();
+        let path = scratch.list();
+        Revocations::load(&path, 100).unwrap().add(&revoked("jti-new", "a", 90, 200), 100).unwrap();
+        // What a restart reads back.
+        let list = Revocations::load(&path, 100).unwrap();
         assert!(list.refuses("jti-old", "a", 80, 120), "issued before the revoked token");
         assert!(list.refuses("jti-same-second", "a", 90, 120));
         assert!(!list.refuses("jti-later", "a", 91, 120), "issued after the revocation's token");
         assert!(!list.refuses("jti-old", "b", 80, 120), "another agent's token");
         assert!(!list.refuses("jti-old", "a", 80, 190), "the floor ends when every older token has expired");
-        fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn a_damaged_list_is_an_error_not_an_empty_list() {
-        let path = scratch();
-        fs::write(&path, "{not json").unwrap();
-        assert!(Revocations::load(&path, 0).is_err());
-        fs::remove_dir_all(path.parent().unwrap()).unwrap();
+        let scratch = Scratch::new();
+        fs::write(scratch.list(), "{not json").unwrap();
+        assert!(Revocations::load(&scratch.list(), 0).is_err());
     }
 }
