@@ -17,7 +17,7 @@ use ztseg::{
     agent_id::AgentId,
     cgroup::CgroupFs,
     config::{Config, Issuer},
-    control::{Client, Request},
+    control::{Client, KillProcesses, Request},
     token::{self, IssueParams, Verifier},
 };
 
@@ -309,7 +309,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     for _ in 0..50 {
         let (mut child, mut out) = spinner(bench, "until-denied", &probe_cgroup, ns)?;
         let t0 = ztseg::clock::boot_now_ns();
-        call(&socket, &Request::Kill { agent: "probe".into() })?;
+        call(&socket, &Request::Kill { agent: "probe".into(), processes: KillProcesses::Keep })?;
         let t_denied = read_ns(&mut child, &mut out)?;
         kill.push(t_denied.saturating_sub(t0) as f64 / 1e3);
         call(&socket, &Request::Revive { agent: "probe".into() })?;

@@ -6,8 +6,14 @@
 
 use std::{
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::inotify::{AddWatchFlags, InitFlags, Inotify},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +34,8 @@ pub enum CgroupError {
     Move { path: PathBuf, pid: u32, source: io::Error },
     #[error("cannot remove cgroup {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
+    #[error("cannot write {file} of cgroup {path}: {source}")]
+    Control { path: PathBuf, file: &'static str, source: io::Error },
 }
 
 /// The mount point of the cgroup2 hierarchy in a `/proc/self/mountinfo` text: the fifth field of
@@ -122,6 +130,56 @@ pub fn processes(path: &Path) -> Result<Vec<u32>, CgroupError> {
     let text = fs::read_to_string(path.join("cgroup.procs"))
         .map_err(|source| CgroupError::Stat { path: path.to_owned(), source })?;
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// Freezes (or thaws) every process of the cgroup and its descendants (`cgroup.freeze`). When
+/// freezing, waits up to `wait` for the kernel to report the cgroup frozen (`cgroup.events`) and
+/// says whether it did; a task stuck in the kernel can delay it.
+pub fn freeze(path: &Path, frozen: bool, wait: Duration) -> Result<bool, CgroupError> {
+    let control = |file: &'static str, source| CgroupError::Control { path: path.to_owned(), file, source };
+    let events = path.join("cgroup.events");
+    // Watch before writing, so the change cannot slip between the write and the watch.
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .map_err(|e| control("cgroup.events", e.into()))?;
+    inotify.add_watch(&events, AddWatchFlags::IN_MODIFY).map_err(|e| control("cgroup.events", e.into()))?;
+    fs::write(path.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+        .map_err(|e| control("cgroup.freeze", e))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let text = fs::read_to_string(&events).map_err(|e| control("cgroup.events", e))?;
+        if text.lines().any(|l| l == if frozen { "frozen 1" } else { "frozen 0" }) {
+            return Ok(true);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let timeout = PollTimeout::try_from(left.as_millis().min(1_000) as i32).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, timeout).map_err(|e| control("cgroup.events", e.into()))?;
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Whether the cgroup is frozen or asked to be (`cgroup.freeze` reads 1).
+pub fn frozen(path: &Path) -> bool {
+    fs::read_to_string(path.join("cgroup.freeze")).is_ok_and(|t| t.trim() == "1")
+}
+
+/// Sends SIGKILL to every process of the cgroup and its descendants (`cgroup.kill`, Linux
+/// 5.14); returns how many processes the cgroup itself held.
+pub fn kill_all(path: &Path) -> Result<usize, CgroupError> {
+    let count = processes(path)?.len();
+    fs::write(path.join("cgroup.kill"), "1").map_err(|source| CgroupError::Control {
+        path: path.to_owned(),
+        file: "cgroup.kill",
+        source,
+    })?;
+    Ok(count)
 }
 
 /// Removes an empty cgroup directory; a missing one is not an error.

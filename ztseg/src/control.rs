@@ -39,6 +39,9 @@ pub enum Request {
     },
     Kill {
         agent: String,
+        /// Absent: the network only (older clients send none).
+        #[serde(default)]
+        processes: KillProcesses,
     },
     Revive {
         agent: String,
@@ -50,6 +53,19 @@ pub enum Request {
     },
     /// Daemon status: pins, counters, audit log.
     Status {},
+}
+
+/// What `ztseg kill` does to the agent's processes, besides cutting its network.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KillProcesses {
+    /// Leave them running, cut off.
+    #[default]
+    Keep,
+    /// Freeze the agent's cgroup (`--freeze`); `ztseg revive` thaws it.
+    Freeze,
+    /// SIGKILL every process of the agent's cgroup (`--terminate`).
+    Terminate,
 }
 
 /// How a request failed, mapped to the CLI's exit codes (1, 2, 3).

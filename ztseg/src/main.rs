@@ -20,7 +20,7 @@ use ztseg::{
     cgroup::CgroupFs,
     clock,
     config::Config,
-    control::{self, Client, ClientError, Request},
+    control::{self, Client, ClientError, KillProcesses, Request},
     dataplane, policy,
     run::{self, RunOptions},
     token::{self, IssueParams, Verifier},
@@ -78,10 +78,17 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Pull the kill switch: every new connect and send of the agent is refused.
+    /// Pull the kill switch: no packet of the agent's connections passes, its sockets are
+    /// closed, every new connect and send is refused.
     Kill {
         /// The agent's id.
         id: String,
+        /// Also freeze the agent's processes (cgroup.freeze); `ztseg revive` thaws them.
+        #[arg(long, conflicts_with = "terminate")]
+        freeze: bool,
+        /// Also kill every process of the agent (SIGKILL through cgroup.kill).
+        #[arg(long)]
+        terminate: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -334,21 +341,50 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
             let status = call(&socket, &Request::Status {})?;
             print(&serde_json::to_string_pretty(&status).unwrap_or_default())
         }
-        Command::Kill { id, socket } => {
+        Command::Kill { id, freeze, terminate, socket } => {
             agent_id(&id)?;
-            let answer = call(&socket, &Request::Kill { agent: id.clone() })?;
+            let processes = match (freeze, terminate) {
+                (true, _) => KillProcesses::Freeze,
+                (_, true) => KillProcesses::Terminate,
+                _ => KillProcesses::Keep,
+            };
+            let answer = call(&socket, &Request::Kill { agent: id.clone(), processes })?;
             let closed = match answer.get("sockets_closed").and_then(Value::as_u64) {
                 Some(n) => format!("{n} socket(s) closed"),
                 None => "its sockets could not all be closed (see the daemon's log)".to_owned(),
             };
+            let then = if let Some(error) = answer.get("processes_error").and_then(Value::as_str) {
+                format!("; its processes were left running: {error}")
+            } else if let Some(frozen) = answer.get("frozen").and_then(Value::as_bool) {
+                if frozen {
+                    "; its processes are frozen".to_owned()
+                } else {
+                    "; its processes are freezing".to_owned()
+                }
+            } else if let Some(n) = answer.get("terminated").and_then(Value::as_u64) {
+                format!("; {n} process(es) killed")
+            } else {
+                String::new()
+            };
             print(&format!(
-                "{id}: kill switch on; no packet of its connections passes, every new connection and send is refused; {closed}"
-            ))
+                "{id}: kill switch on; no packet of its connections passes, every new connection and send is refused; {closed}{then}"
+            ))?;
+            if answer.get("processes_error").is_some() {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "the kill switch is on, but the agent's processes could not be frozen or terminated"
+                )));
+            }
+            Ok(())
         }
         Command::Revive { id, socket } => {
             agent_id(&id)?;
-            call(&socket, &Request::Revive { agent: id.clone() })?;
-            print(&format!("{id}: kill switch off; the agent has what its token still grants"))
+            let answer = call(&socket, &Request::Revive { agent: id.clone() })?;
+            let thawed = match answer.get("thawed").and_then(Value::as_bool) {
+                Some(true) => "; its processes are thawed",
+                Some(false) => "; its processes are still thawing",
+                None => "",
+            };
+            print(&format!("{id}: kill switch off; the agent has what its token still grants{thawed}"))
         }
         Command::Events { follow, agent, socket } => {
             if let Some(agent) = &agent {

@@ -617,12 +617,12 @@ fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> R
                 Err(response) => response,
             },
             Request::Agents {} => Response::ok(state.agents_json()),
-            Request::Kill { agent } => match parse_agent(&agent) {
-                Ok(agent) => state.set_killed(&agent, true).map_or_else(refused, Response::ok),
+            Request::Kill { agent, processes } => match parse_agent(&agent) {
+                Ok(agent) => state.kill(&agent, processes).map_or_else(refused, Response::ok),
                 Err(response) => response,
             },
             Request::Revive { agent } => match parse_agent(&agent) {
-                Ok(agent) => state.set_killed(&agent, false).map_or_else(refused, Response::ok),
+                Ok(agent) => state.revive(&agent).map_or_else(refused, Response::ok),
                 Err(response) => response,
             },
             // Only root can give the process the agent's own uid and box: any other caller's

@@ -26,12 +26,16 @@ use crate::{
     cgroup::{self, CgroupFs},
     clock,
     config::Config,
+    control::KillProcesses,
     dataplane::Dataplane,
     events::{self, Attribution},
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
     sockets,
     token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
 };
+
+/// How long `ztseg kill --freeze` waits for the kernel to report the agent frozen.
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a request or a file was refused: a stable code and one sentence.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -587,25 +591,75 @@ impl State {
         self.mark_changed(agent);
     }
 
-    pub fn set_killed(&mut self, agent: &AgentId, killed: bool) -> Result<Value, Refusal> {
+    /// Pulls the kill switch: from the flag on, the packet programs pass none of the agent's
+    /// bytes and every hook refuses it; its sockets are then closed so its connections end
+    /// rather than stall; then its processes are frozen or killed if asked.
+    pub fn kill(&mut self, agent: &AgentId, processes: KillProcesses) -> Result<Value, Refusal> {
         let record = self
             .agents
             .get(agent)
             .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
-        self.dataplane
-            .set_killed(record.cgroup_id, killed)
-            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
-        // From the flag on, the packet programs pass none of the agent's bytes; its sockets are
-        // then closed so its connections end rather than stall.
-        let closed = if killed { self.close_agent_sockets(agent) } else { None };
+        let cgroup_id = record.cgroup_id;
+        let cgroup = self.cgroups.resolve(&record.cgroup);
+        self.dataplane.set_killed(cgroup_id, true).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        let closed = self.close_agent_sockets(agent);
+        let mut answer = json!({ "agent": agent.as_str(), "killed": true, "sockets_closed": closed });
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
-        if killed {
-            fields.insert("sockets_closed".into(), json!(closed));
+        fields.insert("sockets_closed".into(), json!(closed));
+        // The network is cut whatever happens here; a failure to freeze or terminate is said.
+        let outcome = match (processes, &cgroup) {
+            (KillProcesses::Keep, _) => None,
+            (_, Err(e)) => Some(("processes_error", json!(e.to_string()))),
+            (KillProcesses::Freeze, Ok(path)) => Some(match cgroup::freeze(path, true, FREEZE_WAIT) {
+                Ok(frozen) => ("frozen", json!(frozen)),
+                Err(e) => ("processes_error", json!(e.to_string())),
+            }),
+            (KillProcesses::Terminate, Ok(path)) => Some(match cgroup::kill_all(path) {
+                Ok(count) => ("terminated", json!(count)),
+                Err(e) => ("processes_error", json!(e.to_string())),
+            }),
+        };
+        if let Some((key, value)) = outcome {
+            if key == "processes_error" {
+                warn!(agent = %agent, error = %value, "the kill switch is on, but its processes could not be frozen or terminated");
+            }
+            answer[key] = value.clone();
+            fields.insert(key.into(), value);
         }
-        self.audit_event(if killed { "kill" } else { "revive" }, fields);
-        warn!(agent = %agent, killed, "kill switch {}", if killed { "on" } else { "off" });
-        Ok(json!({ "agent": agent.as_str(), "killed": killed, "sockets_closed": closed }))
+        self.audit_event("kill", fields);
+        warn!(agent = %agent, ?processes, "kill switch on");
+        Ok(answer)
+    }
+
+    /// Releases the kill switch and thaws the agent's cgroup if `kill --freeze` froze it.
+    pub fn revive(&mut self, agent: &AgentId) -> Result<Value, Refusal> {
+        let record = self
+            .agents
+            .get(agent)
+            .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
+        let cgroup = self.cgroups.resolve(&record.cgroup);
+        self.dataplane
+            .set_killed(record.cgroup_id, false)
+            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        let thawed = match cgroup {
+            Ok(path) if cgroup::frozen(&path) => match cgroup::freeze(&path, false, FREEZE_WAIT) {
+                Ok(thawed) => Some(thawed),
+                Err(e) => {
+                    warn!(agent = %agent, error = %e, "cannot thaw the agent's cgroup");
+                    Some(false)
+                }
+            },
+            _ => None,
+        };
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        if let Some(thawed) = thawed {
+            fields.insert("thawed".into(), json!(thawed));
+        }
+        self.audit_event("revive", fields);
+        warn!(agent = %agent, "kill switch off");
+        Ok(json!({ "agent": agent.as_str(), "killed": false, "thawed": thawed }))
     }
 
     /// Destroys the TCP and UDP sockets of `agents` in one pass (`sockets::close_all`); how many
