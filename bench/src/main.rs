@@ -217,8 +217,22 @@ impl Results {
 fn table(n: usize) -> Vec<Entry> {
     let allowed: IpNet = "127.0.0.2/32".parse().unwrap_or(IpNet::V4(Ipv4Net::default()));
     let mut entries = vec![
-        Entry { net: allowed, proto: PROTO_TCP, port: 9000, verdict: Verdict::Allow, rule_id: 0 },
-        Entry { net: allowed, proto: PROTO_UDP, port: 9000, verdict: Verdict::Allow, rule_id: 0 },
+        Entry {
+            net: allowed,
+            proto: PROTO_TCP,
+            port: 9000,
+            inbound: false,
+            verdict: Verdict::Allow,
+            rule_id: 0,
+        },
+        Entry {
+            net: allowed,
+            proto: PROTO_UDP,
+            port: 9000,
+            inbound: false,
+            verdict: Verdict::Allow,
+            rule_id: 0,
+        },
     ];
     let mut x: u32 = 0x9e37_79b9;
     let mut i = 2;
@@ -234,6 +248,7 @@ fn table(n: usize) -> Vec<Entry> {
                 net: IpNet::V4(net.trunc()),
                 proto,
                 port: 9000,
+                inbound: false,
                 verdict: Verdict::Allow,
                 rule_id: i,
             });

@@ -85,6 +85,11 @@ impl Netns {
         (a, b)
     }
 
+    /// Adds another IPv4 address to `dev`.
+    pub fn add_v4(&self, addr: &str, dev: &str) {
+        ip(&["-n", &self.name, "addr", "add", addr, "dev", dev]);
+    }
+
     /// Adds an IPv6 address to `dev`, usable at once (no duplicate address detection).
     pub fn add_v6(&self, addr: &str, dev: &str) {
         ip(&["-n", &self.name, "addr", "add", addr, "dev", dev, "nodad"]);
@@ -130,6 +135,12 @@ impl Proc {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "probe failed: {status}");
         lines
+    }
+
+    /// Reads the rest of the output and waits for the end, however it came (stdin stays open).
+    pub fn end(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        let lines = self.stdout.take().unwrap().lines().map(Result::unwrap).collect();
+        (lines, self.child.wait().unwrap())
     }
 
     pub fn pid(&self) -> u32 {

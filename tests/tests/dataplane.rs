@@ -17,7 +17,7 @@ use ztseg_integration::{At, Netns, Site, loop_counts, probe, probe_loop, serve};
 const HOUR_NS: u64 = 3_600_000_000_000;
 
 fn rule(net: &str, proto: u8, port: u16, verdict: Verdict, rule_id: u32) -> Entry {
-    Entry { net: net.parse().unwrap(), proto, port, verdict, rule_id }
+    Entry { net: net.parse().unwrap(), proto, port, inbound: false, verdict, rule_id }
 }
 
 fn allow(net: &str, proto: u8, port: u16) -> Entry {
@@ -369,7 +369,8 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     let report = ztseg::dataplane::uninstall(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.links_detached, ztseg::dataplane::program_names().count());
     assert_eq!(report.links_detached, 7, "connect4/6, sendmsg4/6, sock_create, packets_in/out");
-    assert_eq!(report.maps_unpinned, 6);
+    assert_eq!(report.maps_unpinned, ztseg::dataplane::pins::PINNED_MAPS.len());
+    assert_eq!(report.maps_unpinned, 7, "agents, rules4/6, events, drops, stats, replies");
     assert!(!site.pin_dir.exists());
     // The cgroup was empty, so it is gone too; a process in a fresh cgroup there is unconfined.
     assert!(!agent.exists());

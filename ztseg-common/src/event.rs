@@ -7,6 +7,18 @@ pub const ACTION_CONNECT: u8 = 1;
 pub const ACTION_SENDMSG: u8 = 2;
 /// Creation of a socket.
 pub const ACTION_SOCKET: u8 = 3;
+/// A TCP connection attempt into the agent (a SYN to a listening socket). Inbound records have
+/// no task: `pid_tgid` and `comm` are zero, `uid_gid` is the socket owner's uid (gid zero),
+/// `addr` is the sender's address and `port` the agent's own port.
+pub const ACTION_ACCEPT: u8 = 4;
+/// A datagram into an unconnected UDP socket of the agent that is not a reply to its own
+/// sends. Same fields as [`ACTION_ACCEPT`].
+pub const ACTION_RECEIVE: u8 = 5;
+
+/// Whether `action` is one of the inbound ones, whose `addr` is the sender.
+pub const fn inbound(action: u8) -> bool {
+    action == ACTION_ACCEPT || action == ACTION_RECEIVE
+}
 
 /// The destination was judged as IPv4 (also for IPv4-mapped IPv6 destinations).
 pub const FAMILY_V4: u8 = 4;

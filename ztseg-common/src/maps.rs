@@ -16,6 +16,9 @@ pub const EVENTS: &str = "events";
 pub const DROPS: &str = "drops";
 /// [`crate::event::AgentStats`] by agent slot (plus one for unregistered processes).
 pub const STATS: &str = "stats";
+/// Socket storage of [`crate::packet::Peers`]: the peers each unconnected UDP socket of an agent
+/// sent to, whose datagrams are replies rather than unsolicited arrivals.
+pub const REPLIES: &str = "replies";
 /// One-slot array of maps. Updating it makes the kernel wait for every running program
 /// (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c): the daemon's RCU barrier before it
 /// reclaims a rule table that a program may still be reading.

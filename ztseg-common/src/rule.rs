@@ -1,8 +1,8 @@
 //! The rule tries: one LPM trie per address family, shared by all agents.
 //!
-//! A key is `(table, protocol, port, address prefix)`, compared bit by bit from the first byte.
-//! Everything before the address is always inside the prefix, so a lookup only ever meets entries
-//! of the same table (one agent's), protocol and port bucket; the address part is the only one
+//! A key is `(table, protocol, direction, port, address prefix)`, compared bit by bit from the
+//! first byte. Everything before the address is always inside the prefix, so a lookup only ever
+//! meets entries of the same table (one agent's), protocol, direction and port bucket; the address part is the only one
 //! the longest-prefix match ranges over. "Every port" is the bucket of port 0: a decision looks
 //! up the destination port's bucket and the every-port bucket, two lookups and no loop, and a
 //! deny found in either wins (see [`crate::decision::combine`]).
@@ -19,7 +19,14 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// The port bucket of rules that hold for every port.
 pub const ANY_PORT: [u8; 2] = [0, 0];
 
-/// Bits of a key before the address: table (32), protocol (8), padding (8), port (16).
+/// `dir` of a rule about what the agent sends or connects to: `port` and `addr` are the peer's.
+pub const DIR_OUT: u8 = 0;
+/// `dir` of a rule about what comes in (an `inbound` grant): `port` is the agent's own port,
+/// `addr` the sender's. Before this field existed it was padding, always zero: rules pinned by
+/// an older daemon read as outbound, which is what they were.
+pub const DIR_IN: u8 = 1;
+
+/// Bits of a key before the address: table (32), protocol (8), direction (8), port (16).
 pub const HEAD_BITS: u32 = 64;
 
 /// `prefix_len` of a key whose address part is `addr_bits` long.
@@ -33,11 +40,12 @@ pub const fn prefix_len(addr_bits: u8) -> u32 {
 pub struct Rule4 {
     pub table: u32,
     pub proto: u8,
-    /// Always 0; inside every prefix.
-    pub _pad: u8,
-    /// Destination port, network order; [`ANY_PORT`] for every port.
+    /// [`DIR_OUT`] or [`DIR_IN`]; inside every prefix.
+    pub dir: u8,
+    /// The peer's port (outbound) or the agent's own (inbound), network order; [`ANY_PORT`] for
+    /// every port.
     pub port: [u8; 2],
-    /// Destination address, network order.
+    /// The destination (outbound) or sender (inbound) address, network order.
     pub addr: [u8; 4],
 }
 
@@ -45,8 +53,14 @@ impl Rule4 {
     /// `prefix_len` of a key that names one address (what a decision looks up).
     pub const EXACT: u32 = prefix_len(32);
 
+    /// An outbound key: `port` and `addr` are the destination's.
     pub const fn new(table: u32, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Self {
-        Self { table, proto, _pad: 0, port, addr }
+        Self { table, proto, dir: DIR_OUT, port, addr }
+    }
+
+    /// An inbound key: `port` is the agent's own, `addr` the sender's.
+    pub const fn incoming(table: u32, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Self {
+        Self { table, proto, dir: DIR_IN, port, addr }
     }
 }
 
@@ -56,7 +70,8 @@ impl Rule4 {
 pub struct Rule6 {
     pub table: u32,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`DIR_OUT`] or [`DIR_IN`].
+    pub dir: u8,
     /// Destination port, network order; [`ANY_PORT`] for every port.
     pub port: [u8; 2],
     /// Destination address, network order.
@@ -66,8 +81,14 @@ pub struct Rule6 {
 impl Rule6 {
     pub const EXACT: u32 = prefix_len(128);
 
+    /// An outbound key: `port` and `addr` are the destination's.
     pub const fn new(table: u32, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Self {
-        Self { table, proto, _pad: 0, port, addr }
+        Self { table, proto, dir: DIR_OUT, port, addr }
+    }
+
+    /// An inbound key: `port` is the agent's own, `addr` the sender's.
+    pub const fn incoming(table: u32, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Self {
+        Self { table, proto, dir: DIR_IN, port, addr }
     }
 }
 
@@ -182,6 +203,9 @@ mod tests {
         let bytes: [u8; 12] = unsafe { core::mem::transmute(key) };
         assert_eq!(&bytes[4..], &[PROTO_TCP, 0, 0x15, 0x38, 10, 0, 5, 12]);
         assert_eq!(&bytes[..4], &7u32.to_ne_bytes());
+        let inbound: [u8; 12] =
+            unsafe { core::mem::transmute(Rule4::incoming(7, PROTO_TCP, [0, 22], [10, 0, 0, 0])) };
+        assert_eq!(&inbound[4..8], &[PROTO_TCP, DIR_IN, 0, 22], "the direction sits inside every prefix");
     }
 
     #[test]

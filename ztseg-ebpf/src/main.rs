@@ -16,11 +16,15 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    bindings::bpf_sock,
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        generated::{bpf_get_current_comm, bpf_ringbuf_query, bpf_skb_cgroup_id},
+        generated::{
+            bpf_get_current_comm, bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
+            bpf_skb_cgroup_id,
+        },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr},
     programs::{SkBuffContext, SockAddrContext, SockContext},
@@ -29,14 +33,14 @@ use ztseg_common::{
     agent::AgentState,
     decision::{Decision, NO_RULE_ID, combine, gate, reason},
     event::{
-        ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event, FAMILY_V4, FAMILY_V6,
-        UNREGISTERED_SLOT,
+        ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event,
+        FAMILY_V4, FAMILY_V6, UNREGISTERED_SLOT,
     },
     maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, wake_reader},
-    packet::{self, Headers},
+    packet::{self, Arrival, Headers, Peer, Peers, REPLY_PEERS, STATE_ESTABLISHED},
     rule::{
-        ANY_PORT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY, effective_v4,
-        effective_v6,
+        ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
+        effective_v4, effective_v6,
     },
 };
 
@@ -65,6 +69,9 @@ static DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map(name = "stats")]
 static STATS: Array<AgentStats, { MAX_AGENTS as usize + 1 }> = Array::new();
 
+#[btf_map(name = "replies")]
+static REPLIES: SkStorage<Peers> = SkStorage::new();
+
 /// Never read by a program: the daemon updates it to wait out running programs (see
 /// `ztseg_common::maps::RCU_BARRIER`).
 #[btf_map(name = "rcu_barrier")]
@@ -83,7 +90,8 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     judge_v6(&ctx, ACTION_CONNECT)
 }
 
-/// Runs for unconnected UDP sends only; a connected UDP socket was judged at connect.
+/// Runs for unconnected UDP sends only; a connected UDP socket was judged at connect. An
+/// allowed destination is remembered on the socket, so that its replies come in.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     judge_v4(&ctx, ACTION_SENDMSG)
@@ -95,10 +103,125 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Every packet into an agent's socket: nothing comes in while the agent is killed, paused,
-/// expired or without a token.
+/// expired or without a token; and a connection attempt to a listening socket or a datagram to
+/// an unconnected one (other than a reply to its own send) comes in only when an inbound rule
+/// grants it, with a record (see `packet::arrival`).
 #[cgroup_skb(ingress)]
 pub fn packets_in(ctx: SkBuffContext) -> i32 {
-    judge_packet(&ctx, false)
+    let Some(sk) = full_socket(&ctx) else {
+        return judge_packet(&ctx, false);
+    };
+    // SAFETY: a full socket the kernel handed us; plain field reads.
+    let (protocol, state, local_port) = unsafe { ((*sk).protocol, (*sk).state, (*sk).src_port) };
+    if protocol == PROTO_TCP as u32 && state == STATE_ESTABLISHED {
+        // The bulk of all traffic: skip the classification.
+        return judge_packet(&ctx, false);
+    }
+    let first: u8 = ctx.load(0).unwrap_or(0);
+    let (version, ihl) = (first >> 4, first & 0x0f);
+    let next: u8 = ctx.load(if version == 6 { 6 } else { 9 }).unwrap_or(u8::MAX);
+    // The transport header, when it follows the IP header directly; otherwise none is read and
+    // the packet is judged without one (no SYN seen, no reply recognised: fails closed).
+    let l4 = match version {
+        4 => Some(usize::from(ihl) * 4),
+        6 if next == PROTO_TCP || next == PROTO_UDP => Some(40),
+        _ => None,
+    };
+    let tcp_flags: u8 = match l4 {
+        Some(at) if next == PROTO_TCP => ctx.load(at + 13).unwrap_or(0),
+        _ => 0,
+    };
+    let sender = match version {
+        4 => Peer::v4(ctx.load(12).unwrap_or(0), [0; 2]),
+        _ => Peer::v6(
+            [
+                ctx.load(8).unwrap_or(0),
+                ctx.load(12).unwrap_or(0),
+                ctx.load(16).unwrap_or(0),
+                ctx.load(20).unwrap_or(0),
+            ],
+            [0; 2],
+        ),
+    };
+    let reply = protocol == PROTO_UDP as u32
+        && next == PROTO_UDP
+        && match l4 {
+            Some(at) => is_reply(sk, &Peer { port: ctx.load(at).unwrap_or([0; 2]), ..sender }),
+            None => false,
+        };
+    let (action, emit) = match packet::arrival(protocol, state, tcp_flags, reply) {
+        Arrival::Judged => return judge_packet(&ctx, false),
+        Arrival::Connection { opening } => (ACTION_ACCEPT, opening),
+        Arrival::Datagram => (ACTION_RECEIVE, true),
+    };
+    let task = Task::of_packet(&ctx);
+    // Protocols above 255 cannot be granted; they are judged as 255, which no rule names.
+    let proto = u8::try_from(protocol).unwrap_or(u8::MAX);
+    let port = u16::try_from(local_port).unwrap_or(0).to_be_bytes();
+    let dest = Dest { family: sender.family, proto, addr: sender.addr, port };
+    let decision = if version == 4 {
+        decide_v4(&task, DIR_IN, proto, port, sender.addr[0].to_ne_bytes())
+    } else if version == 6 {
+        decide_v6(&task, DIR_IN, proto, port, bytes16(sender.addr))
+    } else {
+        Decision::deny(reason::PROTOCOL)
+    };
+    task.report(action, dest, &decision, emit)
+}
+
+/// The full socket a packet belongs to, if any.
+#[inline(always)]
+fn full_socket(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
+    // SAFETY: `sk` of a cgroup_skb context is readable (a socket or null); the helper checks it.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a non-null socket pointer from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(full)
+}
+
+/// Whether `peer` is one the socket sent to (its `replies` storage, if it has any).
+#[inline(always)]
+fn is_reply(sk: *mut bpf_sock, peer: &Peer) -> bool {
+    // SAFETY: a full socket; without the create flag the helper only looks up.
+    let peers = unsafe {
+        bpf_sk_storage_get((&raw const REPLIES).cast_mut().cast(), sk.cast(), core::ptr::null_mut(), 0)
+    }
+    .cast::<Peers>();
+    // SAFETY: the helper returns the socket's storage or null.
+    !peers.is_null() && unsafe { (*peers).contains(peer) }
+}
+
+/// Remembers an allowed destination of an unconnected send on the socket.
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, peer: &Peer) {
+    // SAFETY: the socket of a sock_addr context; creates zeroed storage on first use.
+    let peers = unsafe { REPLIES.get_or_insert_ptr_mut(ctx, None) };
+    if peers.is_null() {
+        return;
+    }
+    // SAFETY: the socket's storage, valid for the socket's life. Two sends on one socket may
+    // race here; the worst outcome is a slot holding a mix of two allowed destinations, or one
+    // of them not remembered (its replies are then judged as unsolicited).
+    unsafe {
+        let Some(slot) = (*peers).slot_for(peer) else {
+            return;
+        };
+        if slot >= REPLY_PEERS {
+            return;
+        }
+        let to = (&raw mut (*peers).peers[slot]);
+        let addr = (&raw mut (*to).addr).cast::<u32>();
+        addr.write_volatile(peer.addr[0]);
+        addr.add(1).write_volatile(peer.addr[1]);
+        addr.add(2).write_volatile(peer.addr[2]);
+        addr.add(3).write_volatile(peer.addr[3]);
+        (&raw mut (*to).port).write_volatile(peer.port);
+        (&raw mut (*to).family).write_volatile(peer.family);
+        (*peers).next = (*peers).next.wrapping_add(1);
+    }
 }
 
 /// Every packet out of an agent's socket: nothing leaves while the agent is denied (but a TCP
@@ -166,12 +289,16 @@ struct Dest {
     port: [u8; 2],
 }
 
-/// The task making the request and the agent it belongs to.
+/// The task making the request (or, for an incoming packet, the socket it reached) and the
+/// agent it belongs to.
 struct Task {
     cgroup_id: u64,
     now: u64,
     /// Copied out at once: the daemon may replace the entry while we run.
     agent: Option<AgentState>,
+    /// For an incoming packet: no task of the agent is running, the record carries the socket
+    /// owner's uid and no pid or comm.
+    socket_uid: Option<u32>,
 }
 
 impl Task {
@@ -182,7 +309,19 @@ impl Task {
         let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
         // SAFETY: the reference is only read here, never kept.
         let agent = unsafe { AGENTS.get(cgroup_id).copied() };
-        Self { cgroup_id, now, agent }
+        Self { cgroup_id, now, agent, socket_uid: None }
+    }
+
+    /// The agent whose socket an incoming packet reached (the socket's cgroup).
+    #[inline(always)]
+    fn of_packet(ctx: &SkBuffContext) -> Self {
+        // SAFETY: the kernel hands cgroup_skb programs a valid skb; the helpers only read it.
+        let (cgroup_id, now, uid) = unsafe {
+            (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns(), bpf_get_socket_uid(ctx.skb.skb))
+        };
+        // SAFETY: as in `current`.
+        let agent = unsafe { AGENTS.get(cgroup_id).copied() };
+        Self { cgroup_id, now, agent, socket_uid: Some(uid) }
     }
 
     #[inline(always)]
@@ -216,11 +355,22 @@ impl Task {
                 unsafe {
                     (*event).ts_boot_ns = self.now;
                     (*event).cgroup_id = self.cgroup_id;
-                    (*event).pid_tgid = bpf_get_current_pid_tgid();
-                    (*event).uid_gid = bpf_get_current_uid_gid();
                     (*event).rule_id = decision.rule_id;
                     (*event).table = self.table();
-                    bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
+                    match self.socket_uid {
+                        None => {
+                            (*event).pid_tgid = bpf_get_current_pid_tgid();
+                            (*event).uid_gid = bpf_get_current_uid_gid();
+                            bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
+                        }
+                        Some(uid) => {
+                            (*event).pid_tgid = 0;
+                            (*event).uid_gid = u64::from(uid);
+                            let comm = (&raw mut (*event).comm).cast::<u64>();
+                            comm.write_volatile(0);
+                            comm.add(1).write_volatile(0);
+                        }
+                    }
                     // Volatile: for socket events these are constant zeros, which LLVM would
                     // merge into a `memset` call (see `Dest`).
                     let addr = (&raw mut (*event).addr).cast::<u32>();
@@ -328,16 +478,32 @@ fn words(a: [u8; 16]) -> [u32; 4] {
 }
 
 #[inline(always)]
+fn bytes16(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+}
+
+#[inline(always)]
 fn judge_v4(ctx: &SockAddrContext, action: u8) -> i32 {
     let task = Task::current();
     // SAFETY: as above. `user_ip4` is network order; its bytes are the address as written.
     let addr = effective_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes());
     let port = port_of(ctx);
     let (dest, decision) = match protocol_of(ctx) {
-        Ok(proto) => (v4_dest(proto, port, addr), decide_v4(&task, proto, port, addr)),
+        Ok(proto) => (v4_dest(proto, port, addr), decide_v4(&task, DIR_OUT, proto, port, addr)),
         Err(denied) => (v4_dest(u8::MAX, port, addr), denied),
     };
-    task.report(action, dest, &decision, true)
+    finish(ctx, &task, action, dest, &decision)
+}
+
+/// Reports the decision of a connect or send; an allowed unconnected send's destination is
+/// remembered on the socket first, so that the reply finds it.
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, task: &Task, action: u8, dest: Dest, decision: &Decision) -> i32 {
+    if action == ACTION_SENDMSG && decision.allowed() {
+        remember_peer(ctx, &Peer { addr: dest.addr, port: dest.port, family: dest.family, _pad: 0 });
+    }
+    task.report(action, dest, decision, true)
 }
 
 #[inline(always)]
@@ -350,36 +516,37 @@ fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]];
     let port = port_of(ctx);
     let (dest, decision) = match (protocol_of(ctx), effective_v6(addr)) {
-        (Ok(proto), Dest6::V4(v4)) => (v4_dest(proto, port, v4), decide_v4(&task, proto, port, v4)),
-        (Ok(proto), Dest6::V6(v6)) => {
-            (Dest { family: FAMILY_V6, proto, addr: words(v6), port }, decide_v6(&task, proto, port, v6))
-        }
+        (Ok(proto), Dest6::V4(v4)) => (v4_dest(proto, port, v4), decide_v4(&task, DIR_OUT, proto, port, v4)),
+        (Ok(proto), Dest6::V6(v6)) => (
+            Dest { family: FAMILY_V6, proto, addr: words(v6), port },
+            decide_v6(&task, DIR_OUT, proto, port, v6),
+        ),
         (Err(denied), _) => (Dest { family: FAMILY_V6, proto: u8::MAX, addr: w, port }, denied),
     };
-    task.report(action, dest, &decision, true)
+    finish(ctx, &task, action, dest, &decision)
 }
 
 #[inline(always)]
-fn decide_v4(task: &Task, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
+fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
     let table = match task.gate() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
-    let at_port = Key::new(Rule4::EXACT, Rule4::new(table, proto, port, addr));
-    let any_port = Key::new(Rule4::EXACT, Rule4::new(table, proto, ANY_PORT, addr));
+    let at_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port, addr });
+    let any_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port: ANY_PORT, addr });
     let at_port: Option<RuleValue> = RULES_V4.get(&at_port).copied();
     let any_port: Option<RuleValue> = RULES_V4.get(&any_port).copied();
     combine(at_port.as_ref(), any_port.as_ref())
 }
 
 #[inline(always)]
-fn decide_v6(task: &Task, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
+fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
     let table = match task.gate() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
-    let at_port = Key::new(Rule6::EXACT, Rule6::new(table, proto, port, addr));
-    let any_port = Key::new(Rule6::EXACT, Rule6::new(table, proto, ANY_PORT, addr));
+    let at_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port, addr });
+    let any_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port: ANY_PORT, addr });
     let at_port: Option<RuleValue> = RULES_V6.get(&at_port).copied();
     let any_port: Option<RuleValue> = RULES_V6.get(&any_port).copied();
     combine(at_port.as_ref(), any_port.as_ref())

@@ -9,7 +9,10 @@ use std::{
 use serde_json::{Map, Value, json};
 use ztseg_common::{
     decision::{NO_RULE_ID, reason},
-    event::{ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, Event, FAMILY_V4, FAMILY_V6},
+    event::{
+        ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, Event, FAMILY_V4,
+        FAMILY_V6, inbound,
+    },
     rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW},
 };
 
@@ -28,6 +31,8 @@ pub fn action_name(action: u8) -> &'static str {
         ACTION_CONNECT => "connect",
         ACTION_SENDMSG => "sendmsg",
         ACTION_SOCKET => "socket",
+        ACTION_ACCEPT => "accept",
+        ACTION_RECEIVE => "receive",
         _ => "unknown",
     }
 }
@@ -58,8 +63,9 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
-/// The destination address of an event (`None` for socket creation).
-pub fn destination(event: &Event) -> Option<IpAddr> {
+/// The address of an event: the destination of a connect or send, the sender of an inbound
+/// connection or datagram (`None` for socket creation).
+pub fn address(event: &Event) -> Option<IpAddr> {
     let bytes: Vec<u8> = event.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
     match (event.action, event.family) {
         (ACTION_SOCKET, _) => None,
@@ -95,7 +101,9 @@ pub struct Attribution {
 }
 
 /// The audit/event record body of a kernel decision (without `seq`, `prev`, `hash`, which the
-/// audit log adds).
+/// audit log adds). Inbound records (`accept`, `receive`) name the sender in `src` and the
+/// agent's own port in `dport`, with `dst` null; they have no task, so `pid` is 0 and `comm`
+/// empty.
 pub fn record(event: &Event, who: &Attribution, ts: SystemTime) -> Map<String, Value> {
     let tgid = (event.pid_tgid >> 32) as u32;
     let uid = event.uid_gid as u32;
@@ -112,16 +120,20 @@ pub fn record(event: &Event, who: &Attribution, ts: SystemTime) -> Map<String, V
         "cgroup_id": event.cgroup_id,
         "action": action_name(event.action),
         "proto": proto_name(event.proto),
-        "dst": destination(event).map(|a| a.to_string()),
+        "dst": if inbound(event.action) { None } else { address(event).map(|a| a.to_string()) },
         "dport": u16::from_be_bytes(event.port),
         "verdict": if event.verdict == VERDICT_ALLOW { "allow" } else { "deny" },
         "reason": reason_name(event.reason),
         "rule": who.rule,
     });
-    match body {
+    let mut map = match body {
         Value::Object(map) => map,
         _ => Map::new(),
+    };
+    if inbound(event.action) {
+        map.insert("src".into(), json!(address(event).map(|a| a.to_string())));
     }
+    map
 }
 
 /// The rule id of an event, if a rule decided it.
@@ -196,9 +208,9 @@ mod tests {
         let o = v6.octets();
         e.addr =
             [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
-        assert_eq!(destination(&e), Some(IpAddr::V6(v6)));
+        assert_eq!(address(&e), Some(IpAddr::V6(v6)));
         e.action = ACTION_SOCKET;
-        assert_eq!(destination(&e), None);
+        assert_eq!(address(&e), None);
         e.verdict = VERDICT_DENY;
         e.reason = reason::RAW_SOCKET;
         let r = record(&e, &Attribution::default(), UNIX_EPOCH);
@@ -206,6 +218,29 @@ mod tests {
             (r["verdict"].as_str(), r["reason"].as_str(), r["dst"].is_null()),
             (Some("deny"), Some("raw_socket"), true)
         );
+    }
+
+    #[test]
+    fn inbound_records_name_the_sender_and_the_agents_port() {
+        let mut e = event();
+        e.action = ACTION_ACCEPT;
+        e.pid_tgid = 0;
+        e.comm = [0; 16];
+        e.port = 8080u16.to_be_bytes();
+        let r = record(&e, &Attribution::default(), UNIX_EPOCH);
+        assert_eq!(r["action"], "accept");
+        assert_eq!(r["src"], "10.0.5.12");
+        assert!(r["dst"].is_null());
+        assert_eq!(
+            (r["dport"].as_u64(), r["pid"].as_u64(), r["comm"].as_str()),
+            (Some(8080), Some(0), Some(""))
+        );
+        e.action = ACTION_RECEIVE;
+        e.proto = PROTO_UDP;
+        let r = record(&e, &Attribution::default(), UNIX_EPOCH);
+        assert_eq!((r["action"].as_str(), r["proto"].as_str()), (Some("receive"), Some("udp")));
+        let outbound = record(&event(), &Attribution::default(), UNIX_EPOCH);
+        assert!(!outbound.contains_key("src"), "outbound records keep their shape");
     }
 
     #[test]

@@ -21,6 +21,9 @@
 //!                                                           a byte on each every 10 ms; prints
 //!                                                           "tcp|udp BOOT_NS" per chunk received, and
 //!                                                           "tcp-closed ERRNO" when TCP fails
+//! ztseg-probe listen ADDR                                  a TCP listener and a UDP socket on ADDR;
+//!                                                           "ready"; sends "hi" on each connection
+//!                                                           and prints "accepted IP" / "udp IP"
 //! ztseg-probe listen-unix PATH|@NAME                        a Unix listener; "ready"; accepts until killed
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
 //!     | raw4 | udplite4 | mptcp4 | ping4 | ping6 | tcp4-socket     (socket creation only)
@@ -28,6 +31,9 @@
 //!     descriptor) | signal:PID (kill 0) | unix:PATH | unix:@NAME
 //!     | vsock | netlink:PROTO | userns | netns | mount-ns | clone-newuser | clone3 | io_uring
 //!     | tiocsti (in a new session, into its own pty) | shm:KEY | ipopts:ADDR | rthdr:[Y]:PORT:[X]
+//!     inbound (IPv4): tcp-from:SRC:ADDR (connect from SRC and read a byte, 1 s each: ok or
+//!     ETIMEDOUT) | udp-from:SRC:ADDR (one datagram from SRC) | udp-ask:ADDR (an unconnected
+//!     socket sends to ADDR and waits 1 s for the reply: ok or EAGAIN)
 //! ```
 //!
 //! It moves itself into the cgroup (and network namespace) before it opens any socket, as
@@ -222,6 +228,27 @@ fn run_op(op: &str) -> String {
                 socket.send_to(b"detour", target).map(drop)
             })
         }
+        "tcp-from" => {
+            let (src, dst) = addr.split_once(':').unwrap();
+            connect_from(src.parse().unwrap(), dst.parse().unwrap()).and_then(|mut stream| {
+                use std::io::Read as _;
+                stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut byte = [0u8; 1];
+                match stream.read(&mut byte)? {
+                    0 => Err(io::Error::from_raw_os_error(libc::ECONNRESET)),
+                    _ => Ok(()),
+                }
+            })
+        }
+        "udp-from" => {
+            let (src, dst) = addr.split_once(':').unwrap();
+            UdpSocket::bind((src, 0)).and_then(|s| s.send_to(b"probe", dst)).map(drop)
+        }
+        "udp-ask" => UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.send_to(b"ask", addr)?;
+            s.recv(&mut [0u8; 64]).map(drop)
+        }),
         "io_uring" => {
             let mut params = [0u8; 120];
             // SAFETY: io_uring_setup reads and writes the 120-byte params struct we own.
@@ -398,6 +425,8 @@ fn stream(addr: &str) {
     let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
     let udp = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
     udp.connect(target).unwrap();
+    // Said before the readers start, so it is always the first line.
+    emit("connected");
     // Each socket has a reader of its own that stamps a chunk the moment it is taken off the
     // socket, so a backlog cannot show up as late arrivals.
     let udp_reader = udp.try_clone().unwrap();
@@ -429,7 +458,6 @@ fn stream(addr: &str) {
             }
         }
     });
-    emit("connected");
     let mut write_failed = false;
     loop {
         // The abort's error goes to whichever of reader and writer asks first.
@@ -441,6 +469,54 @@ fn stream(addr: &str) {
         }
         let _ = udp.send(b"u");
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TCP connection from `src` (port chosen by the kernel) to `dst`, given up after 1 s.
+fn connect_from(src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)))?;
+    // A blocking connect gives up after the send timeout, with EINPROGRESS.
+    setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(1, 0))?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst)) {
+        Ok(()) => Ok(TcpStream::from(fd)),
+        Err(Errno::EINPROGRESS) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A TCP listener and a UDP socket on `addr`: says "hi" to each connection and names every peer.
+fn listen(addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+    let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+    thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        loop {
+            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                emit(&format!("udp {}", peer.ip()));
+            }
+        }
+    });
+    emit("ready");
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Closed under it (the kill switch): say so and wait to be stopped.
+                emit(&format!("accept-error {}", errno_name(&e)));
+                loop {
+                    thread::park();
+                }
+            }
+        };
+        if let Ok(peer) = stream.peer_addr() {
+            emit(&format!("accepted {}", peer.ip()));
+        }
+        let _ = stream.write_all(b"hi");
     }
 }
 
@@ -576,6 +652,7 @@ fn main() {
         "echo" => echo(&args[0]),
         "capture" => capture(&args[0]),
         "stream" => stream(&args[0]),
+        "listen" => listen(&args[0]),
         "listen-unix" => {
             use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
             let listener = if let Some(name) = args[0].strip_prefix('@') {

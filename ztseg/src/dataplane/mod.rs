@@ -39,6 +39,7 @@ use ztseg_common::{
     agent::{AgentState, FLAG_KILLED, FLAG_PAUSED},
     event::AgentStats,
     maps,
+    packet::Peers,
     rule::{Rule4, Rule6, RuleValue},
 };
 
@@ -292,6 +293,7 @@ fn check_pinned_layout(paths: &PinPaths) -> Result<(), DataplaneError> {
         (maps::EVENTS, 0, 0, maps::EVENTS_BYTES),
         (maps::DROPS, size_of::<u32>(), size_of::<u64>(), 1),
         (maps::STATS, size_of::<u32>(), size_of::<AgentStats>(), maps::MAX_AGENTS + 1),
+        (maps::REPLIES, size_of::<i32>(), size_of::<Peers>(), 0),
     ];
     for (name, key, value, max) in expected {
         let path = paths.map(name);

@@ -7,6 +7,7 @@
 //! <pin dir>/events             ring buffer of decision events (kept while the daemon is down)
 //! <pin dir>/drops              per-CPU count of events lost to a full ring buffer
 //! <pin dir>/stats              per-agent decisions, denials and lost events
+//! <pin dir>/replies            per-socket peers of unconnected UDP sends (socket storage)
 //! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
 //! ```
 
@@ -15,8 +16,8 @@ use std::path::{Path, PathBuf};
 use ztseg_common::maps;
 
 /// Maps that the programs use and that must outlive the daemon.
-pub const PINNED_MAPS: [&str; 6] =
-    [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::DROPS, maps::STATS];
+pub const PINNED_MAPS: [&str; 7] =
+    [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::DROPS, maps::STATS, maps::REPLIES];
 
 #[derive(Clone, Debug)]
 pub struct PinPaths {

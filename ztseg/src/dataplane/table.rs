@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use ztseg_common::rule::{Rule4, Rule6, RuleValue, VERDICT_ALLOW, VERDICT_DENY, prefix_len};
+use ztseg_common::rule::{DIR_IN, DIR_OUT, Rule4, Rule6, RuleValue, VERDICT_ALLOW, VERDICT_DENY, prefix_len};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
@@ -18,15 +18,18 @@ pub enum Verdict {
     Deny,
 }
 
-/// One rule-trie entry before encoding: a destination network for one protocol and one port.
+/// One rule-trie entry before encoding: a network for one protocol, direction and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// Destination network; host bits are ignored.
+    /// Destination network (outbound) or sender network (inbound); host bits are ignored.
     pub net: IpNet,
     /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`, ...).
     pub proto: u8,
-    /// Destination port, host order; 0 means every port.
+    /// Destination port (outbound) or the agent's own port (inbound), host order; 0 means every
+    /// port.
     pub port: u16,
+    /// Whether this grants or refuses something coming in (an `inbound` rule).
+    pub inbound: bool,
     pub verdict: Verdict,
     /// Reported with each decision this entry makes (index into the caller's rule list).
     pub rule_id: u32,
@@ -86,10 +89,10 @@ fn supernets(net: Net) -> Vec<Net> {
 /// Duplicates collapse (a deny beats an allow for the same key; otherwise the first rule id
 /// stays), and allows covered by a deny of the same protocol and port bucket are dropped.
 pub fn encode(table: u32, entries: &[Entry]) -> Encoded {
-    type Bucket = (u8, u16);
+    type Bucket = (bool, u8, u16);
     let mut unique: BTreeMap<(Bucket, Net), (Verdict, u32)> = BTreeMap::new();
     for e in entries {
-        let key = ((e.proto, e.port), canonical(e.net));
+        let key = ((e.inbound, e.proto, e.port), canonical(e.net));
         let candidate = (e.verdict, e.rule_id);
         unique
             .entry(key)
@@ -104,20 +107,27 @@ pub fn encode(table: u32, entries: &[Entry]) -> Encoded {
         unique.iter().filter(|(_, v)| v.0 == Verdict::Deny).map(|(k, _)| *k).collect();
 
     let mut out = Encoded::default();
-    for ((bucket @ (proto, port), net), (verdict, rule_id)) in unique {
+    for ((bucket @ (inbound, proto, port), net), (verdict, rule_id)) in unique {
         if verdict == Verdict::Allow && supernets(net).into_iter().any(|s| denies.contains(&(bucket, s))) {
             continue;
         }
         let value =
             RuleValue::new(rule_id, if verdict == Verdict::Allow { VERDICT_ALLOW } else { VERDICT_DENY });
         let port = port.to_be_bytes();
+        let dir = if inbound { DIR_IN } else { DIR_OUT };
         match net {
             Net::V4(n) => out.v4.push((
-                Key::new(prefix_len(n.prefix_len()), Rule4::new(table, proto, port, n.addr().octets())),
+                Key::new(
+                    prefix_len(n.prefix_len()),
+                    Rule4 { table, proto, dir, port, addr: n.addr().octets() },
+                ),
                 value,
             )),
             Net::V6(n) => out.v6.push((
-                Key::new(prefix_len(n.prefix_len()), Rule6::new(table, proto, port, n.addr().octets())),
+                Key::new(
+                    prefix_len(n.prefix_len()),
+                    Rule6 { table, proto, dir, port, addr: n.addr().octets() },
+                ),
                 value,
             )),
         }
@@ -132,7 +142,7 @@ mod tests {
     use super::*;
 
     fn entry(net: &str, proto: u8, port: u16, verdict: Verdict, rule_id: u32) -> Entry {
-        Entry { net: net.parse().unwrap(), proto, port, verdict, rule_id }
+        Entry { net: net.parse().unwrap(), proto, port, inbound: false, verdict, rule_id }
     }
 
     fn data4(e: &(Key<Rule4>, RuleValue)) -> (u32, Rule4, RuleValue) {

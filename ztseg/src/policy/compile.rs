@@ -1,8 +1,8 @@
 //! A token's grant, compiled against the catalogue into rule-trie entries.
 //!
-//! The baseline and every granted scope and tool contribute their allows as allows and their
-//! denies as denies; every forbidden tool contributes all its rules, allows included, as denies,
-//! which win over any allow. Anything the catalogue does not define refuses the whole grant: a
+//! The baseline and every granted scope and tool contribute their allows (and inbound grants) as
+//! allows and their denies as denies; every forbidden tool contributes all its rules, allows and
+//! inbound grants included, as denies, which win over any allow. Anything the catalogue does not define refuses the whole grant: a
 //! partial grant would hand an agent rights nobody reviewed as a set.
 //!
 //! Allows hidden under denies are pruned later, when the table is encoded
@@ -104,8 +104,11 @@ impl Catalogue {
             }
         }
 
-        let count: usize =
-            parts.iter().flat_map(|(_, g, _)| g.allow.iter().chain(&g.deny)).map(Rule::entry_count).sum();
+        let count: usize = parts
+            .iter()
+            .flat_map(|(_, g, _)| g.allow.iter().chain(&g.deny).chain(&g.inbound))
+            .map(Rule::entry_count)
+            .sum();
         if count > MAX_ENTRIES {
             return Err(CompileError::TooManyEntries { count, limit: MAX_ENTRIES });
         }
@@ -116,10 +119,13 @@ impl Catalogue {
                 Role::Forbidden => Verdict::Deny,
             };
             for (i, rule) in group.allow.iter().enumerate() {
-                compiled.push(format!("{prefix}#{i}"), rule, allow_verdict);
+                compiled.push(format!("{prefix}#{i}"), rule, false, allow_verdict);
             }
             for (i, rule) in group.deny.iter().enumerate() {
-                compiled.push(format!("{prefix}#deny{i}"), rule, Verdict::Deny);
+                compiled.push(format!("{prefix}#deny{i}"), rule, false, Verdict::Deny);
+            }
+            for (i, rule) in group.inbound.iter().enumerate() {
+                compiled.push(format!("{prefix}#in{i}"), rule, true, allow_verdict);
             }
         }
         compiled.rules = compiled.origins.len();
@@ -128,12 +134,13 @@ impl Catalogue {
 }
 
 impl Compiled {
-    fn push(&mut self, origin: String, rule: &Rule, verdict: Verdict) {
+    fn push(&mut self, origin: String, rule: &Rule, inbound: bool, verdict: Verdict) {
         // At most MAX_ENTRIES rules (each has an entry), so the id always fits.
         let rule_id = u32::try_from(self.origins.len()).unwrap_or(u32::MAX);
         self.origins.push(origin);
         let net = rule.net;
-        let mut entry = |proto, port| self.entries.push(Entry { net, proto, port, verdict, rule_id });
+        let mut entry =
+            |proto, port| self.entries.push(Entry { net, proto, port, inbound, verdict, rule_id });
         // Normalized again: a hand-made `Ranges` covering 1-65535 is every port too.
         let ports = rule.ports.normalized();
         for &proto in rule.protos.numbers(net) {

@@ -68,13 +68,16 @@ pub struct Group {
     pub allow: Vec<Rule>,
     /// Denies win over any allow, of this group or any other.
     pub deny: Vec<Rule>,
+    /// Connections and datagrams granted into the agent: `net` is the sender (`from`), `ports`
+    /// the agent's own ports. Nothing comes in without one.
+    pub inbound: Vec<Rule>,
     /// Line of the group's name (`[tools.http]`, `[baseline]`, ...).
     pub line: usize,
 }
 
 impl Group {
     pub fn rule_count(&self) -> usize {
-        self.allow.len() + self.deny.len()
+        self.allow.len() + self.deny.len() + self.inbound.len()
     }
 }
 

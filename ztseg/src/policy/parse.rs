@@ -76,6 +76,8 @@ struct RawGroup {
     allow: Vec<Spanned<RawRule>>,
     #[serde(default)]
     deny: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    inbound: Vec<Spanned<RawInbound>>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +85,15 @@ struct RawGroup {
 struct RawRule {
     to: Spanned<String>,
     /// Numbers and `"lo-hi"` strings; checked by hand for clear messages.
+    ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    proto: Option<Spanned<String>>,
+}
+
+/// An inbound grant: who may connect or send (`from`) to which of the agent's ports.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    from: Spanned<String>,
     ports: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     proto: Option<Spanned<String>>,
 }
@@ -178,6 +189,7 @@ impl Checker<'_> {
         Group {
             allow: raw.allow.into_iter().filter_map(|r| self.rule(r, true)).collect(),
             deny: raw.deny.into_iter().filter_map(|r| self.rule(r, false)).collect(),
+            inbound: raw.inbound.into_iter().filter_map(|r| self.inbound(r)).collect(),
             line,
         }
     }
@@ -185,13 +197,32 @@ impl Checker<'_> {
     fn rule(&mut self, raw: Spanned<RawRule>, allow: bool) -> Option<Rule> {
         let line = self.line(&raw.span());
         let raw = raw.into_inner();
-        let net = self.net(&raw.to, allow);
+        let net = self.net("to", &raw.to, allow);
         let protos = raw.proto.as_ref().map_or(Some(Protos::TcpUdp), |p| self.protos(p));
         let ports = raw.ports.map_or(Some(Ports::All), |p| self.ports(p, protos));
         Some(Rule { net: net?, ports: ports?, protos: protos?, line })
     }
 
-    fn net(&mut self, to: &Spanned<String>, allow: bool) -> Option<IpNet> {
+    /// An inbound grant is an allow (bounded senders) of TCP or UDP: an agent has no socket that
+    /// ICMP could be delivered to.
+    fn inbound(&mut self, raw: Spanned<RawInbound>) -> Option<Rule> {
+        let line = self.line(&raw.span());
+        let raw = raw.into_inner();
+        let net = self.net("from", &raw.from, true);
+        let protos = match &raw.proto {
+            None => Some(Protos::TcpUdp),
+            Some(p) if p.get_ref() == "icmp" => self.invalid(
+                self.line(&p.span()),
+                "an inbound rule with proto = \"icmp\" can never match (agents have no ICMP sockets); use \"tcp\" or \"udp\", or leave it out for both".to_owned(),
+            ),
+            Some(p) => self.protos(p),
+        };
+        let ports = raw.ports.map_or(Some(Ports::All), |p| self.ports(p, protos));
+        Some(Rule { net: net?, ports: ports?, protos: protos?, line })
+    }
+
+    /// `key` is the field the address came from (`to`, or `from` in an inbound rule).
+    fn net(&mut self, key: &str, to: &Spanned<String>, allow: bool) -> Option<IpNet> {
         let line = self.line(&to.span());
         let text = to.get_ref().as_str();
         let parsed = if text.contains('/') {
@@ -203,16 +234,16 @@ impl Checker<'_> {
             if looks_like_dns_name(text) {
                 return self.invalid(
                     line,
-                    format!("`to = {text:?}` is a DNS name; DNS names are not supported yet, give an IP address or CIDR"),
+                    format!("`{key} = {text:?}` is a DNS name; DNS names are not supported yet, give an IP address or CIDR"),
                 );
             }
-            return self.invalid(line, format!("`to = {text:?}` is not an IPv4/IPv6 address or CIDR"));
+            return self.invalid(line, format!("`{key} = {text:?}` is not an IPv4/IPv6 address or CIDR"));
         };
         if net != net.trunc() {
             return self.invalid(
                 line,
                 format!(
-                    "`to = {text:?}` has host bits set; did you mean {}, or {}/{} for the one address?",
+                    "`{key} = {text:?}` has host bits set; did you mean {}, or {}/{} for the one address?",
                     net.trunc(),
                     net.addr(),
                     net.max_prefix_len()
@@ -222,9 +253,15 @@ impl Checker<'_> {
         if allow && is_unbounded(net) {
             return self.invalid(
                 line,
-                format!(
-                    "an allow to {net} is unbounded (every address) and is refused; list the networks it needs (only a deny may be unbounded)"
-                ),
+                if key == "from" {
+                    format!(
+                        "an inbound rule from {net} is unbounded (every address) and is refused; list the networks that may connect"
+                    )
+                } else {
+                    format!(
+                        "an allow to {net} is unbounded (every address) and is refused; list the networks it needs (only a deny may be unbounded)"
+                    )
+                },
             );
         }
         Some(net)

@@ -45,7 +45,7 @@ fn names(list: &[&str]) -> Vec<String> {
 }
 
 fn entry(n: &str, proto: u8, port: u16, verdict: Verdict, rule_id: u32) -> Entry {
-    Entry { net: net(n), proto, port, verdict, rule_id }
+    Entry { net: net(n), proto, port, inbound: false, verdict, rule_id }
 }
 
 /// The only rule of `[tools.t]` in `text`.
@@ -171,7 +171,7 @@ fn empty_file_and_empty_groups_are_fine() {
     let file = assert_accepted("# nothing yet\n");
     assert_eq!(file, PolicyFile { path: PATH.into(), ..PolicyFile::default() });
     let file = assert_accepted("[tools.pandas]\nallow = []\n[tools.numpy]\n");
-    assert_eq!(file.tools["pandas"], Group { allow: vec![], deny: vec![], line: 1 });
+    assert_eq!(file.tools["pandas"], Group { allow: vec![], deny: vec![], inbound: vec![], line: 1 });
     assert_eq!(file.tools["numpy"].line, 3);
 }
 
@@ -776,7 +776,10 @@ fn hand_made_full_port_ranges_are_every_port() {
     let full = Ports::Ranges(vec![PortRange { lo: 1, hi: 30000 }, PortRange { lo: 30001, hi: 65535 }]);
     let almost = Ports::Ranges(vec![PortRange { lo: 2, hi: 65535 }]);
     let mut cat = Catalogue::default();
-    cat.tools.insert("t".into(), Group { allow: vec![rule(full), rule(almost)], deny: vec![], line: 1 });
+    cat.tools.insert(
+        "t".into(),
+        Group { allow: vec![rule(full), rule(almost)], deny: vec![], inbound: vec![], line: 1 },
+    );
     let t = names(&["t"]);
     let compiled = cat.compile(&Grant { tools: &t, ..Grant::default() }).unwrap();
     assert_eq!(compiled.entries[0], entry("10.0.0.1/32", PROTO_UDP, 0, Verdict::Allow, 0));
@@ -821,4 +824,66 @@ fn grants_over_a_million_entries_are_refused() {
     assert_eq!(err, CompileError::TooManyEntries { count: 8 * 131_068, limit: MAX_ENTRIES });
     assert!(err.to_string().contains("1048544 rule entries, more than the limit of 1000000"));
     assert_eq!(big(7).compile(&grant).unwrap().entries.len(), 7 * 131_068);
+}
+
+// ---- inbound rules ---------------------------------------------------------------------------
+
+#[test]
+fn inbound_rules_parse_and_compile_to_inbound_entries() {
+    let cat = catalogue(
+        r#"
+[scopes."serve"]
+allow = [{ to = "10.0.0.1/32", ports = [53], proto = "udp" }]
+inbound = [{ from = "10.1.0.0/16", ports = [8080], proto = "tcp" }, { from = "fd00::1", ports = [9000] }]
+"#,
+    );
+    let serve = names(&["serve"]);
+    let compiled = cat.compile(&Grant { scopes: &serve, ..Grant::default() }).unwrap();
+    assert_eq!(compiled.origins, ["scope:serve#0", "scope:serve#in0", "scope:serve#in1"]);
+    let inbound = |n: &str, proto, port, rule_id| Entry {
+        inbound: true,
+        ..entry(n, proto, port, Verdict::Allow, rule_id)
+    };
+    assert_eq!(
+        compiled.entries,
+        [
+            entry("10.0.0.1/32", PROTO_UDP, 53, Verdict::Allow, 0),
+            inbound("10.1.0.0/16", PROTO_TCP, 8080, 1),
+            // No proto: TCP and UDP.
+            inbound("fd00::1/128", PROTO_TCP, 9000, 2),
+            inbound("fd00::1/128", PROTO_UDP, 9000, 2),
+        ]
+    );
+    // Encoded, the inbound entries carry their direction in the key.
+    let encoded = crate::dataplane::table::encode(1, &compiled.entries);
+    let dirs: Vec<u8> = encoded.v4.iter().map(|(k, _)| k.data().dir).collect();
+    assert_eq!(dirs.iter().filter(|&&d| d == ztseg_common::rule::DIR_IN).count(), 1, "{dirs:?}");
+    assert_eq!(dirs.iter().filter(|&&d| d == ztseg_common::rule::DIR_OUT).count(), 1, "{dirs:?}");
+    assert!(encoded.v6.iter().all(|(k, _)| k.data().dir == ztseg_common::rule::DIR_IN));
+}
+
+#[test]
+fn a_forbidden_tools_inbound_rules_are_denials() {
+    let cat =
+        catalogue("[tools.nc]\ninbound = [{ from = \"10.0.0.0/8\", ports = [4444], proto = \"tcp\" }]\n");
+    let nc = names(&["nc"]);
+    let forbidden = cat.compile(&Grant { forbidden_tools: &nc, ..Grant::default() }).unwrap();
+    assert_eq!(forbidden.origins, ["forbidden:tool:nc#in0"]);
+    assert_eq!(
+        forbidden.entries,
+        [Entry { inbound: true, ..entry("10.0.0.0/8", PROTO_TCP, 4444, Verdict::Deny, 0) }]
+    );
+}
+
+#[test]
+fn inbound_rules_are_refused_when_they_could_never_match_or_open_everything() {
+    let ok = "[scopes.s]\ninbound = [{ from = \"10.0.0.0/8\", ports = [80], proto = \"tcp\" }]";
+    assert_accepted(ok);
+    assert_refused(&ok.replace("\"tcp\"", "\"icmp\""), 2, "proto = \"icmp\" can never match");
+    assert_refused(&ok.replace("10.0.0.0/8", "0.0.0.0/0"), 2, "unbounded");
+    assert_refused(&ok.replace("10.0.0.0/8", "::/0"), 2, "unbounded");
+    assert_refused(&ok.replace("10.0.0.0/8", "10.0.0.1/8"), 2, "`from = \"10.0.0.1/8\"` has host bits set");
+    assert_refused(&ok.replace("10.0.0.0/8", "db.example"), 2, "`from = \"db.example\"` is a DNS name");
+    assert_refused(&ok.replace("from", "to"), 2, "unknown field `to`");
+    assert_refused(&ok.replace("[80]", "[0]"), 2, "port");
 }
