@@ -22,7 +22,7 @@ use ztseg::{
 };
 
 use crate::{
-    net::{ALLOWED, Netns},
+    net::{ALLOWED, FLOW, Netns},
     stats::{percentile, stat},
 };
 
@@ -216,7 +216,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     let _pins = PinsGuard(PathBuf::from(&pin_dir), root.clone());
     let socket = dir.join("ztseg.sock");
     let mut catalogue = String::from(
-        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000], proto = \"tcp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
+        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000, 9001], proto = \"tcp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
     );
     for i in 0..16 {
         let _ =
@@ -317,6 +317,51 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     fig.add(
         "ztseg kill -> first refused connect (50 samples)",
         format!("p50 {:.0} µs, p99 {:.0} µs", percentile(&kill, 50.0), percentile(&kill, 99.0)),
+    );
+
+    // kill -> the last byte of an established connection delivered, either way; kill -> the
+    // agent's socket closed. The flow's server side is outside the agents' root.
+    call(&socket, &Request::TokenApply { agent: "probe".into(), token: issue("probe", &["s"])? })?;
+    let (mut cut, mut closed, mut after_answer) = (Vec::new(), Vec::new(), 0);
+    let samples = 30;
+    for _ in 0..samples {
+        let mut child = Command::new(bench)
+            .args(["flow", FLOW])
+            .arg(&probe_cgroup)
+            .arg(ns.path())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "flowing" {
+            bail!("flow said {line:?}");
+        }
+        let t0 = ztseg::clock::boot_now_ns();
+        call(&socket, &Request::Kill { agent: "probe".into(), processes: KillProcesses::Keep })?;
+        let answered = ztseg::clock::boot_now_ns();
+        line.clear();
+        out.read_line(&mut line)?;
+        child.wait()?;
+        let stamps: Vec<u64> = line.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+        let [last_in, last_out, ended] = stamps[..] else { bail!("flow said {line:?}") };
+        let last = last_in.max(last_out);
+        cut.push(last.saturating_sub(t0) as f64 / 1e3);
+        closed.push(ended.saturating_sub(t0) as f64 / 1e3);
+        after_answer += usize::from(last > answered);
+        call(&socket, &Request::Revive { agent: "probe".into() })?;
+    }
+    fig.add(
+        "ztseg kill -> last byte of an established TCP connection delivered, either way (30 samples, a chunk each way every 100 µs)",
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs; samples with a byte read after kill returned: {after_answer} of {samples}",
+            percentile(&cut, 50.0),
+            percentile(&cut, 99.0)
+        ),
+    );
+    fig.add(
+        "ztseg kill -> the agent's socket reports its end (SOCK_DESTROY) (30 samples)",
+        format!("p50 {:.0} µs, p99 {:.0} µs", percentile(&closed, 50.0), percentile(&closed, 99.0)),
     );
 
     // Event pipeline: 20,000 decisions logged while the daemon is stopped, then drained.

@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         Some("worker") => worker::main(&args[1..]),
         Some("spin") => worker::spin(&args[1..]),
         Some("burst") => worker::burst(&args[1..]),
+        Some("flow") => worker::flow(&args[1..]),
+        Some("bulk") => worker::bulk(&args[1..]),
         _ => run(&args),
     };
     match result {
@@ -59,6 +61,8 @@ pub struct Options {
     pub out: PathBuf,
     /// `--control-only`: skip the data-plane matrix.
     pub control_only: bool,
+    /// How long each bulk-throughput run sends.
+    pub bulk_ms: u64,
 }
 
 fn options(args: &[String]) -> Result<Options> {
@@ -69,12 +73,13 @@ fn options(args: &[String]) -> Result<Options> {
         daemon: None,
         out: PathBuf::from("target/bench"),
         control_only: false,
+        bulk_ms: 1000,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--runs" => o.runs = it.next().context("--runs N")?.parse()?,
-            "--quick" => (o.tcp_ops, o.udp_ops) = (4_000, 20_000),
+            "--quick" => (o.tcp_ops, o.udp_ops, o.bulk_ms) = (4_000, 20_000, 300),
             "--daemon" => o.daemon = Some(PathBuf::from(it.next().context("--daemon PATH")?)),
             "--out" => o.out = PathBuf::from(it.next().context("--out DIR")?),
             "--control-only" => o.control_only = true,
@@ -197,6 +202,8 @@ pub struct Results {
     pub kernel_ns: BTreeMap<(String, &'static str), Vec<f64>>,
     pub order: Vec<Case>,
     pub notes: Vec<String>,
+    /// Bulk TCP over a veth, bytes/s per run: (no programs, ztseg agent), and their ratio.
+    pub bulk: Vec<(f64, f64)>,
 }
 
 impl Results {
@@ -284,6 +291,19 @@ fn measure(
 
 /// The pid in a name this bench gives its pins, cgroups, namespaces and temp dirs
 /// (`ztseg-bench-<pid>...`), if that process is gone.
+/// Bytes per second of one bulk run from `cgroup` to the sink.
+fn bulk(bench: &Path, cgroup: &Path, ns: &Netns, millis: u64) -> Result<f64> {
+    let out = Command::new(bench)
+        .args(["bulk", net::SINK, &millis.to_string()])
+        .arg(cgroup)
+        .arg(ns.path())
+        .output()?;
+    if !out.status.success() {
+        bail!("bulk worker failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
 fn stale_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix("ztseg-bench-")?;
     let rest = rest.strip_prefix("cp-").unwrap_or(rest);
@@ -481,6 +501,32 @@ fn run(args: &[String]) -> Result<()> {
         results.order.extend(cases);
     }
     set_bpf_stats(stats_were_on)?;
+    if !opts.control_only {
+        // What the cgroup_skb programs cost per packet: bulk TCP across a veth link from an
+        // agent (its one rule grants the sink) and from outside, interleaved in the same runs.
+        // The connect is judged once; every data packet out and every ACK in runs a program.
+        let far = ns.far_sink(&format!("ztseg-bench-{id}-far"), id)?;
+        let bulk_path = root.join("bulk");
+        let bulk_cg = cgroups.make(&bulk_path)?;
+        dataplane.register(bulk_cg)?;
+        let sink: IpNet = format!("{}/32", net::FAR).parse()?;
+        let rule = Entry {
+            net: sink,
+            proto: PROTO_TCP,
+            port: 9100,
+            inbound: false,
+            verdict: Verdict::Allow,
+            rule_id: 0,
+        };
+        dataplane.grant(bulk_cg, &[rule], deadline)?;
+        for run in 0..opts.runs {
+            eprintln!("ztseg-bench: bulk TCP over a veth, run {}/{}", run + 1, opts.runs);
+            let without = bulk(&bench, &base, &ns, opts.bulk_ms)?;
+            let with = bulk(&bench, &bulk_path, &ns, opts.bulk_ms)?;
+            results.bulk.push((without, with));
+        }
+        drop(far);
+    }
     let (read, lost) = drain.stop(&dataplane);
     results.notes.push(format!(
         "event records read by the bench's ring consumer: {read}; lost to a full ring: {lost}"

@@ -15,6 +15,11 @@ use nix::sched::CloneFlags;
 /// The allowed destination, and one no rule allows; both have a listener.
 pub const ALLOWED: &str = "127.0.0.2:9000";
 pub const DENIED: &str = "127.0.0.3:9000";
+/// The flow of the kill-cut figure: a listener the flow worker makes itself.
+pub const FLOW: &str = "127.0.0.2:9001";
+/// The far end of the veth link of the throughput figure, and its sink.
+pub const FAR: &str = "10.201.0.2";
+pub const SINK: &str = "10.201.0.2:9100";
 
 /// A network namespace with `lo` up and listeners on both destinations; deleted on drop.
 pub struct Netns {
@@ -77,6 +82,39 @@ impl Netns {
 
     pub fn nft_flush(&self) -> Result<()> {
         self.nft("flush ruleset\n")
+    }
+}
+
+impl Netns {
+    /// A second namespace joined to this one by a veth pair (this side 10.201.0.1, the far
+    /// side [`FAR`]), with a sink on [`SINK`] that reads and discards whatever it is sent.
+    pub fn far_sink(&self, name: &str, id: u32) -> Result<Self> {
+        let far = Self::new(name)?;
+        let (a, b) = (format!("ztb{id}a"), format!("ztb{id}b"));
+        run(Command::new("ip").args([
+            "-n", &self.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &far.name,
+        ]))?;
+        run(Command::new("ip").args(["-n", &self.name, "addr", "add", "10.201.0.1/24", "dev", &a]))?;
+        run(Command::new("ip").args(["-n", &far.name, "addr", "add", &format!("{FAR}/24"), "dev", &b]))?;
+        run(Command::new("ip").args(["-n", &self.name, "link", "set", &a, "up"]))?;
+        run(Command::new("ip").args(["-n", &far.name, "link", "set", &b, "up"]))?;
+        let path = far.path();
+        let listener = thread::spawn(move || -> Result<TcpListener> {
+            nix::sched::setns(std::fs::File::open(path)?, CloneFlags::CLONE_NEWNET)?;
+            Ok(TcpListener::bind(SINK)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while std::io::Read::read(&mut stream, &mut buf).is_ok_and(|n| n > 0) {}
+                });
+            }
+        });
+        Ok(far)
     }
 }
 

@@ -3,7 +3,12 @@
 
 use std::fmt::Write as _;
 
-use crate::{Case, Options, Results, Setup, control_plane::Figures, net::NftShape, stats::Stat};
+use crate::{
+    Case, Options, Results, Setup,
+    control_plane::Figures,
+    net::NftShape,
+    stats::{Stat, stat},
+};
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -60,6 +65,21 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>) -> Strin
             cell(r.kernel(case, "tcp"), 1.0, 0),
             cell(r.kernel(case, "udp"), 1.0, 0),
             cell(r.kernel(case, "socket"), 1.0, 0),
+        );
+    }
+    if !r.bulk.is_empty() {
+        let without: Vec<f64> = r.bulk.iter().map(|b| b.0 / 1e9 * 8.0).collect();
+        let with: Vec<f64> = r.bulk.iter().map(|b| b.1 / 1e9 * 8.0).collect();
+        let ratio: Vec<f64> = r.bulk.iter().map(|b| b.1 / b.0).collect();
+        md.push_str("\n## Per-packet cost (cgroup_skb)\n\n");
+        let _ = writeln!(
+            md,
+            "Bulk TCP for {} ms per run across a veth link into a second namespace, 64 KiB writes, {} interleaved runs; the agent's every data packet out and ACK in runs `packets_out`/`packets_in`.\n\n| sender | Gbit/s | ratio to no programs |\n|---|---:|---:|\n| no programs | {} | 1.000 |\n| ztseg agent, 1 rule | {} | {} |",
+            opts.bulk_ms,
+            r.bulk.len(),
+            cell(stat(&without), 1.0, 2),
+            cell(stat(&with), 1.0, 2),
+            cell(stat(&ratio), 1.0, 3),
         );
     }
     md.push_str("\n## Aims (reported, not asserted)\n\n");

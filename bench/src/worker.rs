@@ -121,3 +121,107 @@ pub fn burst(args: &[String]) -> Result<()> {
     println!("{ok}");
     Ok(())
 }
+
+/// `ztseg-bench flow ADDR CGROUP NETNS`: a TCP connection with bytes flowing both ways between
+/// this process's agent side (a socket made in CGROUP) and its server side (a listener made
+/// before joining CGROUP, so the kernel charges it and its connection to the outside). Prints
+/// "flowing" once chunks went both ways; then, once the agent's socket failed (the kill closed
+/// it) and a further watch window passed, "LAST_IN LAST_OUT CLOSED": the boot-clock ns at which
+/// the agent last received a chunk, the server last received one from the agent, and the agent's
+/// socket reported its end.
+pub fn flow(args: &[String]) -> Result<()> {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+    let [addr, cgroup, netns] = args else {
+        bail!("usage: ztseg-bench flow ADDR CGROUP NETNS");
+    };
+    let addr: SocketAddr = addr.parse()?;
+    nix::sched::setns(std::fs::File::open(netns)?, CloneFlags::CLONE_NEWNET).context("setns")?;
+    let listener = TcpListener::bind(addr)?;
+    std::fs::write(format!("{cgroup}/cgroup.procs"), "0").context("join cgroup")?;
+    let agent = TcpStream::connect(addr)?;
+    let (server, _) = listener.accept()?;
+    agent.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    // Stamps: [agent received, server received, agent's socket ended], and chunk counts.
+    let stamps: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+    let reader = |mut socket: TcpStream, at: usize, end: Option<usize>| {
+        let stamps = stamps.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match socket.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        stamps[at].store(boot_ns(), Ordering::SeqCst);
+                        stamps[at + 3].fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {
+                        if let Some(end) = end {
+                            stamps[end].store(boot_ns(), Ordering::SeqCst);
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    // A chunk every 100 µs each way: a steady flow that never fills a socket buffer, so a
+    // chunk is read the moment it is delivered.
+    let writer = |mut socket: TcpStream| {
+        std::thread::spawn(move || {
+            while socket.write_all(&[0u8; 64]).is_ok() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    };
+    reader(agent.try_clone()?, 0, Some(2));
+    reader(server.try_clone()?, 1, None);
+    writer(agent.try_clone()?);
+    writer(server.try_clone()?);
+    let give_up = boot_ns() + 10_000_000_000;
+    while stamps[3].load(Ordering::SeqCst) < 10 || stamps[4].load(Ordering::SeqCst) < 10 {
+        if boot_ns() > give_up {
+            bail!("no flow after 10 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    println!("flowing");
+    io::stdout().flush()?;
+    while stamps[2].load(Ordering::SeqCst) == 0 {
+        if boot_ns() > give_up + 10_000_000_000 {
+            bail!("the agent's socket was not closed within 10 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // Absence cannot be awaited: watch 20 ms more (200 chunks' worth each way) for late bytes.
+    std::thread::sleep(Duration::from_millis(20));
+    let s = |i: usize| stamps[i].load(Ordering::SeqCst);
+    println!("{} {} {}", s(0), s(1), s(2));
+    Ok(())
+}
+
+/// `ztseg-bench bulk ADDR MILLIS CGROUP NETNS`: sends as fast as TCP allows for MILLIS ms to a
+/// sink at ADDR; prints the bytes per second.
+pub fn bulk(args: &[String]) -> Result<()> {
+    use std::io::Write as _;
+    let [addr, millis, cgroup, netns] = args else {
+        bail!("usage: ztseg-bench bulk ADDR MILLIS CGROUP NETNS");
+    };
+    let (addr, millis): (SocketAddr, u64) = (addr.parse()?, millis.parse()?);
+    join(cgroup, netns)?;
+    let mut stream = TcpStream::connect(addr)?;
+    let chunk = vec![0u8; 64 * 1024];
+    let (start, mut sent) = (Instant::now(), 0u64);
+    while start.elapsed() < Duration::from_millis(millis) {
+        stream.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    println!("{:.0}", sent as f64 / start.elapsed().as_secs_f64());
+    Ok(())
+}
