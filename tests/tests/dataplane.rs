@@ -368,7 +368,7 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(probe(at, &["tcp:10.77.0.1:8001"]), ["EPERM"]);
     let report = ztseg::dataplane::uninstall(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.links_detached, ztseg::dataplane::program_names().count());
-    assert_eq!(report.links_detached, 7, "connect4/6, sendmsg4/6, sock_create, packets_in/out");
+    assert_eq!(report.links_detached, 8, "connect4/6, sendmsg4/6, sock_create, packets_in/out, setsockopt");
     assert_eq!(report.maps_unpinned, ztseg::dataplane::pins::PINNED_MAPS.len());
     assert_eq!(report.maps_unpinned, 7, "agents, rules4/6, events, drops, stats, replies");
     assert!(!site.pin_dir.exists());

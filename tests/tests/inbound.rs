@@ -12,7 +12,7 @@ use ztseg_integration::{At, Daemon, Netns, Proc, Site, TempDir, probe, run_agent
 /// reach the agent's port 7000, 10.79.0.1 may not; the agent may ask 10.79.0.1:9100 over UDP.
 const CATALOGUE: &str = r#"
 [scopes."served"]
-allow = [{ to = "10.79.0.1/32", ports = [9100], proto = "udp" }]
+allow = [{ to = "10.79.0.1/32", ports = [9100], proto = "udp" }, { to = "10.79.0.3/32", proto = "udp" }]
 inbound = [{ from = "10.79.0.2/32", ports = [7000] }]
 "#;
 
@@ -134,6 +134,29 @@ fn a_reply_to_the_agents_own_send_comes_in_and_nothing_else_on_that_socket() {
     // Positive control: outside the agent the echo still answers.
     assert_eq!(probe(At { netns: &w.here, cgroup: None }, &["udp-ask:10.79.0.1:9100"]), ["ok"]);
     drop(echo);
+}
+
+#[test]
+fn icmp_errors_cannot_carry_data_into_an_agent() {
+    // ICMP errors reach a socket through the kernel's error handlers, which no cgroup program
+    // sees; with IP_RECVERR they would put a forged error's payload on the error queue. Inside
+    // an agent the option is accepted (glibc's resolver needs the call to succeed) and stays off.
+    let w = world();
+    let ops = ["recverr4", "recverr6"];
+    assert_eq!(probe(At { netns: &w.here, cgroup: None }, &ops), ["on", "on"]);
+    let (code, out, err) = run_agent(&w.daemon, &w.here, "alpha", None, &ops);
+    assert_eq!((code, out), (0, vec!["off".to_owned(), "off".to_owned()]), "{err}");
+}
+
+#[test]
+fn a_udp_socket_connected_to_port_0_cannot_hear_every_port() {
+    // Connected to port 0, a UDP socket takes datagrams from every port of the peer; no rule
+    // can grant port 0, not even one for every port of the address.
+    let w = world();
+    let ops = ["udp-connect-only:10.79.0.3:0", "udp-connect-only:10.79.0.3:53"];
+    assert_eq!(probe(At { netns: &w.here, cgroup: None }, &ops), ["ok", "ok"]);
+    let (code, out, err) = run_agent(&w.daemon, &w.here, "alpha", None, &ops);
+    assert_eq!((code, out), (0, vec!["EPERM".to_owned(), "ok".to_owned()]), "{err}");
 }
 
 /// The `key` line of the agent's cgroup.events ("frozen 0|1", "populated 0|1").

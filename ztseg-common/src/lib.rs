@@ -12,3 +12,4 @@ pub mod event;
 pub mod maps;
 pub mod packet;
 pub mod rule;
+pub mod sockopt;

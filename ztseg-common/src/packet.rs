@@ -105,6 +105,12 @@ pub const fn arrival(sock_protocol: u32, sock_state: u32, tcp_flags: u8, reply: 
     Arrival::Datagram
 }
 
+/// Whether an IPv6 address (four network-order words, as read from the packet) is IPv4-mapped
+/// (`::ffff:a.b.c.d`).
+pub const fn v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
 /// Peers an unconnected UDP socket may hear back from, kept per socket (socket storage,
 /// freed with the socket): the sendmsg programs add each destination they allow, and a
 /// datagram from one of them is a reply rather than an unsolicited arrival. At most
@@ -180,6 +186,20 @@ unsafe impl aya::Pod for Peers {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn v4_mapped_senders_are_recognised() {
+        let words =
+            |b: [u8; 16]| [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]));
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 99, 0, 3];
+        assert!(v4_mapped(&words(mapped)));
+        let mut compat = mapped;
+        compat[10] = 0;
+        assert!(!v4_mapped(&words(compat)));
+        let mut ula = mapped;
+        ula[0] = 0xfd;
+        assert!(!v4_mapped(&words(ula)));
+    }
+
     use super::*;
     use crate::agent::{FLAG_KILLED, FLAG_PAUSED};
 

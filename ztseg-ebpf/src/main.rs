@@ -26,8 +26,8 @@ use aya_ebpf::{
             bpf_skb_cgroup_id,
         },
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockoptContext},
 };
 use ztseg_common::{
     agent::AgentState,
@@ -42,6 +42,7 @@ use ztseg_common::{
         ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
         effective_v4, effective_v6,
     },
+    sockopt,
 };
 
 /// Return values of cgroup programs: 1 lets the operation proceed, 0 fails it with EPERM.
@@ -129,7 +130,9 @@ pub fn packets_in(ctx: SkBuffContext) -> i32 {
     };
     let tcp_flags: u8 = match l4 {
         Some(at) if next == PROTO_TCP => ctx.load(at + 13).unwrap_or(0),
-        _ => 0,
+        // Behind extension headers: the flags are unknown, so the packet is recorded as an
+        // opening (a SYN hidden behind a hop-by-hop header must not go unrecorded).
+        _ => packet::TCP_SYN,
     };
     let sender = match version {
         4 => Peer::v4(ctx.load(12).unwrap_or(0), [0; 2]),
@@ -161,9 +164,11 @@ pub fn packets_in(ctx: SkBuffContext) -> i32 {
     let dest = Dest { family: sender.family, proto, addr: sender.addr, port };
     let decision = if version == 4 {
         decide_v4(&task, DIR_IN, proto, port, sender.addr[0].to_ne_bytes())
-    } else if version == 6 {
+    } else if version == 6 && !packet::v4_mapped(&sender.addr) {
         decide_v6(&task, DIR_IN, proto, port, bytes16(sender.addr))
     } else {
+        // An IPv6 packet from an IPv4-mapped address would reach a dual-stack socket looking
+        // like an IPv4 sender while judged by IPv6 rules; no real sender has such an address.
         Decision::deny(reason::PROTOCOL)
     };
     task.report(action, dest, &decision, emit)
@@ -274,6 +279,22 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     };
     // Creating a TCP or UDP socket reaches nothing by itself; only refusals are worth a record.
     task.report(ACTION_SOCKET, dest, &decision, !decision.allowed())
+}
+
+/// Neutralises the socket options that would let something no hook judges reach the agent
+/// (`sockopt::neutralised`: the ICMP error queue): the call succeeds and the option is not
+/// applied. A refusal would break glibc's resolver, which turns IP_RECVERR on for every query
+/// socket and gives up the query when it cannot.
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sockopt` to cgroup/setsockopt programs; `optlen`
+    // is writable, and -1 tells the kernel to skip its own handling and return success.
+    unsafe {
+        if sockopt::neutralised((*ctx.sockopt).level, (*ctx.sockopt).optname) {
+            (*ctx.sockopt).optlen = -1;
+        }
+    }
+    ALLOW
 }
 
 const AF_INET6: u32 = 10;
@@ -532,6 +553,11 @@ fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> D
         Ok(table) => table,
         Err(denied) => return denied,
     };
+    if port == ANY_PORT {
+        // Port 0 is no destination a rule can name; a UDP socket connected to it would take
+        // datagrams from every port of the host.
+        return Decision::deny(reason::NO_RULE);
+    }
     let at_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port, addr });
     let any_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port: ANY_PORT, addr });
     let at_port: Option<RuleValue> = RULES_V4.get(&at_port).copied();
@@ -545,6 +571,11 @@ fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> 
         Ok(table) => table,
         Err(denied) => return denied,
     };
+    if port == ANY_PORT {
+        // Port 0 is no destination a rule can name; a UDP socket connected to it would take
+        // datagrams from every port of the host.
+        return Decision::deny(reason::NO_RULE);
+    }
     let at_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port, addr });
     let any_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port: ANY_PORT, addr });
     let at_port: Option<RuleValue> = RULES_V6.get(&at_port).copied();

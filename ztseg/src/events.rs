@@ -133,6 +133,7 @@ pub fn record(event: &Event, who: &Attribution, ts: SystemTime) -> Map<String, V
     if inbound(event.action) {
         map.insert("src".into(), json!(address(event).map(|a| a.to_string())));
     }
+
     map
 }
 

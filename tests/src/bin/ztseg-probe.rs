@@ -33,7 +33,9 @@
 //!     | tiocsti (in a new session, into its own pty) | shm:KEY | ipopts:ADDR | rthdr:[Y]:PORT:[X]
 //!     inbound (IPv4): tcp-from:SRC:ADDR (connect from SRC and read a byte, 1 s each: ok or
 //!     ETIMEDOUT) | udp-from:SRC:ADDR (one datagram from SRC) | udp-ask:ADDR (an unconnected
-//!     socket sends to ADDR and waits 1 s for the reply: ok or EAGAIN)
+//!     socket sends to ADDR and waits 1 s for the reply: ok or EAGAIN) | udp-connect-only:ADDR
+//!     | recverr4 | recverr6 (setsockopt IP_RECVERR / IPV6_RECVERR on a UDP socket, then read
+//!     it back: "on" or "off", or the errno of a failed call)
 //! ```
 //!
 //! It moves itself into the cgroup (and network namespace) before it opens any socket, as
@@ -243,6 +245,47 @@ fn run_op(op: &str) -> String {
         "udp-from" => {
             let (src, dst) = addr.split_once(':').unwrap();
             UdpSocket::bind((src, 0)).and_then(|s| s.send_to(b"probe", dst)).map(drop)
+        }
+        "udp-connect-only" => {
+            let target: SocketAddr = addr.parse().unwrap();
+            let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(local).and_then(|s| s.connect(target))
+        }
+        "recverr4" | "recverr6" => {
+            // The ICMP error queue: setsockopt(IP_RECVERR / IPV6_RECVERR, 1) on a UDP socket.
+            let (local, level, name) = if kind == "recverr4" {
+                ("0.0.0.0:0", libc::SOL_IP, libc::IP_RECVERR)
+            } else {
+                ("[::]:0", libc::SOL_IPV6, libc::IPV6_RECVERR)
+            };
+            UdpSocket::bind(local).and_then(|socket| {
+                let on: libc::c_int = 1;
+                // SAFETY: the option value is `on`, whose size is passed with it.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&socket),
+                        level,
+                        name,
+                        (&raw const on).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                check(rc.into())?;
+                // Read back what the kernel holds: "on" or "off".
+                let (mut value, mut len): (libc::c_int, libc::socklen_t) = (0, size_of::<libc::c_int>() as _);
+                // SAFETY: reads an int option into `value`, whose size is passed in `len`.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&socket),
+                        level,
+                        name,
+                        (&raw mut value).cast(),
+                        &raw mut len,
+                    )
+                };
+                check(rc.into())?;
+                Err(io::Error::other(if value == 0 { "off" } else { "on" }))
+            })
         }
         "udp-ask" => UdpSocket::bind("0.0.0.0:0").and_then(|s| {
             s.set_read_timeout(Some(Duration::from_secs(1)))?;

@@ -1,7 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose: opening a pinned link as a plain fd,
 //! storing into a map-in-map through plain fds (the RCU barrier, waited on off the dataplane),
 //! replacing a link's program in place, forcing a link to detach, and reading which cgroup a
-//! link is attached to. Layouts follow include/uapi/linux/bpf.h (`union bpf_attr`,
+//! link is attached to; and, for cgroup/setsockopt (whose aya link does not convert to a
+//! pinnable `FdLink`), creating and pinning a cgroup link. Layouts follow include/uapi/linux/bpf.h (`union bpf_attr`,
 //! `struct bpf_link_info`); the kernel zero-fills what a shorter attr leaves out.
 
 use std::{
@@ -15,8 +16,10 @@ use std::{
 };
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -65,6 +68,51 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let mut attr = Attr { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a BPF object at `path` (BPF_OBJ_PIN).
+pub fn obj_pin(object: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut attr = Attr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: object.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Attaches `program` to the cgroup `target` at hook `attach_type` through a new link
+/// (BPF_LINK_CREATE, no flags: the link is the hook's only program of ztseg's).
+pub fn link_create(program: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 4],
+    }
+    let mut attr = Attr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        _rest: [0; 4],
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

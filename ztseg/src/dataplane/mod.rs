@@ -27,9 +27,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError,
         cgroup_skb::CgroupSkbAttachType, cgroup_sock::CgroupSockAttachType,
-        cgroup_sock_addr::CgroupSockAddrAttachType, links::FdLink,
+        cgroup_sock_addr::CgroupSockAddrAttachType, cgroup_sockopt::CgroupSockoptAttachType, links::FdLink,
     },
 };
 use aya_obj::generated::bpf_attach_type;
@@ -95,6 +95,7 @@ enum Hook {
     SockAddr(CgroupSockAddrAttachType),
     Sock(CgroupSockAttachType),
     Skb(CgroupSkbAttachType),
+    Sockopt(CgroupSockoptAttachType),
 }
 
 impl Hook {
@@ -104,13 +105,14 @@ impl Hook {
             Self::Sock(t) => t.into(),
             Self::Skb(CgroupSkbAttachType::Ingress) => bpf_attach_type::BPF_CGROUP_INET_INGRESS,
             Self::Skb(CgroupSkbAttachType::Egress) => bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+            Self::Sockopt(t) => t.into(),
         };
         t as u32
     }
 }
 
 /// Every program ztseg attaches, by name in the object (also its link's pin name).
-const PROGRAMS: [(&str, Hook); 7] = [
+const PROGRAMS: [(&str, Hook); 8] = [
     ("connect4", Hook::SockAddr(CgroupSockAddrAttachType::Connect4)),
     ("connect6", Hook::SockAddr(CgroupSockAddrAttachType::Connect6)),
     ("sendmsg4", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4)),
@@ -118,6 +120,7 @@ const PROGRAMS: [(&str, Hook); 7] = [
     ("sock_create", Hook::Sock(CgroupSockAttachType::SockCreate)),
     ("packets_in", Hook::Skb(CgroupSkbAttachType::Ingress)),
     ("packets_out", Hook::Skb(CgroupSkbAttachType::Egress)),
+    ("setsockopt", Hook::Sockopt(CgroupSockoptAttachType::Set)),
 ];
 
 /// Names of the attached programs, for status output and tests.
@@ -705,7 +708,7 @@ fn attach(
             });
         }
     }
-    // The three program types share these steps but not a trait: load, then swap into the
+    // The four program types share these steps but not a trait: load, then swap into the
     // pinned link or attach a new one.
     macro_rules! load_and_link {
         ($ty:ty, |$p:ident| $attach:expr) => {{
@@ -726,6 +729,20 @@ fn attach(
         Hook::Sock(_) => load_and_link!(CgroupSock, |p| p.attach(root, CgroupAttachMode::Single)),
         Hook::Skb(attach_type) => {
             load_and_link!(CgroupSkb, |p| p.attach(root, attach_type, CgroupAttachMode::Single))
+        }
+        Hook::Sockopt(_) => {
+            // aya's setsockopt link does not convert to an `FdLink`: create and pin it directly.
+            let p: &mut CgroupSockopt = program.try_into().map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let fd = p.fd().map_err(prog_err(name))?;
+            if let Some(link) = &existing {
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+                return Ok(true);
+            }
+            let link =
+                bpf_sys::link_create(fd.as_fd(), root.as_fd(), hook.attach_type()).map_err(link_err)?;
+            bpf_sys::obj_pin(link.as_fd(), link_path).map_err(link_err)?;
+            return Ok(false);
         }
     };
     fd_link.pin(link_path).map_err(|e| link_err(io::Error::other(e.to_string())))?;
