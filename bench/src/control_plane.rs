@@ -22,7 +22,7 @@ use ztseg::{
 };
 
 use crate::{
-    net::{ALLOWED, FLOW, Netns},
+    net::{ALLOWED, FLOW, Netns, SPIN},
     stats::{percentile, stat},
 };
 
@@ -119,7 +119,7 @@ fn spinner(
     ns: &Netns,
 ) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
     let mut child = Command::new(bench)
-        .args(["spin", until, ALLOWED])
+        .args(["spin", until, SPIN])
         .arg(cgroup)
         .arg(ns.path())
         .stdout(Stdio::piped())
@@ -216,7 +216,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     let _pins = PinsGuard(PathBuf::from(&pin_dir), root.clone());
     let socket = dir.join("ztseg.sock");
     let mut catalogue = String::from(
-        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000, 9001], proto = \"tcp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
+        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000, 9001, 9002], proto = \"tcp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
     );
     for i in 0..16 {
         let _ =

@@ -194,10 +194,14 @@ impl Case {
     }
 }
 
-/// Per case and protocol: ns per operation over runs, and kernel ns per decision over runs.
+/// Per case and protocol, over runs: the median and 99th-percentile ns of one operation, the
+/// ratio of the median to the baseline's in the same run, kernel ns per decision, and the runs
+/// whose namespace saw TCP trouble (accept-queue overflows or drops, retransmissions).
 #[derive(Default)]
 pub struct Results {
     pub op_ns: BTreeMap<(String, &'static str), Vec<f64>>,
+    pub p99_ns: BTreeMap<(String, &'static str), Vec<f64>>,
+    pub troubled: BTreeMap<(String, &'static str), Vec<net::TcpTrouble>>,
     pub ratio: BTreeMap<(String, &'static str), Vec<f64>>,
     pub kernel_ns: BTreeMap<(String, &'static str), Vec<f64>>,
     pub order: Vec<Case>,
@@ -215,6 +219,19 @@ impl Results {
     }
     pub fn kernel(&self, case: &Case, proto: &'static str) -> Stat {
         stat(self.kernel_ns.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice))
+    }
+    pub fn p99(&self, case: &Case, proto: &'static str) -> Stat {
+        stat(self.p99_ns.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice))
+    }
+    /// The runs of a case with TCP trouble in its namespace, and the counts summed over them.
+    pub fn trouble(&self, case: &Case, proto: &'static str) -> (usize, net::TcpTrouble) {
+        let runs = self.troubled.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice);
+        let sum = runs.iter().fold(net::TcpTrouble::default(), |a, t| net::TcpTrouble {
+            listen_overflows: a.listen_overflows + t.listen_overflows,
+            listen_drops: a.listen_drops + t.listen_drops,
+            retransmits: a.retransmits + t.retransmits,
+        });
+        (runs.iter().filter(|t| t.any()).count(), sum)
     }
 }
 
@@ -266,14 +283,15 @@ fn table(n: usize) -> Vec<Entry> {
     entries
 }
 
-fn measure(
-    bench: &Path,
-    proto: &str,
-    addr: &str,
-    n: u64,
-    cgroup: &Path,
-    netns: &Path,
-) -> Result<(f64, u64, u64)> {
+/// One worker run: per-operation median and 99th percentile, successes and failures.
+struct Timed {
+    p50: f64,
+    p99: f64,
+    ok: u64,
+    failed: u64,
+}
+
+fn measure(bench: &Path, proto: &str, addr: &str, n: u64, cgroup: &Path, netns: &Path) -> Result<Timed> {
     let out = Command::new(bench)
         .args(["worker", proto, addr, &n.to_string()])
         .arg(cgroup)
@@ -285,8 +303,8 @@ fn measure(
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let [ns, ok, failed] = f[..] else { bail!("worker said {text:?}") };
-    Ok((ns as f64 / (ok + failed).max(1) as f64, ok, failed))
+    let [_total, ok, failed, p50, p99] = f[..] else { bail!("worker said {text:?}") };
+    Ok(Timed { p50: p50 as f64, p99: p99 as f64, ok, failed })
 }
 
 /// The pid in a name this bench gives its pins, cgroups, namespaces and temp dirs
@@ -458,7 +476,10 @@ fn run(args: &[String]) -> Result<()> {
                     let program = if proto == "tcp" { "connect4" } else { "sendmsg4" };
                     let before = stats::prog_counters(&links.join(program))?;
                     let socket_before = stats::prog_counters(&links.join("sock_create"))?;
-                    let (ns_op, ok, failed) = measure(&bench, proto, addr, n, &case.cgroup, &ns.path())?;
+                    let trouble_before = ns.tcp_trouble()?;
+                    let timed = measure(&bench, proto, addr, n, &case.cgroup, &ns.path())?;
+                    let trouble = ns.tcp_trouble()?.since(trouble_before);
+                    let (ns_op, ok, failed) = (timed.p50, timed.ok, timed.failed);
                     let after = stats::prog_counters(&links.join(program))?;
                     let socket_after = stats::prog_counters(&links.join("sock_create"))?;
                     let label = case.label();
@@ -472,6 +493,8 @@ fn run(args: &[String]) -> Result<()> {
                         baseline.insert(proto, ns_op);
                     }
                     results.op_ns.entry((label.clone(), proto)).or_default().push(ns_op);
+                    results.p99_ns.entry((label.clone(), proto)).or_default().push(timed.p99);
+                    results.troubled.entry((label.clone(), proto)).or_default().push(trouble);
                     if let Some(base) = baseline.get(proto) {
                         results.ratio.entry((label.clone(), proto)).or_default().push(ns_op / base);
                     }

@@ -15,6 +15,9 @@ use nix::sched::CloneFlags;
 /// The allowed destination, and one no rule allows; both have a listener.
 pub const ALLOWED: &str = "127.0.0.2:9000";
 pub const DENIED: &str = "127.0.0.3:9000";
+/// Granted like [`ALLOWED`] but with no listener: a connect there is answered at once, refused by
+/// the peer (allowed) or by the hook (denied), and never waits on an accept queue.
+pub const SPIN: &str = "127.0.0.2:9002";
 /// The flow of the kill-cut figure: a listener the flow worker makes itself.
 pub const FLOW: &str = "127.0.0.2:9001";
 /// The far end of the veth link of the throughput figure, and its sink.
@@ -44,7 +47,7 @@ impl Netns {
         let path = self.path();
         let sockets = thread::spawn(move || -> Result<Vec<(TcpListener, UdpSocket)>> {
             nix::sched::setns(std::fs::File::open(path)?, CloneFlags::CLONE_NEWNET)?;
-            [ALLOWED, DENIED].iter().map(|a| Ok((TcpListener::bind(a)?, UdpSocket::bind(a)?))).collect()
+            [ALLOWED, DENIED].iter().map(|a| Ok((listener(a)?, UdpSocket::bind(a)?))).collect()
         })
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
@@ -85,7 +88,77 @@ impl Netns {
     }
 }
 
+/// A TCP listener with an accept queue of 4096 (the kernel's default `somaxconn`), not the
+/// standard library's 128: a worker connecting while the accepting thread waits for a CPU must
+/// not overflow the queue, whose dropped SYNs come back only after a 1 s retransmission.
+fn listener(addr: &str) -> Result<TcpListener> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+    use std::os::fd::AsRawFd as _;
+    let addr: std::net::SocketAddrV4 = addr.parse()?;
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
+    // nix's `Backlog` stops at the C library's SOMAXCONN (128), the queue this is meant to avoid.
+    // SAFETY: listen(2) on a socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listen");
+    }
+    Ok(TcpListener::from(fd))
+}
+
+/// The namespace's TCP trouble counters: accept-queue overflows and drops, and retransmitted
+/// segments. Any of them growing during a case means some connects stalled for a
+/// retransmission timeout (1 s for a SYN), which the case's figures then carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTrouble {
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    pub retransmits: u64,
+}
+
+impl TcpTrouble {
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            listen_overflows: self.listen_overflows.saturating_sub(before.listen_overflows),
+            listen_drops: self.listen_drops.saturating_sub(before.listen_drops),
+            retransmits: self.retransmits.saturating_sub(before.retransmits),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self != Self::default()
+    }
+}
+
+/// The value of `key` in a /proc/net/{netstat,snmp} table whose rows come in pairs
+/// ("Prefix: names..." then "Prefix: values...").
+fn proc_net_value(text: &str, prefix: &str, key: &str) -> Option<u64> {
+    let mut rows = text.lines().filter(|l| l.starts_with(prefix));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let at = names.split_whitespace().position(|n| n == key)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 impl Netns {
+    /// The namespace's [`TcpTrouble`] counters, read by a thread that joins it.
+    pub fn tcp_trouble(&self) -> Result<TcpTrouble> {
+        let path = self.path();
+        thread::spawn(move || -> Result<TcpTrouble> {
+            nix::sched::setns(std::fs::File::open(path)?, CloneFlags::CLONE_NEWNET)?;
+            let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+            let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let get = |text: &str, prefix: &str, key: &str| {
+                proc_net_value(text, prefix, key).with_context(|| format!("no {prefix} {key} in /proc/net"))
+            };
+            Ok(TcpTrouble {
+                listen_overflows: get(&netstat, "TcpExt:", "ListenOverflows")?,
+                listen_drops: get(&netstat, "TcpExt:", "ListenDrops")?,
+                retransmits: get(&snmp, "Tcp:", "RetransSegs")?,
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("counter thread panicked"))?
+    }
+
     /// A second namespace joined to this one by a veth pair (this side 10.201.0.1, the far
     /// side [`FAR`]), with a sink on [`SINK`] that reads and discards whatever it is sent.
     pub fn far_sink(&self, name: &str, id: u32) -> Result<Self> {
@@ -198,4 +271,18 @@ pub fn nft_cgroup(mount: &Path, cgroup: &Path) -> Result<(String, usize)> {
     let level = relative.components().count();
     let for_nft = cgroup.strip_prefix("/sys/fs/cgroup").context("cgroup2 is not under /sys/fs/cgroup")?;
     Ok((for_nft.display().to_string(), level))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_values_are_found_by_name() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(proc_net_value(text, "TcpExt:", "ListenOverflows"), Some(7));
+        assert_eq!(proc_net_value(text, "TcpExt:", "ListenDrops"), Some(9));
+        assert_eq!(proc_net_value(text, "IpExt:", "InNoRoutes"), Some(3));
+        assert_eq!(proc_net_value(text, "TcpExt:", "Missing"), None);
+    }
 }

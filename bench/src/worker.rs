@@ -14,7 +14,8 @@ use nix::sched::CloneFlags;
 const BUDGET: Duration = Duration::from_secs(2);
 
 /// `ztseg-bench worker tcp|udp ADDR N CGROUP NETNS`: times N operations, or as many as fit in
-/// two seconds, after a warm-up of a twentieth of that; prints "NS_TOTAL OK FAILED".
+/// two seconds, after a warm-up of a twentieth of that, each on its own; prints
+/// "NS_TOTAL OK FAILED P50_NS P99_NS".
 pub fn main(args: &[String]) -> Result<()> {
     let [mode, addr, n, cgroup, netns] = args else {
         bail!("usage: ztseg-bench worker tcp|udp ADDR N CGROUP NETNS");
@@ -22,7 +23,7 @@ pub fn main(args: &[String]) -> Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let n: u64 = n.parse()?;
     join(cgroup, netns)?;
-    let (ns, ok, failed) = match mode.as_str() {
+    let (ns, ok, failed, p50, p99) = match mode.as_str() {
         "tcp" => {
             time(n / 20, BUDGET / 20, || tcp_once(addr));
             time(n, BUDGET, || tcp_once(addr))
@@ -35,24 +36,32 @@ pub fn main(args: &[String]) -> Result<()> {
         }
         other => bail!("unknown mode {other}"),
     };
-    println!("{ns} {ok} {failed}");
+    println!("{ns} {ok} {failed} {p50} {p99}");
     Ok(())
 }
 
-fn time(n: u64, budget: Duration, mut op: impl FnMut() -> io::Result<()>) -> (u128, u64, u64) {
+/// Runs `op` up to `n` times within `budget`, timing each: (total ns, ok, failed, p50 ns, p99
+/// ns). A few stalled operations move the total, not the median.
+fn time(n: u64, budget: Duration, mut op: impl FnMut() -> io::Result<()>) -> (u128, u64, u64, u64, u64) {
     let (mut ok, mut failed) = (0, 0);
+    let mut each = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     let start = Instant::now();
     for i in 0..n {
+        let t = Instant::now();
         if op().is_ok() {
             ok += 1
         } else {
             failed += 1
         }
+        each.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
         if i % 64 == 63 && start.elapsed() > budget {
             break;
         }
     }
-    (start.elapsed().as_nanos(), ok, failed)
+    each.sort_unstable();
+    let at =
+        |p: usize| each.get((each.len() * p / 100).min(each.len().saturating_sub(1))).copied().unwrap_or(0);
+    (start.elapsed().as_nanos(), ok, failed, at(50), at(99))
 }
 
 /// Connect and close with a reset (SO_LINGER 0): no TIME_WAIT, so long runs keep their ports.
@@ -73,7 +82,9 @@ fn join(cgroup: &str, netns: &str) -> Result<()> {
 
 /// `ztseg-bench spin until-ok|until-denied ADDR CGROUP NETNS`: connects in a tight loop; prints
 /// "spinning" once the first outcome is the opposite one, then the CLOCK_BOOTTIME ns at which the
-/// awaited outcome was first seen.
+/// awaited outcome was first seen. ADDR has no listener: an allowed connect is refused at once by
+/// the peer's reset (ECONNREFUSED), a denied one by the hook (EPERM), so no connect can wait on
+/// an accept queue and the time measured is the enforcement's.
 pub fn spin(args: &[String]) -> Result<()> {
     use std::io::Write as _;
     let [until, addr, cgroup, netns] = args else {
@@ -85,7 +96,10 @@ pub fn spin(args: &[String]) -> Result<()> {
     let mut announced = false;
     let give_up = boot_ns() + 30_000_000_000;
     loop {
-        let ok = tcp_once(addr).is_ok();
+        let ok = match TcpStream::connect(addr) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::EPERM),
+        };
         if ok == want_ok {
             let at = boot_ns();
             if !announced {
