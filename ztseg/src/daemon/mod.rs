@@ -2,10 +2,16 @@
 //! policy dir and keeps it applied, serves the control socket, and turns kernel decision events
 //! into audit records and live streams.
 //!
-//! Tasks: the policy watcher, the event reader, the control server (a task per connection) and a
-//! housekeeping tick (audit flush and checkpoints, token expiry, replay cache, systemd
-//! watchdog). They share [`State`] behind one lock held only for short, non-async steps.
+//! Owners: [`State`] (agents, policy, the dataplane) behind one lock held for short, non-async
+//! steps by the control server (a task per connection), the policy watcher and a housekeeping
+//! tick (token expiry, replay cache, table reclaim, systemd watchdog); the audit writer, a thread
+//! that owns the log (appends, flushes, checkpoints) and streams each record once it has its
+//! `seq`; and the event reader, which attributes decisions from the [`directory`] and hands them
+//! to the writer without taking the state lock. Records flow one way: ring -> attribution ->
+//! audit writer -> subscribers.
 
+mod audit_writer;
+mod directory;
 mod state;
 
 use std::{
@@ -13,8 +19,8 @@ use std::{
     fs, io,
     os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
     path::Path,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -45,12 +51,14 @@ use crate::{
 const RECENT_EVENTS: usize = 2048;
 
 struct Shared {
-    /// FIFO-fair (tokio's mutex): a flood of decision events cannot starve a policy reload or a
-    /// control request. Taken with `blocking_lock` on blocking threads only.
+    /// FIFO-fair (tokio's mutex). Taken with `blocking_lock` on blocking threads only.
     state: tokio::sync::Mutex<State>,
+    /// Who decisions belong to, for the event reader (see [`directory`]).
+    directory: Arc<RwLock<directory::Directory>>,
+    audit: audit_writer::AuditSender,
     /// Every audit record (decisions and daemon events), as a JSON line, for subscribers.
     stream: broadcast::Sender<Arc<Line>>,
-    recent: Mutex<VecDeque<Arc<Line>>>,
+    recent: Arc<Mutex<VecDeque<Arc<Line>>>>,
     control_gid: Option<u32>,
     /// The agents' root as /proc/PID/cgroup shows it ("/ztseg.slice"): no process below it is
     /// ever a client of the control socket.
@@ -93,20 +101,26 @@ impl Shared {
     fn state(&self) -> StateGuard<'_> {
         StateGuard(self.state.blocking_lock())
     }
+}
 
-    fn publish(&self, record: Map<String, Value>) {
-        let agent = record.get("agent").and_then(Value::as_str).map(str::to_owned);
-        let line = Arc::new(Line { agent, json: Value::Object(record).to_string() });
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if recent.len() == RECENT_EVENTS {
-                recent.pop_front();
-            }
-            recent.push_back(line.clone());
+/// Hands a logged record to the event stream and the recent backlog (the audit writer's last
+/// step for each record).
+fn publish(
+    stream: &broadcast::Sender<Arc<Line>>,
+    recent: &Mutex<VecDeque<Arc<Line>>>,
+    record: Map<String, Value>,
+) {
+    let agent = record.get("agent").and_then(Value::as_str).map(str::to_owned);
+    let line = Arc::new(Line { agent, json: Value::Object(record).to_string() });
+    {
+        let mut recent = recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
         }
-        // No subscribers is fine.
-        let _ = self.stream.send(line);
+        recent.push_back(line.clone());
     }
+    // No subscribers is fine.
+    let _ = stream.send(line);
 }
 
 /// The persisted revocation list; a damaged one stops the start (it would un-revoke tokens).
@@ -169,9 +183,17 @@ async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
     let revoked = ztseg_revocations(&config)?;
     let key = HostKey::load_or_create(&config.state_dir)?;
-    let (audit, recovery) = AuditLog::open(&config.audit_log, key, AuditOptions::default())?;
+    let (log, recovery) = AuditLog::open(&config.audit_log, key, AuditOptions::default())?;
+    let (stream, _) = broadcast::channel(4096);
+    let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)));
+    let audit = {
+        let (stream, recent) = (stream.clone(), recent.clone());
+        audit_writer::start(log, move |record| publish(&stream, &recent, record))
+    };
+    let directory = Arc::new(RwLock::new(directory::Directory::default()));
 
-    let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, revoked, audit);
+    let trail = state::Trail { audit: audit.clone(), directory: directory.clone() };
+    let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, revoked, trail);
     let mut fields = Map::new();
     fields.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     fields.insert("links_updated".into(), json!(report.links_updated));
@@ -188,21 +210,17 @@ async fn serve(config: Config) -> Result<()> {
     state.forget_strangers();
     state.save_replay();
     state.persist();
-    let startup_records = state.take_published();
 
-    let (stream, _) = broadcast::channel(4096);
     let agents_root = format!("/{}", state.config.cgroup_root.display());
     let shared = Arc::new(Shared {
         state: tokio::sync::Mutex::new(state),
+        directory,
+        audit,
         stream,
-        recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+        recent,
         control_gid,
         agents_root,
     });
-
-    for record in startup_records {
-        shared.publish(record);
-    }
     let listener = bind_socket(&config, control_gid)?;
     let (policy_tx, policy_rx) = mpsc::channel(16);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -241,12 +259,10 @@ async fn serve(config: Config) -> Result<()> {
     }
     let mut state = shared.state.lock().await;
     state.audit_event("daemon_stopped", Map::new());
-    // A clean stop ends the log on a signed checkpoint.
-    if let Err(e) = state.audit.checkpoint() {
-        error!(error = %e, "could not write the closing audit checkpoint");
-    }
-    if let Err(e) = state.audit.flush() {
-        error!(error = %e, "could not flush the audit log");
+    // A clean stop ends the log on a signed checkpoint, after everything handed over.
+    let audit = shared.audit.clone();
+    if tokio::task::spawn_blocking(move || audit.close()).await.is_err() {
+        error!("could not close the audit log");
     }
     state.save_replay();
     state.persist();
@@ -276,17 +292,9 @@ async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
         // Coalesce a burst of file events (an editor's write, a rename) into one reload.
         while changes.try_recv().is_ok() {}
         let shared2 = shared.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let mut state = shared2.state();
-            let summary = state.reload_policy();
-            (summary, state.take_published())
-        })
-        .await;
-        if let Ok((summary, published)) = done {
+        let done = tokio::task::spawn_blocking(move || shared2.state().reload_policy()).await;
+        if let Ok(summary) = done {
             debug!(%summary, "policy dir changed");
-            for record in published {
-                shared.publish(record);
-            }
         }
     }
 }
@@ -295,9 +303,13 @@ async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
 const RING_RECORDS: usize =
     (ztseg_common::maps::EVENTS_BYTES as u64 / ztseg_common::maps::EVENT_STRIDE) as usize;
 
-/// Events attributed and logged under one hold of the state lock: small enough (a few ms) that a
-/// control request waiting behind a flood of decisions is served promptly.
+/// Events taken off the ring, attributed and handed to the audit writer at a time.
 const EVENT_BATCH: usize = 256;
+
+/// Batches handed to the audit writer and not yet appended, at most: beyond it the reader
+/// waits, and a slow disk backs up into the kernel's ring (whose overflow is counted) rather
+/// than into the daemon's memory.
+const BATCHES_IN_FLIGHT: usize = 64;
 
 fn take_batch(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
@@ -334,6 +346,7 @@ async fn read_events(
     };
     // The kernel wakes this reader only once per window of backlog (a wakeup per record would
     // cost more than the decision); a timer drains what accumulates below it.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut drain = tokio::time::interval(Duration::from_millis(ztseg_common::maps::EVENTS_DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut taken_since_stop = 0usize;
@@ -375,25 +388,15 @@ async fn read_events(
             continue;
         }
         let (boot, unix) = (clock::boot_now_ns(), clock::unix_now_ns());
-        let shared2 = shared.clone();
-        // Audit appends write and fsync files: off the async workers.
-        let records = tokio::task::spawn_blocking(move || {
-            let mut state = shared2.state();
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let records = {
+            let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             batch
                 .iter()
-                .map(|event| state.record_event(event, events::wall_time(event.ts_boot_ns, boot, unix)))
-                .collect::<Vec<Map<String, Value>>>()
-        })
-        .await
-        .unwrap_or_default();
-        for record in records {
-            if record.get("verdict").and_then(Value::as_str) == Some("deny") {
-                info!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
-            } else {
-                debug!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
-            }
-            shared.publish(record);
-        }
+                .map(|event| directory.attribute(event, events::wall_time(event.ts_boot_ns, boot, unix)))
+                .collect()
+        };
+        shared.audit.send_decisions(records, permit);
         if stopping {
             // What was in the ring at the stop, at most: agents still running keep adding.
             taken_since_stop += batch_len;
@@ -414,20 +417,14 @@ async fn housekeeping(shared: Arc<Shared>) {
         ticks += 1;
         let shared2 = shared.clone();
         let work = tokio::task::spawn_blocking(move || {
-            let (records, barrier, replay) = {
+            let (barrier, replay) = {
                 let mut state = shared2.state();
-                if let Err(e) = state.audit.flush() {
-                    error!(error = %e, "could not flush the audit log");
-                }
                 let mut replay = None;
                 if ticks.is_multiple_of(5) {
                     state.sweep_expired();
-                    if let Err(e) = state.audit.maybe_checkpoint(SystemTime::now()) {
-                        error!(error = %e, "could not write an audit checkpoint");
-                    }
                     replay = state.replay_snapshot();
                 }
-                (state.take_published(), state.dataplane.reclaim_barrier(), replay)
+                (state.dataplane.reclaim_barrier(), replay)
             };
             // Slow file work without the state lock.
             if let Some(snapshot) = replay {
@@ -441,14 +438,10 @@ async fn housekeeping(shared: Arc<Shared>) {
                     Err(e) => error!(error = %e, "could not reclaim replaced rule tables"),
                 }
             }
-            records
         })
         .await;
         match work {
-            Ok(records) => {
-                for record in records {
-                    shared.publish(record);
-                }
+            Ok(()) => {
                 // Only a loop that still gets the state lock tells systemd it is alive.
                 if watchdog && ticks.is_multiple_of(5) {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
@@ -595,56 +588,47 @@ fn parse_agent(agent: &str) -> Result<AgentId, Response> {
 
 /// Handles one request (blocking: map writes, cgroup moves).
 fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> Response {
-    let (response, published) = {
-        let mut state = shared.state();
-        let response = match request {
-            Request::TokenApply { agent, token } => match parse_agent(&agent) {
-                Ok(agent) => {
-                    state.apply_token(&agent, &token, Source::Apply).map_or_else(refused, Response::ok)
-                }
-                Err(response) => response,
-            },
-            Request::TokenRevoke { agent } => match parse_agent(&agent) {
-                Ok(agent) if !state.agents.contains_key(&agent) => Response::fail(
-                    FailureKind::Refused,
-                    format!("no agent {agent} is registered"),
-                    Some("unknown_agent"),
-                ),
-                Ok(agent) => match state.revoke_durably(&agent, "revoked by `ztseg token revoke`") {
-                    Ok(jti) => Response::ok(json!({ "agent": agent.as_str(), "revoked": jti })),
-                    Err(refusal) => refused(refusal),
-                },
-                Err(response) => response,
-            },
-            Request::Agents {} => Response::ok(state.agents_json()),
-            Request::Kill { agent, processes } => match parse_agent(&agent) {
-                Ok(agent) => state.kill(&agent, processes).map_or_else(refused, Response::ok),
-                Err(response) => response,
-            },
-            Request::Revive { agent } => match parse_agent(&agent) {
-                Ok(agent) => state.revive(&agent).map_or_else(refused, Response::ok),
-                Err(response) => response,
-            },
-            // Only root can give the process the agent's own uid and box: any other caller's
-            // process would join the agent's cgroup and rights with its own uid and groups.
-            Request::Run { .. } if peer_uid != 0 => Response::fail(
+    let mut state = shared.state();
+    match request {
+        Request::TokenApply { agent, token } => match parse_agent(&agent) {
+            Ok(agent) => state.apply_token(&agent, &token, Source::Apply).map_or_else(refused, Response::ok),
+            Err(response) => response,
+        },
+        Request::TokenRevoke { agent } => match parse_agent(&agent) {
+            Ok(agent) if !state.agents.contains_key(&agent) => Response::fail(
                 FailureKind::Refused,
-                format!("uid {peer_uid} may not start agents: `ztseg run` must be started by root"),
-                Some("run_needs_root"),
+                format!("no agent {agent} is registered"),
+                Some("unknown_agent"),
             ),
-            Request::Run { agent, token } => match parse_agent(&agent) {
-                Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
-                Err(response) => response,
+            Ok(agent) => match state.revoke_durably(&agent, "revoked by `ztseg token revoke`") {
+                Ok(jti) => Response::ok(json!({ "agent": agent.as_str(), "revoked": jti })),
+                Err(refusal) => refused(refusal),
             },
-            Request::Status {} => Response::ok(status(&state)),
-            Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed", None),
-        };
-        (response, state.take_published())
-    };
-    for record in published {
-        shared.publish(record);
+            Err(response) => response,
+        },
+        Request::Agents {} => Response::ok(state.agents_json()),
+        Request::Kill { agent, processes } => match parse_agent(&agent) {
+            Ok(agent) => state.kill(&agent, processes).map_or_else(refused, Response::ok),
+            Err(response) => response,
+        },
+        Request::Revive { agent } => match parse_agent(&agent) {
+            Ok(agent) => state.revive(&agent).map_or_else(refused, Response::ok),
+            Err(response) => response,
+        },
+        // Only root can give the process the agent's own uid and box: any other caller's
+        // process would join the agent's cgroup and rights with its own uid and groups.
+        Request::Run { .. } if peer_uid != 0 => Response::fail(
+            FailureKind::Refused,
+            format!("uid {peer_uid} may not start agents: `ztseg run` must be started by root"),
+            Some("run_needs_root"),
+        ),
+        Request::Run { agent, token } => match parse_agent(&agent) {
+            Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
+            Err(response) => response,
+        },
+        Request::Status {} => Response::ok(status(&state)),
+        Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed", None),
     }
-    response
 }
 
 /// Registers the agent, applies its token, and moves the requesting process (named by its
@@ -696,7 +680,7 @@ fn status(state: &State) -> Value {
         "policy_dir": state.config.policy_dir,
         "audit_log": state.config.audit_log,
         "agents": state.agents.len(),
-        "events_written": state.events_written,
+        "events_written": state.audit.decisions_written(),
         "events_dropped_per_cpu": state.dataplane.drops_per_cpu().unwrap_or_default(),
         "unregistered": state.dataplane.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
             "decisions": s.decisions, "denied": s.denied, "emitted": s.emitted, "dropped": s.dropped

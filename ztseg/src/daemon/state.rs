@@ -3,13 +3,18 @@
 //!
 //! Everything here runs under one lock, in short steps (map writes are single syscalls). A change
 //! either completes or is refused with a one-sentence reason, and a refusal leaves the kernel
-//! state and this state as they were.
+//! state and this state as they were. Audit records are handed to the audit writer (its own
+//! thread), and what the event reader needs is kept in the [`Directory`] under a lock of its
+//! own, so neither the disk nor a flood of decisions holds this lock.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -17,18 +22,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
-use ztseg_common::event::Event;
 
 use crate::{
     agent_id::AgentId,
     agent_uid,
-    audit::AuditLog,
     cgroup::{self, CgroupFs},
     clock,
     config::Config,
     control::KillProcesses,
+    daemon::{
+        audit_writer::AuditSender,
+        directory::{Directory, TableInfo},
+    },
     dataplane::Dataplane,
-    events::{self, Attribution},
+    events,
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
     sockets,
     token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
@@ -103,16 +110,9 @@ pub struct AgentRecord {
     /// SHA-256 of the token last taken from the binding's file, so re-reading an unchanged file
     /// does not present it again.
     pub binding_token: Option<[u8; 32]>,
-    pub events_written: u64,
+    /// Decision records of this agent written to the audit log (counted by the audit writer).
+    pub events_written: Arc<AtomicU64>,
     pub last_refusal: Option<String>,
-}
-
-/// What the event reader needs to attribute a decision: by (cgroup id, table).
-#[derive(Clone, Debug)]
-struct TableInfo {
-    origins: Arc<Vec<String>>,
-    op: Option<String>,
-    jti: String,
 }
 
 /// The persisted part of an agent's state (`<state_dir>/agents/<id>.json`, one file per agent so a
@@ -130,6 +130,13 @@ struct PersistedAgent {
     /// Hex SHA-256 of the token last taken from the agent's binding file.
     #[serde(default)]
     binding_token_sha256: Option<String>,
+}
+
+/// Where the state's changes go besides the kernel: the audit writer, and the directory the
+/// event reader attributes decisions by.
+pub struct Trail {
+    pub audit: AuditSender,
+    pub directory: Arc<RwLock<Directory>>,
 }
 
 pub struct State {
@@ -156,11 +163,9 @@ pub struct State {
     /// Uids of running processes, read from /proc at most once a second (10,000 new bindings
     /// at start-up read it a few times, not 10,000).
     live_uids: Option<(std::time::Instant, std::collections::HashSet<u32>)>,
-    tables: HashMap<(u64, u32), TableInfo>,
-    pub audit: AuditLog,
-    pub events_written: u64,
-    /// Daemon-side audit records not yet handed to event subscribers.
-    published: Vec<Map<String, Value>>,
+    /// What the event reader attributes decisions by; kept with `agents` and each grant.
+    directory: Arc<RwLock<Directory>>,
+    pub audit: AuditSender,
     /// Where the next new agent's uid search starts; saved in `state_dir/uid_cursor`.
     uid_cursor: u32,
     /// Tokens whose rights were taken back before their `exp`.
@@ -216,8 +221,9 @@ impl State {
         verifier: Verifier,
         replay: ReplayCache,
         revoked: Revocations,
-        audit: AuditLog,
+        trail: Trail,
     ) -> Self {
+        let Trail { audit, directory } = trail;
         // A missing or unreadable cursor starts at the range's first uid: round-robin then
         // resumes from there, and uids in use are skipped either way.
         let uid_cursor = fs::read_to_string(config.state_dir.join("uid_cursor"))
@@ -243,10 +249,8 @@ impl State {
             by_path: BTreeMap::new(),
             uids: std::collections::HashSet::new(),
             live_uids: None,
-            tables: HashMap::new(),
+            directory,
             audit,
-            events_written: 0,
-            published: Vec::new(),
         }
     }
 
@@ -263,22 +267,17 @@ impl State {
         self.config.state_dir.join("replay.json")
     }
 
-    /// Appends a daemon-side event to the audit log and queues it for event subscribers.
+    /// Hands a daemon-side event to the audit writer (which logs it, then streams it).
     pub fn audit_event(&mut self, event: &str, mut fields: Map<String, Value>) {
         fields.insert("ts".into(), Value::String(events::rfc3339(SystemTime::now())));
         fields.insert("event".into(), Value::String(event.to_owned()));
-        match self.audit.append(fields.clone()) {
-            Ok(seq) => {
-                fields.insert("seq".into(), json!(seq));
-                self.published.push(fields);
-            }
-            Err(e) => warn!(error = %e, event, "could not append to the audit log"),
-        }
+        self.audit.send(fields);
     }
 
-    /// Daemon-side records appended since the last call, for event subscribers.
-    pub fn take_published(&mut self) -> Vec<Map<String, Value>> {
-        std::mem::take(&mut self.published)
+    /// The directory, for writing; a poisoned lock (a panic while holding it) is taken as is:
+    /// its maps are never left half-changed by one insert or remove.
+    fn directory(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
+        self.directory.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The agent's default cgroup: `<cgroup_root>/<id>`.
@@ -373,6 +372,8 @@ impl State {
             let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             self.dataplane.register(cgroup_id).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
             self.by_cgroup.insert(cgroup_id, id.clone());
+            let written = Arc::new(AtomicU64::new(0));
+            self.directory().add_agent(cgroup_id, id.clone(), written.clone());
             self.by_path.insert(relative.clone(), id.clone());
             self.uids.insert(uid);
             self.agents.insert(
@@ -385,7 +386,7 @@ impl State {
                     bound_by: None,
                     active: None,
                     binding_token: None,
-                    events_written: 0,
+                    events_written: written,
                     last_refusal: None,
                 },
             );
@@ -479,9 +480,10 @@ impl State {
             .grant(cgroup_id, &compiled.entries, deadline)
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
         let origins = Arc::new(compiled.origins);
-        self.tables.retain(|(cg, t), _| *cg != cgroup_id || *t == table.previous);
-        self.tables.insert(
-            (cgroup_id, table.table),
+        self.directory().set_table(
+            cgroup_id,
+            table.table,
+            table.previous,
             TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() },
         );
         let active = ActiveGrant {
@@ -527,7 +529,7 @@ impl State {
         if let Err(e) = self.dataplane.revoke(cgroup_id) {
             warn!(agent = %agent, error = %e, "revoking in the kernel failed");
         }
-        self.tables.retain(|(cg, _), _| *cg != cgroup_id);
+        self.directory().clear_tables(cgroup_id);
         let closed = self.close_agent_sockets(agent);
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
@@ -574,6 +576,7 @@ impl State {
         }
         let Some(record) = self.agents.remove(agent) else { return };
         self.by_cgroup.remove(&record.cgroup_id);
+        self.directory().remove_agent(record.cgroup_id);
         self.by_path.remove(&record.cgroup);
         self.uids.remove(&record.uid);
         if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
@@ -1021,32 +1024,6 @@ impl State {
         }
     }
 
-    /// Attributes a kernel event to its agent, operation, token and rule, and writes it to the
-    /// audit log. Returns the record with its `seq`.
-    pub fn record_event(&mut self, event: &Event, ts: SystemTime) -> Map<String, Value> {
-        let agent = self.by_cgroup.get(&event.cgroup_id).cloned();
-        let table = self.tables.get(&(event.cgroup_id, event.table));
-        let who = Attribution {
-            agent: agent.as_ref().map(ToString::to_string),
-            op: table.and_then(|t| t.op.clone()),
-            jti: table.map(|t| t.jti.clone()),
-            rule: events::rule_id(event)
-                .and_then(|id| table.and_then(|t| t.origins.get(id as usize).cloned())),
-        };
-        let mut body = events::record(event, &who, ts);
-        match self.audit.append(body.clone()) {
-            Ok(seq) => {
-                body.insert("seq".into(), json!(seq));
-            }
-            Err(e) => warn!(error = %e, "could not append a decision to the audit log"),
-        }
-        self.events_written += 1;
-        if let Some(record) = agent.and_then(|a| self.agents.get_mut(&a)) {
-            record.events_written += 1;
-        }
-        body
-    }
-
     /// `ztseg agents --json`.
     pub fn agents_json(&self) -> Value {
         let now = now_unix();
@@ -1084,7 +1061,7 @@ impl State {
                     "decisions": stats.decisions,
                     "denied": stats.denied,
                     "events_emitted": stats.emitted,
-                    "events_written": a.events_written,
+                    "events_written": a.events_written.load(Ordering::Relaxed),
                     "events_dropped": stats.dropped,
                     "last_refusal": a.last_refusal,
                 })

@@ -1,0 +1,221 @@
+//! The audit log's one owner: a thread that appends the records it is handed, flushes them
+//! (write, fdatasync, signed head), writes checkpoints, and passes each record, with its `seq`,
+//! on to the event stream. Control requests and the event reader hand records over and go on:
+//! a slow disk delays the log, never a kill or a token apply.
+//!
+//! Daemon records (a kill, a grant, a refusal) are never refused or made to wait. Decision
+//! records come in ring batches, each holding a permit of a small semaphore until it is
+//! appended: a slow disk backs up into the kernel's ring (whose overflow is counted), not into
+//! the daemon's memory.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::{Map, Value, json};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, error, info, warn};
+
+use crate::audit::AuditLog;
+
+/// How often the writer flushes what it appended.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How often it writes a checkpoint if the log's own interval has passed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// A decision record and the counter of records written for its agent, if it has one.
+pub type Decision = (Map<String, Value>, Option<Arc<AtomicU64>>);
+
+enum Msg {
+    Record(Map<String, Value>),
+    Decisions(Vec<Decision>, OwnedSemaphorePermit),
+    /// Write a checkpoint and flush, then say so (the daemon's stop).
+    Close(mpsc::Sender<()>),
+}
+
+/// The handing-over side; cheap to clone.
+#[derive(Clone)]
+pub struct AuditSender {
+    tx: mpsc::Sender<Msg>,
+    next_seq: Arc<AtomicU64>,
+    decisions_written: Arc<AtomicU64>,
+}
+
+impl AuditSender {
+    /// Hands a daemon record over; never waits.
+    pub fn send(&self, record: Map<String, Value>) {
+        if self.tx.send(Msg::Record(record)).is_err() {
+            error!("the audit writer has stopped; a daemon record was not logged");
+        }
+    }
+
+    /// Hands a batch of decision records over; `permit` is released once they are appended.
+    pub fn send_decisions(&self, records: Vec<Decision>, permit: OwnedSemaphorePermit) {
+        if self.tx.send(Msg::Decisions(records, permit)).is_err() {
+            error!("the audit writer has stopped; decision records were not logged");
+        }
+    }
+
+    /// The `seq` the next appended record gets (records handed over but not yet appended get
+    /// this one and later ones).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// Decision records appended so far.
+    pub fn decisions_written(&self) -> u64 {
+        self.decisions_written.load(Ordering::Relaxed)
+    }
+
+    /// Writes a checkpoint after everything handed over so far and flushes; returns once done
+    /// (at once if the writer is gone). Blocking.
+    pub fn close(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Msg::Close(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+/// Starts the writer; `publish` gets every record after its append (with `seq` unless the
+/// append failed).
+pub fn start(log: AuditLog, publish: impl Fn(Map<String, Value>) + Send + 'static) -> AuditSender {
+    let (tx, rx) = mpsc::channel();
+    let next_seq = Arc::new(AtomicU64::new(log.next_seq()));
+    let decisions_written = Arc::new(AtomicU64::new(0));
+    let sender = AuditSender { tx, next_seq: next_seq.clone(), decisions_written: decisions_written.clone() };
+    let spawned = thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
+        Writer { log, publish, next_seq, decisions_written }.run(&rx);
+    });
+    if let Err(e) = spawned {
+        // Nothing can be logged: say so loudly; enforcement does not depend on it.
+        error!(error = %e, "cannot start the audit writer thread; nothing will be logged");
+    }
+    sender
+}
+
+struct Writer<P> {
+    log: AuditLog,
+    publish: P,
+    next_seq: Arc<AtomicU64>,
+    decisions_written: Arc<AtomicU64>,
+}
+
+impl<P: Fn(Map<String, Value>)> Writer<P> {
+    fn run(mut self, rx: &mpsc::Receiver<Msg>) {
+        let (mut flushed, mut checked) = (Instant::now(), Instant::now());
+        loop {
+            match rx.recv_timeout(FLUSH_EVERY.saturating_sub(flushed.elapsed())) {
+                Ok(Msg::Record(record)) => self.append(record, None),
+                Ok(Msg::Decisions(records, permit)) => {
+                    for (record, counter) in records {
+                        self.append(record, counter.as_deref());
+                    }
+                    drop(permit);
+                }
+                Ok(Msg::Close(done)) => {
+                    if let Err(e) = self.log.checkpoint() {
+                        error!(error = %e, "could not write the closing audit checkpoint");
+                    }
+                    self.flush();
+                    let _ = done.send(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+            }
+            if flushed.elapsed() >= FLUSH_EVERY {
+                self.flush();
+                flushed = Instant::now();
+            }
+            if checked.elapsed() >= CHECKPOINT_EVERY {
+                if let Err(e) = self.log.maybe_checkpoint(SystemTime::now()) {
+                    error!(error = %e, "could not write an audit checkpoint");
+                }
+                checked = Instant::now();
+            }
+        }
+    }
+
+    fn append(&mut self, mut record: Map<String, Value>, counter: Option<&AtomicU64>) {
+        match self.log.append(record.clone()) {
+            Ok(seq) => {
+                record.insert("seq".into(), json!(seq));
+            }
+            Err(e) => warn!(error = %e, event = ?record.get("event"), "could not append to the audit log"),
+        }
+        self.next_seq.store(self.log.next_seq(), Ordering::Relaxed);
+        if record.contains_key("verdict") {
+            self.decisions_written.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            if record.get("verdict").and_then(Value::as_str) == Some("deny") {
+                info!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
+            } else {
+                debug!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
+            }
+        }
+        (self.publish)(record);
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.log.flush() {
+            error!(error = %e, "could not flush the audit log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::audit::{AuditOptions, HostKey};
+
+    #[test]
+    fn records_are_appended_in_order_published_with_their_seq_and_counted() {
+        let dir = std::env::temp_dir().join(format!("ztseg-audit-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = HostKey::load_or_create(&dir).unwrap();
+        let (log, _) = AuditLog::open(&dir.join("audit.jsonl"), key, AuditOptions::default()).unwrap();
+        let first = log.next_seq();
+        let published = Arc::new(Mutex::new(Vec::new()));
+        let sink = published.clone();
+        let audit = start(log, move |r| sink.lock().unwrap().push(r));
+        let mut daemon = Map::new();
+        daemon.insert("event".into(), json!("kill"));
+        audit.send(daemon);
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(1));
+        let permit = semaphore.clone().try_acquire_owned().unwrap();
+        let counter = Arc::new(AtomicU64::new(0));
+        let decision = |v: &str| {
+            let mut r = Map::new();
+            r.insert("verdict".into(), json!(v));
+            (r, Some(counter.clone()))
+        };
+        audit.send_decisions(vec![decision("allow"), decision("deny")], permit);
+        audit.close();
+        // Everything handed over before the close is appended, in order, and published.
+        let seqs: Vec<u64> = published.lock().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, [first, first + 1, first + 2]);
+        assert_eq!(published.lock().unwrap()[0]["event"], "kill");
+        assert_eq!((audit.decisions_written(), counter.load(Ordering::Relaxed)), (2, 2));
+        // The batch's permit came back once it was appended.
+        assert_eq!(semaphore.available_permits(), 1);
+        // The closing checkpoint follows them.
+        assert!(audit.next_seq() > first + 2);
+        let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+        assert!(text.lines().last().unwrap().contains("checkpoint"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
