@@ -91,6 +91,7 @@ pub fn start(log: AuditLog, publish: impl Fn(Map<String, Value>) + Send + 'stati
     let decisions_written = Arc::new(AtomicU64::new(0));
     let sender = AuditSender { tx, next_seq: next_seq.clone(), decisions_written: decisions_written.clone() };
     let spawned = thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
+        super::lower_priority();
         Writer { log, publish, next_seq, decisions_written }.run(&rx);
     });
     if let Err(e) = spawned {

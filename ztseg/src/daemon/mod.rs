@@ -103,6 +103,26 @@ impl Shared {
     }
 }
 
+/// The nice value of the control server's threads, and of the threads that turn decisions into
+/// records.
+const CONTROL_NICE: i32 = -10;
+const RECORD_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value; a failure is logged (the daemon works without it).
+fn set_priority(nice: i32) {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        warn!(error = %io::Error::last_os_error(), nice, "cannot set a thread's priority");
+    }
+}
+
+/// For the threads that turn decisions into records (the event reader, the audit writer): a
+/// flood of decisions takes the CPU the control server leaves.
+pub(crate) fn lower_priority() {
+    set_priority(RECORD_NICE);
+}
+
 /// Hands a logged record to the event stream and the recent backlog (the audit writer's last
 /// step for each record).
 fn publish(
@@ -152,6 +172,10 @@ fn group_id(name: &str) -> Result<u32> {
 pub fn run(config: Config) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The control server's threads (workers and the blocking pool) run ahead of the agents
+        // and of the record threads: a kill must not wait for the slice of an agent spinning on
+        // a CPU.
+        .on_thread_start(|| set_priority(CONTROL_NICE))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -237,7 +261,27 @@ async fn serve(config: Config) -> Result<()> {
 
     tokio::spawn(watch_policy(shared.clone(), policy_rx));
     let (stop_events, events_stop) = tokio::sync::watch::channel(false);
-    let events_task = tokio::spawn(read_events(shared.clone(), ring, events_stop));
+    let events_task = {
+        // The event reader runs on a thread of its own at a lower priority, like the audit
+        // writer: a flood of decisions takes the CPU the control server leaves, not the CPU a
+        // kill needs.
+        let (shared, done) = (shared.clone(), tokio::sync::oneshot::channel::<()>());
+        let (done_tx, done_rx) = done;
+        let spawned = std::thread::Builder::new().name("ztseg-events".into()).spawn(move || {
+            lower_priority();
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(read_events(shared, ring, events_stop)),
+                Err(e) => {
+                    error!(error = %e, "cannot start the event reader; decisions are enforced but not logged")
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        if let Err(e) = spawned {
+            error!(error = %e, "cannot start the event reader thread; decisions are enforced but not logged");
+        }
+        done_rx
+    };
     tokio::spawn(housekeeping(shared.clone()));
     tokio::spawn(accept(shared.clone(), listener));
 
