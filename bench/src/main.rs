@@ -291,24 +291,97 @@ struct Timed {
     failed: u64,
 }
 
-fn measure(bench: &Path, proto: &str, addr: &str, n: u64, cgroup: &Path, netns: &Path) -> Result<Timed> {
-    let out = Command::new(bench)
-        .args(["worker", proto, addr, &n.to_string()])
-        .arg(cgroup)
-        .arg(netns)
-        .output()
-        .context("cannot start a worker")?;
-    if !out.status.success() {
-        bail!("worker failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let [_total, ok, failed, p50, p99] = f[..] else { bail!("worker said {text:?}") };
-    Ok(Timed { p50: p50 as f64, p99: p99 as f64, ok, failed })
+/// A worker taking turns (see `worker::main`).
+struct Turns {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
-/// The pid in a name this bench gives its pins, cgroups, namespaces and temp dirs
-/// (`ztseg-bench-<pid>...`), if that process is gone.
+impl Turns {
+    fn start(bench: &Path, proto: &str, addr: &str, n: u64, cgroup: &Path, netns: &Path) -> Result<Self> {
+        use std::process::Stdio;
+        let mut child = Command::new(bench)
+            .args(["worker", proto, addr, &n.to_string()])
+            .arg(cgroup)
+            .arg(netns)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start a worker")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("worker stdout")?);
+        let mut worker = Self { child, stdin, stdout };
+        worker.expect("ready")?;
+        Ok(worker)
+    }
+
+    fn line(&mut self) -> Result<String> {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    }
+
+    fn expect(&mut self, want: &str) -> Result<()> {
+        let line = self.line()?;
+        if line != want {
+            bail!("worker said {line:?}, not {want:?}");
+        }
+        Ok(())
+    }
+
+    /// One turn; true once the worker has run its operations or its time.
+    fn turn(&mut self) -> Result<bool> {
+        use std::io::Write as _;
+        writeln!(self.stdin, "go")?;
+        self.stdin.flush()?;
+        match self.line()?.as_str() {
+            "done" => Ok(false),
+            "finished" => Ok(true),
+            other => bail!("worker said {other:?}"),
+        }
+    }
+
+    fn finish(mut self) -> Result<Timed> {
+        drop(self.stdin);
+        let text = {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut self.stdout, &mut text)?;
+            text
+        };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("worker failed ({status})");
+        }
+        let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        let [ok, failed, p50, p99] = f[..] else { bail!("worker said {text:?}") };
+        Ok(Timed { p50: p50 as f64, p99: p99 as f64, ok, failed })
+    }
+}
+
+/// Times a case and the baseline (the allowed destination from outside every enforcing cgroup,
+/// in a namespace of its own) in alternating turns of a few dozen operations, so both see the
+/// same machine: (baseline, case).
+fn measure_pair(
+    bench: &Path,
+    proto: &str,
+    n: u64,
+    (base, base_ns): (&Path, &Path),
+    (addr, cgroup, netns): (&str, &Path, &Path),
+) -> Result<(Timed, Timed)> {
+    let mut a = Turns::start(bench, proto, ALLOWED, n, base, base_ns)?;
+    let mut b = Turns::start(bench, proto, addr, n, cgroup, netns)?;
+    loop {
+        let a_done = a.turn()?;
+        let b_done = b.turn()?;
+        if a_done || b_done {
+            break;
+        }
+    }
+    Ok((a.finish()?, b.finish()?))
+}
+
 /// Bytes per second of one bulk run from `cgroup` to the sink.
 fn bulk(bench: &Path, cgroup: &Path, ns: &Netns, millis: u64) -> Result<f64> {
     let out = Command::new(bench)
@@ -413,6 +486,9 @@ fn run(args: &[String]) -> Result<()> {
     let root = fs_.resolve(Path::new(&format!("ztseg-bench-{id}-agents.slice")))?;
     let pins = Pins { dir: PathBuf::from(format!("/sys/fs/bpf/ztseg-bench-{id}")), root: root.clone() };
     let ns = Netns::new(&format!("ztseg-bench-{id}"))?;
+    // The baseline worker's own namespace, set up the same way: nftables rules apply to every
+    // packet of the namespace they are loaded in, whatever its cgroup.
+    let base_ns = Netns::new(&format!("ztseg-bench-{id}-base"))?;
     let (dataplane, _) = Dataplane::start(&pins.dir, &root)?;
     let mut dataplane = dataplane;
     // A consumer drains the event ring as the daemon would, so every decision pays for writing
@@ -466,7 +542,6 @@ fn run(args: &[String]) -> Result<()> {
         }
         for run in 0..opts.runs {
             eprintln!("ztseg-bench: data plane, {agents} agent(s), run {}/{}", run + 1, opts.runs);
-            let mut baseline: BTreeMap<&'static str, f64> = BTreeMap::new();
             for case in &cases {
                 if let Setup::Nft(shape) = case.setup {
                     ns.nft(&net::nft_ruleset(shape, &nft_path, nft_level))?;
@@ -477,7 +552,13 @@ fn run(args: &[String]) -> Result<()> {
                     let before = stats::prog_counters(&links.join(program))?;
                     let socket_before = stats::prog_counters(&links.join("sock_create"))?;
                     let trouble_before = ns.tcp_trouble()?;
-                    let timed = measure(&bench, proto, addr, n, &case.cgroup, &ns.path())?;
+                    let (base_timed, timed) = measure_pair(
+                        &bench,
+                        proto,
+                        n,
+                        (&base, &base_ns.path()),
+                        (addr, &case.cgroup, &ns.path()),
+                    )?;
                     let trouble = ns.tcp_trouble()?.since(trouble_before);
                     let (ns_op, ok, failed) = (timed.p50, timed.ok, timed.failed);
                     let after = stats::prog_counters(&links.join(program))?;
@@ -489,14 +570,13 @@ fn run(args: &[String]) -> Result<()> {
                             .notes
                             .push(format!("{label} {proto}: {ok} succeeded, {failed} failed (unexpected)"));
                     }
-                    if case.setup == Setup::None {
-                        baseline.insert(proto, ns_op);
-                    }
                     results.op_ns.entry((label.clone(), proto)).or_default().push(ns_op);
                     results.p99_ns.entry((label.clone(), proto)).or_default().push(timed.p99);
                     results.troubled.entry((label.clone(), proto)).or_default().push(trouble);
-                    if let Some(base) = baseline.get(proto) {
-                        results.ratio.entry((label.clone(), proto)).or_default().push(ns_op / base);
+                    // To the baseline's turns of the same pair. For "no programs" itself the two
+                    // halves run the same thing: the spread of that ratio is the bench's noise.
+                    if base_timed.p50 > 0.0 {
+                        results.ratio.entry((label.clone(), proto)).or_default().push(ns_op / base_timed.p50);
                     }
                     // The socket-creation hook of the TCP case: agent lookup, gate and counters
                     // but no rule lookup and no event record (allowed creations are not logged).
@@ -567,6 +647,7 @@ fn run(args: &[String]) -> Result<()> {
     println!("{md}");
     eprintln!("ztseg-bench: wrote {}", opts.out.join("report.md").display());
     drop(ns);
+    drop(base_ns);
     drop(pins);
     drop(cgroups);
     Ok(())

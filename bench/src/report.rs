@@ -44,7 +44,7 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>) -> Strin
         opts.tcp_ops,
         opts.udp_ops
     );
-    md.push_str("Figures: every operation is timed on its own; a cell is the median over runs of each run's per-operation median (p50) or 99th percentile (p99), with the spread over runs (min-max) in parentheses, so a few stalled operations move p99, not p50. Ratios are of p50 to \"no programs\" p50 in the same run. Kernel decision: BPF run-time statistics (run_time_ns / run_cnt) of connect4 (TCP) and sendmsg4 (UDP) during the case. Denied TCP connects end at the hook (EPERM) for ztseg and with a reset (reject) for nftables; denied UDP datagrams are refused (EPERM) by ztseg and dropped by nftables (which sendto also reports as EPERM). Every ztseg decision writes its event record, which a reader thread drains as the daemon would. The listeners' accept queues hold 4096 connections; \"TCP trouble\" counts the runs of a case in which the namespace's ListenOverflows, ListenDrops or RetransSegs grew (some connect then waited for a retransmission), with the counts summed.\n\n");
+    md.push_str("Figures: every operation is timed on its own; a cell is the median over runs of each run's per-operation median (p50) or 99th percentile (p99), with the spread over runs (min-max) in parentheses, so a few stalled operations move p99, not p50. Ratios: each case runs in alternating turns of 64 operations with a baseline worker (outside every enforcing cgroup, to the allowed destination, in a namespace of its own set up the same way, so nftables rules of the case do not touch it), so both see the same moment of the machine; the ratio is the case's p50 over the baseline's p50 of that pair. The \"no programs\" row pairs the baseline with itself: the spread of its ratio is the bench's own noise. Kernel decision: BPF run-time statistics (run_time_ns / run_cnt) of connect4 (TCP) and sendmsg4 (UDP) during the case. Denied TCP connects end at the hook (EPERM) for ztseg and with a reset (reject) for nftables; denied UDP datagrams are refused (EPERM) by ztseg and dropped by nftables (which sendto also reports as EPERM). Every ztseg decision writes its event record, which a reader thread drains as the daemon would. The listeners' accept queues hold 4096 connections; \"TCP trouble\" counts the runs of a case in which the namespace's ListenOverflows, ListenDrops or RetransSegs grew (some connect then waited for a retransmission), with the counts summed.\n\n");
     md.push_str("The socket hook column is the socket-creation hook in the TCP case: the same agent lookup, gate and counters as a decision, without the rule lookups and without an event record; the difference to the decision is what the two LPM lookups and the record cost.\n\n");
     md.push_str("| case | TCP p50 ns | TCP p99 ns | ratio | UDP p50 ns | UDP p99 ns | ratio | decision ns (TCP / UDP) | socket hook ns | TCP trouble |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut seen = std::collections::BTreeSet::new();
@@ -149,9 +149,9 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
             if hi <= 300.0 { "met" } else { "missed" }
         );
     }
-    // The run's own noise: how much the baseline's p50 moved between runs, and trouble.
+    // The run's own noise: the baseline paired with itself, and trouble.
     if let Some(base) = r.order.iter().find(|c| c.setup == Setup::None) {
-        let b = r.op(base, "tcp");
+        let b = r.ratio(base, "tcp");
         let troubled: Vec<String> = find(r, |_| true)
             .into_iter()
             .filter(|c| r.trouble(c, "tcp").0 > 0)
@@ -161,11 +161,11 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
             .collect();
         let _ = writeln!(
             text,
-            "- Noise in this run: \"no programs\" TCP p50 {:.0} ns, {:.0}-{:.0} across runs (±{:.1}%); cases with TCP trouble: {}.",
+            "- Noise in this run: the baseline against itself, TCP p50 ratio {:.3} ({:.3}-{:.3} across pairs, ±{:.1}%); cases with TCP trouble: {}.",
             b.median,
             b.min,
             b.max,
-            if b.median > 0.0 { (b.max - b.min) / 2.0 / b.median * 100.0 } else { 0.0 },
+            (b.max - 1.0).abs().max((1.0 - b.min).abs()) * 100.0,
             if troubled.is_empty() { "none".to_owned() } else { troubled.join("; ") }
         );
     }

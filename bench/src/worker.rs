@@ -13,55 +13,72 @@ use nix::sched::CloneFlags;
 /// A configuration this slow (an nftables list walked per packet) is timed on fewer operations.
 const BUDGET: Duration = Duration::from_secs(2);
 
-/// `ztseg-bench worker tcp|udp ADDR N CGROUP NETNS`: times N operations, or as many as fit in
-/// two seconds, after a warm-up of a twentieth of that, each on its own; prints
-/// "NS_TOTAL OK FAILED P50_NS P99_NS".
+/// Operations a worker runs per turn: a turn lasts well under a millisecond, so the two
+/// workers of a pair see the same machine.
+const TURN_OPS: u64 = 64;
+
+/// `ztseg-bench worker tcp|udp ADDR N CGROUP NETNS`: warms up, prints "ready", then runs
+/// [`TURN_OPS`] operations each time it reads "go" from stdin (printing "done"), each timed on
+/// its own, until it reads "end" or has run N or spent two seconds; then prints
+/// "OK FAILED P50_NS P99_NS". Two workers taking turns (the case's and the baseline's, see
+/// `measure_pair`) are measured over the same stretch of time, so a change in the machine's
+/// load moves both.
 pub fn main(args: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
     let [mode, addr, n, cgroup, netns] = args else {
         bail!("usage: ztseg-bench worker tcp|udp ADDR N CGROUP NETNS");
     };
     let addr: SocketAddr = addr.parse()?;
     let n: u64 = n.parse()?;
     join(cgroup, netns)?;
-    let (ns, ok, failed, p50, p99) = match mode.as_str() {
-        "tcp" => {
-            time(n / 20, BUDGET / 20, || tcp_once(addr));
-            time(n, BUDGET, || tcp_once(addr))
+    let udp = UdpSocket::bind("0.0.0.0:0")?;
+    let payload = [0u8; 64];
+    let op = || -> io::Result<()> {
+        match mode.as_str() {
+            "tcp" => tcp_once(addr),
+            _ => udp.send_to(&payload, addr).map(drop),
         }
-        "udp" => {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            let payload = [0u8; 64];
-            time(n / 20, BUDGET / 20, || socket.send_to(&payload, addr).map(drop));
-            time(n, BUDGET, || socket.send_to(&payload, addr).map(drop))
-        }
-        other => bail!("unknown mode {other}"),
     };
-    println!("{ns} {ok} {failed} {p50} {p99}");
+    if mode != "tcp" && mode != "udp" {
+        bail!("unknown mode {mode}");
+    }
+    for _ in 0..(n / 20).min(2_000) {
+        let _ = op();
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let (mut ok, mut failed, mut spent) = (0u64, 0u64, Duration::ZERO);
+    let mut each = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let mut line = String::new();
+    while io::stdin().lock().read_line(&mut line)? > 0 && line.trim() == "go" {
+        line.clear();
+        let start = Instant::now();
+        for _ in 0..TURN_OPS {
+            let t = Instant::now();
+            if op().is_ok() {
+                ok += 1
+            } else {
+                failed += 1
+            }
+            each.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        spent += start.elapsed();
+        let finished = ok + failed >= n || spent > BUDGET;
+        writeln!(out, "{}", if finished { "finished" } else { "done" })?;
+        out.flush()?;
+    }
+    let (p50, p99) = percentiles(&mut each);
+    writeln!(out, "{ok} {failed} {p50} {p99}")?;
     Ok(())
 }
 
-/// Runs `op` up to `n` times within `budget`, timing each: (total ns, ok, failed, p50 ns, p99
-/// ns). A few stalled operations move the total, not the median.
-fn time(n: u64, budget: Duration, mut op: impl FnMut() -> io::Result<()>) -> (u128, u64, u64, u64, u64) {
-    let (mut ok, mut failed) = (0, 0);
-    let mut each = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    let start = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        if op().is_ok() {
-            ok += 1
-        } else {
-            failed += 1
-        }
-        each.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        if i % 64 == 63 && start.elapsed() > budget {
-            break;
-        }
-    }
+/// The 50th and 99th percentiles of per-operation times (nearest rank below).
+fn percentiles(each: &mut [u64]) -> (u64, u64) {
     each.sort_unstable();
     let at =
         |p: usize| each.get((each.len() * p / 100).min(each.len().saturating_sub(1))).copied().unwrap_or(0);
-    (start.elapsed().as_nanos(), ok, failed, at(50), at(99))
+    (at(50), at(99))
 }
 
 /// Connect and close with a reset (SO_LINGER 0): no TIME_WAIT, so long runs keep their ports.
