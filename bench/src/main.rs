@@ -220,6 +220,10 @@ impl Results {
     pub fn kernel(&self, case: &Case, proto: &'static str) -> Stat {
         stat(self.kernel_ns.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice))
     }
+    /// A percentile of a case's ratios over its pairs.
+    pub fn ratio_percentile(&self, case: &Case, proto: &'static str, p: f64) -> f64 {
+        stats::percentile(self.ratio.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice), p)
+    }
     pub fn p99(&self, case: &Case, proto: &'static str) -> Stat {
         stat(self.p99_ns.get(&(case.label(), proto)).map_or(&[][..], Vec::as_slice))
     }

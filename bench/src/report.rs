@@ -161,8 +161,10 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
             .collect();
         let _ = writeln!(
             text,
-            "- Noise in this run: the baseline against itself, TCP p50 ratio {:.3} ({:.3}-{:.3} across pairs, ±{:.1}%); cases with TCP trouble: {}.",
+            "- Noise in this run: the baseline against itself, TCP p50 ratio {:.3}; middle half of its pairs {:.3}-{:.3}, all {:.3}-{:.3} (±{:.1}%); cases with TCP trouble: {}.",
             b.median,
+            r.ratio_percentile(base, "tcp", 25.0),
+            r.ratio_percentile(base, "tcp", 75.0),
             b.min,
             b.max,
             (b.max - 1.0).abs().max((1.0 - b.min).abs()) * 100.0,
