@@ -223,6 +223,19 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
         }
     }
     if let Some(fig) = control
+        && let Some((_, value)) = fig.lines.iter().find(|(n, _)| n.starts_with("ztseg kill -> enforced"))
+    {
+        let p99: Option<f64> =
+            value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok());
+        if let Some(p99) = p99 {
+            let _ = writeln!(
+                text,
+                "- Kill to enforced under 1 ms p99, with the agent flooding connects: {p99:.0} µs -> {}.",
+                if p99 < 1000.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    if let Some(fig) = control
         && let Some((_, value)) = fig.lines.iter().find(|(n, _)| n.starts_with("ztseg kill -> last byte"))
     {
         let p99: Option<f64> =
