@@ -45,11 +45,21 @@ pub struct AuditSender {
     tx: mpsc::Sender<Msg>,
     next_seq: Arc<AtomicU64>,
     decisions_written: Arc<AtomicU64>,
+    health: Arc<Health>,
+}
+
+/// Whether the writer keeps up: messages handed over and not yet taken, and when it last took
+/// one (boot-clock ns).
+#[derive(Default)]
+struct Health {
+    pending: AtomicU64,
+    progress_ns: AtomicU64,
 }
 
 impl AuditSender {
     /// Hands a daemon record over; never waits.
     pub fn send(&self, record: Map<String, Value>) {
+        self.health.pending.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Record(record)).is_err() {
             error!("the audit writer has stopped; a daemon record was not logged");
         }
@@ -57,6 +67,7 @@ impl AuditSender {
 
     /// Hands a batch of decision records over; `permit` is released once they are appended.
     pub fn send_decisions(&self, records: Vec<Decision>, permit: OwnedSemaphorePermit) {
+        self.health.pending.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Decisions(records, permit)).is_err() {
             error!("the audit writer has stopped; decision records were not logged");
         }
@@ -68,13 +79,22 @@ impl AuditSender {
         self.next_seq.load(Ordering::Relaxed)
     }
 
+    /// Whether the writer has had work waiting and taken none of it for `limit` (a hung disk,
+    /// a dead thread): the daemon then stops telling systemd it is alive.
+    pub fn stalled(&self, limit: std::time::Duration) -> bool {
+        let idle =
+            crate::clock::boot_now_ns().saturating_sub(self.health.progress_ns.load(Ordering::Relaxed));
+        self.health.pending.load(Ordering::Relaxed) > 0 && u128::from(idle) > limit.as_nanos()
+    }
+
     /// Decision records appended so far.
     pub fn decisions_written(&self) -> u64 {
         self.decisions_written.load(Ordering::Relaxed)
     }
 
-    /// Writes a checkpoint after everything handed over so far and flushes; returns once done
-    /// (at once if the writer is gone). Blocking.
+    /// Writes a checkpoint after everything handed over so far, flushes and ends the writer:
+    /// the log ends on that checkpoint, and what is handed over later is refused (and said).
+    /// Returns once done (at once if the writer is gone). Blocking.
     pub fn close(&self) {
         let (done, wait) = mpsc::channel();
         if self.tx.send(Msg::Close(done)).is_ok() {
@@ -84,21 +104,34 @@ impl AuditSender {
 }
 
 /// Starts the writer; `publish` gets every record after its append (with `seq` unless the
-/// append failed).
-pub fn start(log: AuditLog, publish: impl Fn(Map<String, Value>) + Send + 'static) -> AuditSender {
+/// append failed). A panic in the writer aborts the daemon (systemd restarts it; enforcement
+/// stays pinned in the kernel): a daemon that goes on without its log would be unobserved.
+pub fn start(
+    log: AuditLog,
+    publish: impl Fn(Map<String, Value>) + Send + 'static,
+) -> std::io::Result<AuditSender> {
     let (tx, rx) = mpsc::channel();
     let next_seq = Arc::new(AtomicU64::new(log.next_seq()));
     let decisions_written = Arc::new(AtomicU64::new(0));
-    let sender = AuditSender { tx, next_seq: next_seq.clone(), decisions_written: decisions_written.clone() };
-    let spawned = thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
-        super::lower_priority();
-        Writer { log, publish, next_seq, decisions_written }.run(&rx);
+    let health = Arc::new(Health {
+        pending: AtomicU64::new(0),
+        progress_ns: AtomicU64::new(crate::clock::boot_now_ns()),
     });
-    if let Err(e) = spawned {
-        // Nothing can be logged: say so loudly; enforcement does not depend on it.
-        error!(error = %e, "cannot start the audit writer thread; nothing will be logged");
-    }
-    sender
+    let sender = AuditSender {
+        tx,
+        next_seq: next_seq.clone(),
+        decisions_written: decisions_written.clone(),
+        health: health.clone(),
+    };
+    thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
+        super::lower_priority();
+        let writer = Writer { log, publish, next_seq, decisions_written, health };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(&rx))).is_err() {
+            error!("the audit writer panicked; stopping the daemon (enforcement stays pinned)");
+            std::process::abort();
+        }
+    })?;
+    Ok(sender)
 }
 
 struct Writer<P> {
@@ -106,13 +139,18 @@ struct Writer<P> {
     publish: P,
     next_seq: Arc<AtomicU64>,
     decisions_written: Arc<AtomicU64>,
+    health: Arc<Health>,
 }
 
 impl<P: Fn(Map<String, Value>)> Writer<P> {
     fn run(mut self, rx: &mpsc::Receiver<Msg>) {
         let (mut flushed, mut checked) = (Instant::now(), Instant::now());
         loop {
-            match rx.recv_timeout(FLUSH_EVERY.saturating_sub(flushed.elapsed())) {
+            let msg = rx.recv_timeout(FLUSH_EVERY.saturating_sub(flushed.elapsed()));
+            if msg.is_ok() {
+                self.health.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            match msg {
                 Ok(Msg::Record(record)) => self.append(record, None),
                 Ok(Msg::Decisions(records, permit)) => {
                     for (record, counter) in records {
@@ -126,6 +164,7 @@ impl<P: Fn(Map<String, Value>)> Writer<P> {
                     }
                     self.flush();
                     let _ = done.send(());
+                    return;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -133,6 +172,7 @@ impl<P: Fn(Map<String, Value>)> Writer<P> {
                     return;
                 }
             }
+            self.health.progress_ns.store(crate::clock::boot_now_ns(), Ordering::Relaxed);
             if flushed.elapsed() >= FLUSH_EVERY {
                 self.flush();
                 flushed = Instant::now();
@@ -192,7 +232,7 @@ mod tests {
         let first = log.next_seq();
         let published = Arc::new(Mutex::new(Vec::new()));
         let sink = published.clone();
-        let audit = start(log, move |r| sink.lock().unwrap().push(r));
+        let audit = start(log, move |r| sink.lock().unwrap().push(r)).unwrap();
         let mut daemon = Map::new();
         daemon.insert("event".into(), json!("kill"));
         audit.send(daemon);
@@ -215,8 +255,14 @@ mod tests {
         assert_eq!(semaphore.available_permits(), 1);
         // The closing checkpoint follows them.
         assert!(audit.next_seq() > first + 2);
+        // The writer has ended: a late record is refused, and the log still ends on the
+        // checkpoint.
+        let mut late = Map::new();
+        late.insert("event".into(), json!("late"));
+        audit.send(late);
         let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
         assert!(text.lines().last().unwrap().contains("checkpoint"), "{text}");
+        assert!(!text.contains("late"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -54,8 +54,9 @@ impl Directory {
         self.tables.retain(|(cg, _), _| *cg != cgroup_id);
     }
 
-    /// The record of `event` (without `seq`), and the counter of its agent's records.
-    pub fn attribute(&self, event: &Event, ts: SystemTime) -> Decision {
+    /// Whose `event` is, and the counter of its agent's records: lookups only, so the lock
+    /// is held for as little as possible (the record is built after, see [`record`]).
+    pub fn who(&self, event: &Event) -> (Attribution, Option<Arc<AtomicU64>>) {
         let agent = self.agents.get(&event.cgroup_id);
         let table = self.tables.get(&(event.cgroup_id, event.table));
         let who = Attribution {
@@ -65,8 +66,17 @@ impl Directory {
             rule: events::rule_id(event)
                 .and_then(|id| table.and_then(|t| t.origins.get(id as usize).cloned())),
         };
-        (events::record(event, &who, ts), agent.map(|(_, written)| written.clone()))
+        (who, agent.map(|(_, written)| written.clone()))
     }
+}
+
+/// The record of `event` (without `seq`) as attributed by [`Directory::who`].
+pub fn record(
+    event: &Event,
+    (who, written): (Attribution, Option<Arc<AtomicU64>>),
+    ts: SystemTime,
+) -> Decision {
+    (events::record(event, &who, ts), written)
 }
 
 #[cfg(test)]
@@ -93,7 +103,7 @@ mod tests {
         let written = Arc::new(AtomicU64::new(0));
         d.add_agent(7, "alpha".parse().unwrap(), written.clone());
         d.set_table(7, 2, 1, info("j2"));
-        let (r, counter) = d.attribute(&event(7, 2, 0), UNIX_EPOCH);
+        let (r, counter) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
         assert_eq!(
             (r["agent"].as_str(), r["jti"].as_str(), r["rule"].as_str()),
             (Some("alpha"), Some("j2"), Some("scope:s#0"))
@@ -102,12 +112,12 @@ mod tests {
         // A decision of a table no longer kept names the agent but no token.
         d.set_table(7, 3, 2, info("j3"));
         d.set_table(7, 4, 3, info("j4"));
-        let (r, _) = d.attribute(&event(7, 2, 0), UNIX_EPOCH);
+        let (r, _) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
         assert_eq!((r["agent"].as_str(), r["jti"].as_str()), (Some("alpha"), None));
-        let (r, _) = d.attribute(&event(7, 3, 0), UNIX_EPOCH);
+        let (r, _) = record(&event(7, 3, 0), d.who(&event(7, 3, 0)), UNIX_EPOCH);
         assert_eq!(r["jti"].as_str(), Some("j3"));
         d.remove_agent(7);
-        let (r, counter) = d.attribute(&event(7, 4, 0), UNIX_EPOCH);
+        let (r, counter) = record(&event(7, 4, 0), d.who(&event(7, 4, 0)), UNIX_EPOCH);
         assert!(r["agent"].is_null() && r["jti"].is_null() && counter.is_none(), "{r:?}");
     }
 }

@@ -106,7 +106,8 @@ impl Shared {
 /// The nice value of the control server's threads, and of the threads that turn decisions into
 /// records.
 const CONTROL_NICE: i32 = -10;
-const RECORD_NICE: i32 = 10;
+/// Not below the agents' priority: a spinning agent must not starve the threads that log it.
+const RECORD_NICE: i32 = 0;
 
 /// The time slice the daemon's threads ask the scheduler for (EEVDF, Linux 6.12+): short, so a
 /// woken control thread preempts whatever runs on its CPU (an agent spinning included) at once
@@ -150,8 +151,10 @@ fn set_priority(nice: i32) {
     }
     // SAFETY: gettid has no preconditions; setpriority on our own thread id.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if rc != 0 {
-        warn!(error = %io::Error::last_os_error(), nice, "cannot set a thread's priority");
+    // Said once: the blocking pool starts threads all the time.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if rc != 0 && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn!(error = %io::Error::last_os_error(), nice, "cannot set the daemon's thread priorities (CAP_SYS_NICE?); a flooding agent may delay control requests");
     }
 }
 
@@ -251,6 +254,7 @@ async fn serve(config: Config) -> Result<()> {
     let audit = {
         let (stream, recent) = (stream.clone(), recent.clone());
         audit_writer::start(log, move |record| publish(&stream, &recent, record))
+            .context("cannot start the audit writer thread")?
     };
     let directory = Arc::new(RwLock::new(directory::Directory::default()));
 
@@ -334,7 +338,9 @@ async fn serve(config: Config) -> Result<()> {
     drop(watcher);
     // Every decision made so far goes into the log before the closing checkpoint.
     let _ = stop_events.send(true);
-    if tokio::time::timeout(Duration::from_secs(10), events_task).await.is_err() {
+    // Shorter than the unit's TimeoutStopSec (10 s), so the closing checkpoint is written before
+    // systemd would kill the daemon.
+    if tokio::time::timeout(Duration::from_secs(5), events_task).await.is_err() {
         warn!(
             "the event reader did not finish draining in 10 s; the rest stays in the pinned ring for the next start"
         );
@@ -470,14 +476,20 @@ async fn read_events(
             continue;
         }
         let (boot, unix) = (clock::boot_now_ns(), clock::unix_now_ns());
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        let records = {
+        // Attributed at once (a later directory could name a later token), under the read lock
+        // for the lookups only; the records are built after it is released.
+        let who: Vec<_> = {
             let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            batch
-                .iter()
-                .map(|event| directory.attribute(event, events::wall_time(event.ts_boot_ns, boot, unix)))
-                .collect()
+            batch.iter().map(|event| directory.who(event)).collect()
         };
+        let records = batch
+            .iter()
+            .zip(who)
+            .map(|(event, who)| {
+                directory::record(event, who, events::wall_time(event.ts_boot_ns, boot, unix))
+            })
+            .collect();
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         shared.audit.send_decisions(records, permit);
         if stopping {
             // What was in the ring at the stop, at most: agents still running keep adding.
@@ -488,6 +500,9 @@ async fn read_events(
         }
     }
 }
+
+/// How long the audit writer may sit on waiting work before the watchdog stops being fed.
+const AUDIT_STALL: Duration = Duration::from_secs(10);
 
 async fn housekeeping(shared: Arc<Shared>) {
     let mut watchdog_usec = 0;
@@ -524,8 +539,9 @@ async fn housekeeping(shared: Arc<Shared>) {
         .await;
         match work {
             Ok(()) => {
-                // Only a loop that still gets the state lock tells systemd it is alive.
-                if watchdog && ticks.is_multiple_of(5) {
+                // Only a loop that still gets the state lock, with an audit writer that keeps
+                // up, tells systemd it is alive.
+                if watchdog && ticks.is_multiple_of(5) && !shared.audit.stalled(AUDIT_STALL) {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 }
             }

@@ -370,10 +370,14 @@ impl State {
                 })?;
             let path = self.cgroups.resolve(&relative).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
-            self.dataplane.register(cgroup_id).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
-            self.by_cgroup.insert(cgroup_id, id.clone());
+            // Known to the directory before the kernel knows it: its first decision is named.
             let written = Arc::new(AtomicU64::new(0));
             self.directory().add_agent(cgroup_id, id.clone(), written.clone());
+            if let Err(e) = self.dataplane.register(cgroup_id) {
+                self.directory().remove_agent(cgroup_id);
+                return Err(Refusal::new("dataplane", e.to_string()));
+            }
+            self.by_cgroup.insert(cgroup_id, id.clone());
             self.by_path.insert(relative.clone(), id.clone());
             self.uids.insert(uid);
             self.agents.insert(
@@ -475,17 +479,22 @@ impl State {
         self.replay_dirty = true;
         let cgroup_id = record.cgroup_id;
         let deadline = clock::boot_deadline_now(claims.exp);
+        // The directory stays locked across the kernel's switch to the new table, so the event
+        // reader never sees a decision of the new table before it knows whose it is.
+        let directory = Arc::clone(&self.directory);
+        let mut directory = directory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let table = self
             .dataplane
             .grant(cgroup_id, &compiled.entries, deadline)
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
         let origins = Arc::new(compiled.origins);
-        self.directory().set_table(
+        directory.set_table(
             cgroup_id,
             table.table,
             table.previous,
             TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() },
         );
+        drop(directory);
         let active = ActiveGrant {
             token: token.to_owned(),
             hash,
@@ -529,6 +538,8 @@ impl State {
         if let Err(e) = self.dataplane.revoke(cgroup_id) {
             warn!(agent = %agent, error = %e, "revoking in the kernel failed");
         }
+        // After the kernel's switch to no table: decisions of the old one still in the ring
+        // then lose their token, which is what a revocation means for them.
         self.directory().clear_tables(cgroup_id);
         let closed = self.close_agent_sockets(agent);
         let mut fields = Map::new();
@@ -576,12 +587,13 @@ impl State {
         }
         let Some(record) = self.agents.remove(agent) else { return };
         self.by_cgroup.remove(&record.cgroup_id);
-        self.directory().remove_agent(record.cgroup_id);
         self.by_path.remove(&record.cgroup);
         self.uids.remove(&record.uid);
         if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
             warn!(agent = %agent, error = %e, "unregistering in the kernel failed");
         }
+        // Forgotten by the directory only once the kernel no longer knows it.
+        self.directory().remove_agent(record.cgroup_id);
         if let Ok(path) = self.cgroups.resolve(&record.cgroup)
             && cgroup::processes(&path).map(|p| p.is_empty()).unwrap_or(false)
         {

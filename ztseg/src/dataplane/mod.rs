@@ -213,20 +213,23 @@ impl TableKeys {
     }
 }
 
-/// Rule tables: ids in use, their keys, and ids to reuse.
+/// Rule tables: ids in use and their keys. Ids only grow (wrapping after 2^32 grants, past the
+/// ids in use): a decision record still in the ring names the table that decided it, and the
+/// event reader attributes it to that table's token, which a reused id would make another's.
 #[derive(Default)]
 struct Tables {
     next: u32,
-    free: Vec<u32>,
     keys: StdHashMap<u32, TableKeys>,
 }
 
 impl Tables {
     fn allocate(&mut self) -> u32 {
-        self.free.pop().unwrap_or_else(|| {
-            self.next += 1;
-            self.next
-        })
+        loop {
+            self.next = self.next.wrapping_add(1);
+            if self.next != EMPTY_TABLE && !self.keys.contains_key(&self.next) {
+                return self.next;
+            }
+        }
     }
 }
 
@@ -508,7 +511,6 @@ impl Dataplane {
         if let Err(e) = result {
             // Nothing references the half-written table: delete it right away.
             self.delete_keys(&written);
-            self.tables.free.push(table);
             return Err(e);
         }
         let count = written.len();
@@ -609,7 +611,6 @@ impl Dataplane {
             if let Some(keys) = self.tables.keys.remove(&table) {
                 self.delete_keys(&keys);
             }
-            self.tables.free.push(table);
         }
     }
 
