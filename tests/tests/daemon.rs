@@ -397,3 +397,36 @@ fn the_control_socket_refuses_strangers() {
     let (code, _, err) = w.daemon.ztseg(&["agents"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// `ztseg daemon --config CONFIG`: (exit code, stderr).
+fn start_daemon(config: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(ztseg_integration::bin("ztseg"))
+        .args(["daemon", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn start_errors_exit_with_their_own_codes_and_leave_a_running_daemon_alone() {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-start-codes");
+    let daemon = Daemon::start(&site, &dir.path);
+    // A second daemon on the same pins: 11, and the first goes on serving.
+    let (code, err) = start_daemon(&daemon.config);
+    assert_eq!(code, 11, "{err}");
+    assert!(err.contains("another ztseg process holds pin dir"), "{err}");
+    let (code, _, err) = daemon.ztseg(&["status"]);
+    assert_eq!(code, 0, "the running daemon stopped answering: {err}");
+    // Pins on a directory that is no BPF filesystem: 13.
+    let elsewhere = dir.path.join("not-bpffs.toml");
+    let text = fs::read_to_string(&daemon.config).unwrap();
+    let pins = format!("pin_dir = {:?}", site.pin_dir);
+    assert!(text.contains(&pins), "{text}");
+    let moved = text.replace(&pins, &format!("pin_dir = {:?}", dir.path.join("pins")));
+    fs::write(&elsewhere, moved).unwrap();
+    let (code, err) = start_daemon(&elsewhere);
+    assert_eq!(code, 13, "{err}");
+    assert!(err.contains("is not on a BPF filesystem"), "{err}");
+}

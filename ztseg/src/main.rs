@@ -242,6 +242,31 @@ impl From<ClientError> for Failure {
     }
 }
 
+/// Exit codes of a daemon that cannot start for a reason an operator acts on differently
+/// (docs/cli.md): found by the error's type anywhere in its chain, never by its message.
+fn start_failure(e: anyhow::Error) -> Failure {
+    use ztseg::{audit::AuditError, dataplane::DataplaneError};
+    let code = e.chain().find_map(|cause| {
+        if let Some(e) = cause.downcast_ref::<DataplaneError>() {
+            return match e {
+                DataplaneError::NoPrograms => Some(10),
+                DataplaneError::Busy { .. } => Some(11),
+                DataplaneError::IncompatiblePin { .. } | DataplaneError::ForeignLink { .. } => Some(12),
+                DataplaneError::NotBpfFs { .. } | DataplaneError::PinDir { .. } => Some(13),
+                _ => None,
+            };
+        }
+        match cause.downcast_ref::<AuditError>() {
+            Some(AuditError::Locked { .. }) => Some(14),
+            _ => None,
+        }
+    });
+    match code {
+        Some(code) => Failure::Exit(code, format!("{e:#}")),
+        None => Failure::Runtime(e),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (code, message) = match try_main(cli) {
@@ -319,8 +344,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         Command::Daemon { config } => {
             init_tracing();
             let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
-            ztseg::daemon::run(config)?;
-            Ok(())
+            ztseg::daemon::run(config).map_err(start_failure)
         }
         Command::Run { agent, token, socket, command } => {
             let agent = agent_id(&agent)?;
