@@ -563,11 +563,26 @@ fn listen(addr: &str) {
     }
 }
 
+/// A TCP listener with an accept queue of 4096, not the standard library's 128: a load test's
+/// connects must not overflow it while the accepting thread waits for a CPU (each dropped SYN
+/// comes back only after a 1 s retransmission).
+fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    use std::os::fd::AsRawFd as _;
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    // SAFETY: listen(2) on a socket we own.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 4096) }.into())?;
+    Ok(TcpListener::from(fd))
+}
+
 fn serve(addrs: &[String]) {
     let mut keep = Vec::new();
     for addr in addrs {
         let addr: SocketAddr = addr.parse().unwrap();
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let listener = listener(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
         keep.push(UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}")));
         thread::spawn(move || {
             for stream in listener.incoming() {
