@@ -219,6 +219,25 @@ fn the_kill_flag_refuses_everything_until_revived() {
 }
 
 #[test]
+fn a_reclaimed_table_id_is_never_handed_out_again() {
+    // Decision records name the table that decided them; the daemon attributes a record to that
+    // table's token. A reused id would credit an old decision still in the ring to a new token.
+    let site = Site::new();
+    let mut dp = start(&site);
+    let (_agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let rules = [allow("10.77.0.1/32", PROTO_TCP, 8001)];
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let granted = dp.grant(id, &rules, boot_now_ns() + HOUR_NS).unwrap();
+        // The replaced table is deleted now, so its id would be free for reuse.
+        dp.reclaim().unwrap();
+        seen.push(granted.table);
+    }
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "table ids reused: {seen:?}");
+}
+
+#[test]
 fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
     let site = Site::new();
     let (ns, _server) = two_hosts();
