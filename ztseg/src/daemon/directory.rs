@@ -42,11 +42,15 @@ impl Directory {
         self.tables.retain(|(cg, _), _| *cg != cgroup_id);
     }
 
-    /// The agent's table `table` is in force; of its older tables only `keep` (still in the
-    /// kernel until the swap is reclaimed) stays attributable.
-    pub fn set_table(&mut self, cgroup_id: u64, table: u32, keep: u32, info: TableInfo) {
-        self.tables.retain(|(cg, t), _| *cg != cgroup_id || *t == keep);
+    /// The agent's table `table` is about to come into force (its decisions may follow at once).
+    pub fn add_table(&mut self, cgroup_id: u64, table: u32, info: TableInfo) {
         self.tables.insert((cgroup_id, table), info);
+    }
+
+    /// The agent's table `table` is in force; of its older tables only `previous` (still in the
+    /// kernel until the swap is reclaimed) stays attributable.
+    pub fn keep_tables(&mut self, cgroup_id: u64, table: u32, previous: u32) {
+        self.tables.retain(|(cg, t), _| *cg != cgroup_id || *t == table || *t == previous);
     }
 
     /// The agent has no table in force.
@@ -102,7 +106,8 @@ mod tests {
         let mut d = Directory::default();
         let written = Arc::new(AtomicU64::new(0));
         d.add_agent(7, "alpha".parse().unwrap(), written.clone());
-        d.set_table(7, 2, 1, info("j2"));
+        d.add_table(7, 2, info("j2"));
+        d.keep_tables(7, 2, 1);
         let (r, counter) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
         assert_eq!(
             (r["agent"].as_str(), r["jti"].as_str(), r["rule"].as_str()),
@@ -110,8 +115,10 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&counter.unwrap(), &written));
         // A decision of a table no longer kept names the agent but no token.
-        d.set_table(7, 3, 2, info("j3"));
-        d.set_table(7, 4, 3, info("j4"));
+        d.add_table(7, 3, info("j3"));
+        d.keep_tables(7, 3, 2);
+        d.add_table(7, 4, info("j4"));
+        d.keep_tables(7, 4, 3);
         let (r, _) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
         assert_eq!((r["agent"].as_str(), r["jti"].as_str()), (Some("alpha"), None));
         let (r, _) = record(&event(7, 3, 0), d.who(&event(7, 3, 0)), UNIX_EPOCH);

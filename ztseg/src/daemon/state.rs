@@ -479,22 +479,21 @@ impl State {
         self.replay_dirty = true;
         let cgroup_id = record.cgroup_id;
         let deadline = clock::boot_deadline_now(claims.exp);
-        // The directory stays locked across the kernel's switch to the new table, so the event
-        // reader never sees a decision of the new table before it knows whose it is.
+        // The directory learns the new table before the kernel switches to it, so the event
+        // reader never sees a decision of a table it cannot name.
+        let origins = Arc::new(compiled.origins);
+        let info = TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() };
         let directory = Arc::clone(&self.directory);
-        let mut directory = directory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let table = self
             .dataplane
-            .grant(cgroup_id, &compiled.entries, deadline)
+            .grant_announced(cgroup_id, &compiled.entries, deadline, |table| {
+                directory
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .add_table(cgroup_id, table, info);
+            })
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
-        let origins = Arc::new(compiled.origins);
-        directory.set_table(
-            cgroup_id,
-            table.table,
-            table.previous,
-            TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() },
-        );
-        drop(directory);
+        self.directory().keep_tables(cgroup_id, table.table, table.previous);
         let active = ActiveGrant {
             token: token.to_owned(),
             hash,

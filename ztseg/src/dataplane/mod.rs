@@ -492,7 +492,21 @@ impl Dataplane {
         entries: &[Entry],
         deadline_ns: u64,
     ) -> Result<Granted, DataplaneError> {
+        self.grant_announced(cgroup_id, entries, deadline_ns, |_| {})
+    }
+
+    /// [`Self::grant`], telling `announce` the new table's id once its entries are written and
+    /// before any decision can use it (the agent's entry still names the old table), so whoever
+    /// attributes decisions by table knows the table before its first decision.
+    pub fn grant_announced(
+        &mut self,
+        cgroup_id: u64,
+        entries: &[Entry],
+        deadline_ns: u64,
+        announce: impl FnOnce(u32),
+    ) -> Result<Granted, DataplaneError> {
         let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
+        let mut announce = Some(announce);
         let table = self.tables.allocate();
         let encoded = table::encode(table, entries);
         let mut written = TableKeys::default();
@@ -504,6 +518,9 @@ impl Dataplane {
             for (key, value) in &encoded.v6 {
                 self.rules_v6.insert(key, value, 0).map_err(map_err(maps::RULES_V6))?;
                 written.v6.push(*key);
+            }
+            if let Some(announce) = announce.take() {
+                announce(table);
             }
             let next = AgentState { deadline_ns: deadline_ns.max(1), table, ..state };
             self.agents.insert(cgroup_id, next, 0).map_err(map_err(maps::AGENTS))
