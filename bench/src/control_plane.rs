@@ -118,17 +118,24 @@ fn spinner(
     cgroup: &Path,
     ns: &Netns,
 ) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
-    let mut child = Command::new(bench)
-        .args(["spin", until, SPIN])
-        .arg(cgroup)
-        .arg(ns.path())
-        .stdout(Stdio::piped())
-        .spawn()?;
+    start_worker(bench, &["spin", until, SPIN], cgroup, ns, "spinning")
+}
+
+/// Starts `ztseg-bench ARGS... CGROUP NETNS` and returns once it printed `ready`.
+fn start_worker(
+    bench: &Path,
+    args: &[&str],
+    cgroup: &Path,
+    ns: &Netns,
+    ready: &str,
+) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
+    let mut child =
+        Command::new(bench).args(args).arg(cgroup).arg(ns.path()).stdout(Stdio::piped()).spawn()?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
-    if line.trim() != "spinning" {
-        bail!("spinner said {line:?}");
+    if line.trim() != ready {
+        bail!("{} said {line:?}", args[0]);
     }
     Ok((child, out))
 }
@@ -363,22 +370,11 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     let (mut cut, mut closed, mut after_answer) = (Vec::new(), Vec::new(), 0);
     let samples = 30;
     for _ in 0..samples {
-        let mut child = Command::new(bench)
-            .args(["flow", FLOW])
-            .arg(&probe_cgroup)
-            .arg(ns.path())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        if line.trim() != "flowing" {
-            bail!("flow said {line:?}");
-        }
+        let (mut child, mut out) = start_worker(bench, &["flow", FLOW], &probe_cgroup, ns, "flowing")?;
         let t0 = ztseg::clock::boot_now_ns();
         call(&socket, &Request::Kill { agent: "probe".into(), processes: KillProcesses::Keep })?;
         let answered = ztseg::clock::boot_now_ns();
-        line.clear();
+        let mut line = String::new();
         out.read_line(&mut line)?;
         child.wait()?;
         let stamps: Vec<u64> = line.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;

@@ -126,6 +126,11 @@ fn verdict(s: Stat, limit: f64) -> String {
     }
 }
 
+/// The p99 of a control-plane figure ("p50 N µs, p99 N µs ...").
+fn p99_of(value: &str) -> Option<f64> {
+    value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok())
+}
+
 fn find(r: &Results, pred: impl Fn(&Case) -> bool) -> Vec<&Case> {
     let mut out: Vec<&Case> = r.order.iter().filter(|c| pred(c)).collect();
     out.dedup_by_key(|c| c.label());
@@ -212,8 +217,7 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
         && let Some((_, value)) =
             fig.lines.iter().find(|(n, _)| n.starts_with("token apply -> first allowed"))
     {
-        let p99: Option<f64> =
-            value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok());
+        let p99 = p99_of(value);
         if let Some(p99) = p99 {
             let _ = writeln!(
                 text,
@@ -225,8 +229,7 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
     if let Some(fig) = control
         && let Some((_, value)) = fig.lines.iter().find(|(n, _)| n.starts_with("ztseg kill -> enforced"))
     {
-        let p99: Option<f64> =
-            value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok());
+        let p99 = p99_of(value);
         if let Some(p99) = p99 {
             let _ = writeln!(
                 text,
@@ -238,8 +241,7 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
     if let Some(fig) = control
         && let Some((_, value)) = fig.lines.iter().find(|(n, _)| n.starts_with("ztseg kill -> last byte"))
     {
-        let p99: Option<f64> =
-            value.split("p99 ").nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse().ok());
+        let p99 = p99_of(value);
         if let Some(p99) = p99 {
             let _ = writeln!(
                 text,

@@ -68,17 +68,10 @@ pub fn main(args: &[String]) -> Result<()> {
         writeln!(out, "{}", if finished { "finished" } else { "done" })?;
         out.flush()?;
     }
-    let (p50, p99) = percentiles(&mut each);
-    writeln!(out, "{ok} {failed} {p50} {p99}")?;
+    let each: Vec<f64> = each.into_iter().map(|ns| ns as f64).collect();
+    let (p50, p99) = (crate::stats::percentile(&each, 50.0), crate::stats::percentile(&each, 99.0));
+    writeln!(out, "{ok} {failed} {p50:.0} {p99:.0}")?;
     Ok(())
-}
-
-/// The 50th and 99th percentiles of per-operation times (nearest rank below).
-fn percentiles(each: &mut [u64]) -> (u64, u64) {
-    each.sort_unstable();
-    let at =
-        |p: usize| each.get((each.len() * p / 100).min(each.len().saturating_sub(1))).copied().unwrap_or(0);
-    (at(50), at(99))
 }
 
 /// Connect and close with a reset (SO_LINGER 0): no TIME_WAIT, so long runs keep their ports.

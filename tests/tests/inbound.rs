@@ -4,7 +4,7 @@
 //! processes.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-use std::{ffi::OsStr, fs, process::Command};
+use std::{ffi::OsStr, fs, process::Command, time::Duration};
 
 use ztseg_integration::{At, Daemon, Netns, Proc, Site, TempDir, probe, run_agent, spawn_agent};
 
@@ -108,6 +108,15 @@ fn inbound_is_denied_by_default_allowed_when_granted_and_cut_on_kill() {
     assert!(served.line().starts_with("accept-error "), "the listener was not closed");
     let after = from_far(&w, &["tcp-from:10.79.0.2:10.79.0.10:7000"]);
     assert_ne!(after, ["ok"], "a connection reached the killed agent");
+    // Not only its closed sockets: a listener the killed agent opens anew hears nothing either
+    // (the SYN is dropped, so the connect times out rather than being reset), with a record.
+    drop(served);
+    let _reopened = listener(&w, "10.79.0.10:7000", true);
+    assert_eq!(from_far(&w, &["tcp-from:10.79.0.2:10.79.0.10:7000"]), ["ETIMEDOUT"]);
+    let refused = w.daemon.wait_event("the killed agent's refused connection", |r| {
+        r["action"] == "accept" && r["reason"] == "killed"
+    });
+    assert_eq!(refused["src"], "10.79.0.2", "{refused}");
     // The control still serves: it was the agent that was cut, not the link.
     assert_eq!(from_far(&w, &["tcp-from:10.79.0.2:10.79.0.10:7001"]), ["ok"]);
     assert_eq!(open.line(), "accepted 10.79.0.2");
@@ -196,16 +205,11 @@ fn kill_terminate_ends_every_process_of_the_agent() {
     assert!(lines.iter().all(|l| l.starts_with("accept-error ")), "{lines:?}");
     assert!(!status.success(), "{status}");
     // cgroup.kill is asynchronous for the last exits; the cgroup empties right after.
-    let events = w.site.root.join("alpha").join("cgroup.events");
-    wait_until_empty(&events);
-}
-
-/// Waits (on inotify, not a clock) until the cgroup reports no processes.
-fn wait_until_empty(events: &std::path::Path) {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let inotify = Inotify::init(InitFlags::empty()).unwrap();
-    inotify.add_watch(events, AddWatchFlags::IN_MODIFY).unwrap();
-    while fs::read_to_string(events).unwrap().lines().any(|l| l == "populated 1") {
-        inotify.read_events().unwrap();
-    }
+    let emptied = ztseg::cgroup::await_event(
+        &w.site.root.join("alpha"),
+        "populated 0",
+        Duration::from_secs(30),
+        || Ok(()),
+    );
+    assert!(emptied.unwrap(), "the agent's cgroup still holds processes");
 }

@@ -136,18 +136,32 @@ pub fn processes(path: &Path) -> Result<Vec<u32>, CgroupError> {
 /// freezing, waits up to `wait` for the kernel to report the cgroup frozen (`cgroup.events`) and
 /// says whether it did; a task stuck in the kernel can delay it.
 pub fn freeze(path: &Path, frozen: bool, wait: Duration) -> Result<bool, CgroupError> {
-    let control = |file: &'static str, source| CgroupError::Control { path: path.to_owned(), file, source };
+    let line = if frozen { "frozen 1" } else { "frozen 0" };
+    await_event(path, line, wait, || {
+        fs::write(path.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+            .map_err(|source| CgroupError::Control { path: path.to_owned(), file: "cgroup.freeze", source })
+    })
+}
+
+/// Does `change`, then waits up to `wait` for `line` ("frozen 1", "populated 0", ...) in the
+/// cgroup's `cgroup.events`, woken by inotify rather than a clock; says whether it came. The
+/// watch is set before `change`, so the line cannot slip between the two.
+pub fn await_event(
+    path: &Path,
+    line: &str,
+    wait: Duration,
+    change: impl FnOnce() -> Result<(), CgroupError>,
+) -> Result<bool, CgroupError> {
+    let control = |source| CgroupError::Control { path: path.to_owned(), file: "cgroup.events", source };
     let events = path.join("cgroup.events");
-    // Watch before writing, so the change cannot slip between the write and the watch.
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-        .map_err(|e| control("cgroup.events", e.into()))?;
-    inotify.add_watch(&events, AddWatchFlags::IN_MODIFY).map_err(|e| control("cgroup.events", e.into()))?;
-    fs::write(path.join("cgroup.freeze"), if frozen { "1" } else { "0" })
-        .map_err(|e| control("cgroup.freeze", e))?;
+    let inotify =
+        Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|e| control(e.into()))?;
+    inotify.add_watch(&events, AddWatchFlags::IN_MODIFY).map_err(|e| control(e.into()))?;
+    change()?;
     let deadline = Instant::now() + wait;
     loop {
-        let text = fs::read_to_string(&events).map_err(|e| control("cgroup.events", e))?;
-        if text.lines().any(|l| l == if frozen { "frozen 1" } else { "frozen 0" }) {
+        let text = fs::read_to_string(&events).map_err(control)?;
+        if text.lines().any(|l| l == line) {
             return Ok(true);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -156,7 +170,7 @@ pub fn freeze(path: &Path, frozen: bool, wait: Duration) -> Result<bool, CgroupE
         }
         let timeout = PollTimeout::try_from(left.as_millis().min(1_000) as i32).unwrap_or(PollTimeout::ZERO);
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-        poll(&mut fds, timeout).map_err(|e| control("cgroup.events", e.into()))?;
+        poll(&mut fds, timeout).map_err(|e| control(e.into()))?;
         while let Ok(events) = inotify.read_events() {
             if events.is_empty() {
                 break;

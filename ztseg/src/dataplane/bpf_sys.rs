@@ -53,6 +53,12 @@ pub fn map_update_fd(map: BorrowedFd<'_>, key: u32, value: BorrowedFd<'_>) -> io
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
+/// A path as bpf(2) takes it.
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
 /// Opens a pinned BPF object (BPF_OBJ_GET).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     #[repr(C)]
@@ -63,8 +69,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         path_fd: i32,
         _pad: u32,
     }
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let path = c_path(path)?;
     let mut attr = Attr { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
@@ -81,8 +86,7 @@ pub fn obj_pin(object: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         path_fd: i32,
         _pad: u32,
     }
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let path = c_path(path)?;
     let mut attr = Attr {
         pathname: path.as_ptr() as u64,
         bpf_fd: object.as_raw_fd() as u32,
