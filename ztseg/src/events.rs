@@ -2,11 +2,13 @@
 //! JSON records of the event stream and the audit log (docs/events.md).
 
 use std::{
+    borrow::Cow,
+    io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::{Map, Value, json};
 use ztseg_common::{
     decision::{NO_RULE_ID, reason},
     event::{
@@ -15,6 +17,8 @@ use ztseg_common::{
     },
     rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW},
 };
+
+use crate::audit::{Body, BodyWriter};
 
 /// Reads one ring buffer record; `None` if it is not an [`Event`] (wrong size).
 pub fn decode(bytes: &[u8]) -> Option<Event> {
@@ -54,35 +58,37 @@ pub fn reason_name(code: u8) -> &'static str {
 }
 
 /// Protocol names as in the policy files; other protocols by number.
-pub fn proto_name(proto: u8) -> String {
+pub fn proto_name(proto: u8) -> Cow<'static, str> {
     match proto {
-        PROTO_TCP => "tcp".to_owned(),
-        PROTO_UDP => "udp".to_owned(),
-        PROTO_ICMP | PROTO_ICMPV6 => "icmp".to_owned(),
-        other => other.to_string(),
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMP | PROTO_ICMPV6 => "icmp".into(),
+        other => other.to_string().into(),
     }
 }
 
 /// The address of an event: the destination of a connect or send, the sender of an inbound
 /// connection or datagram (`None` for socket creation).
 pub fn address(event: &Event) -> Option<IpAddr> {
-    let bytes: Vec<u8> = event.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(event.addr) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
     match (event.action, event.family) {
         (ACTION_SOCKET, _) => None,
-        (_, FAMILY_V4) => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
-        (_, FAMILY_V6) => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&bytes);
-            Some(IpAddr::V6(Ipv6Addr::from(octets)))
-        }
+        (_, FAMILY_V4) => Some(IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))),
+        (_, FAMILY_V6) => Some(IpAddr::V6(Ipv6Addr::from(octets))),
         _ => None,
     }
 }
 
 /// The wall-clock time of a boot-clock timestamp, given both clocks read at one instant.
 pub fn wall_time(ts_boot_ns: u64, boot_now_ns: u64, unix_now_ns: u64) -> SystemTime {
-    let unix_ns = unix_now_ns.saturating_sub(boot_now_ns.saturating_sub(ts_boot_ns));
-    UNIX_EPOCH + Duration::from_nanos(unix_ns)
+    UNIX_EPOCH + Duration::from_nanos(wall_ns(ts_boot_ns, boot_now_ns, unix_now_ns))
+}
+
+fn wall_ns(ts_boot_ns: u64, boot_now_ns: u64, unix_now_ns: u64) -> u64 {
+    unix_now_ns.saturating_sub(boot_now_ns.saturating_sub(ts_boot_ns))
 }
 
 /// RFC 3339 UTC with microseconds, e.g. `2026-11-28T13:02:03.123456Z`.
@@ -90,51 +96,91 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-/// What the daemon knows about the agent behind an event.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Attribution {
-    pub agent: Option<String>,
+/// Writes record timestamps as [`rfc3339`] does, formatting the date and time of day once per
+/// second rather than once per record.
+#[derive(Default)]
+pub struct Timestamps {
+    second: Option<u64>,
+    /// `"2026-11-28T13:02:03.` for `second`.
+    prefix: Vec<u8>,
+}
+
+impl Timestamps {
+    /// The JSON string of the wall-clock time `unix_ns`.
+    pub fn write(&mut self, unix_ns: u64, out: &mut Vec<u8>) {
+        let (second, micros) = (unix_ns / 1_000_000_000, unix_ns % 1_000_000_000 / 1_000);
+        if self.second != Some(second) {
+            let whole = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second));
+            self.prefix.clear();
+            self.prefix.push(b'"');
+            // `YYYY-MM-DDTHH:MM:SSZ`: all but the `Z`.
+            let whole = whole.to_string();
+            self.prefix.extend_from_slice(&whole.as_bytes()[..whole.len() - 1]);
+            self.prefix.push(b'.');
+            self.second = Some(second);
+        }
+        out.extend_from_slice(&self.prefix);
+        let _ = write!(out, "{micros:06}Z\"");
+    }
+}
+
+/// What attributes the decisions of one rule table.
+#[derive(Clone, Debug)]
+pub struct TableInfo {
+    /// The catalogue entry behind each rule id, e.g. `scope:read:x#0`.
+    pub origins: Arc<Vec<String>>,
     pub op: Option<String>,
-    pub jti: Option<String>,
-    /// The catalogue entry behind `rule_id` in the event's table, e.g. `scope:read:x#0`.
-    pub rule: Option<String>,
+    pub jti: String,
+}
+
+/// What the daemon knows about the agent behind an event.
+#[derive(Clone, Debug, Default)]
+pub struct Attribution {
+    pub agent: Option<Arc<str>>,
+    /// The token whose rule table made the decision.
+    pub table: Option<Arc<TableInfo>>,
 }
 
 /// The audit/event record body of a kernel decision (without `seq`, `prev`, `hash`, which the
-/// audit log adds). Inbound records (`accept`, `receive`) name the sender in `src` and the
-/// agent's own port in `dport`, with `dst` null; they have no task, so `pid` is 0 and `comm`
-/// empty.
-pub fn record(event: &Event, who: &Attribution, ts: SystemTime) -> Map<String, Value> {
-    let tgid = (event.pid_tgid >> 32) as u32;
-    let uid = event.uid_gid as u32;
+/// audit log adds), `ts` being the decision's wall-clock time in ns. Inbound records (`accept`,
+/// `receive`) name the sender in `src` and the agent's own port in `dport`, with `dst` null;
+/// they have no task, so `pid` is 0 and `comm` empty.
+pub fn decision_body(event: &Event, who: &Attribution, ts: u64, timestamps: &mut Timestamps) -> Body {
     let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
-    let comm = String::from_utf8_lossy(&event.comm[..comm_len]).into_owned();
-    let body = json!({
-        "ts": rfc3339(ts),
-        "agent": who.agent,
-        "op": who.op,
-        "jti": who.jti,
-        "pid": tgid,
-        "uid": uid,
-        "comm": comm,
-        "cgroup_id": event.cgroup_id,
-        "action": action_name(event.action),
-        "proto": proto_name(event.proto),
-        "dst": if inbound(event.action) { None } else { address(event).map(|a| a.to_string()) },
-        "dport": u16::from_be_bytes(event.port),
-        "verdict": if event.verdict == VERDICT_ALLOW { "allow" } else { "deny" },
-        "reason": reason_name(event.reason),
-        "rule": who.rule,
-    });
-    let mut map = match body {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    };
-    if inbound(event.action) {
-        map.insert("src".into(), json!(address(event).map(|a| a.to_string())));
+    let table = who.table.as_deref();
+    let rule = rule_id(event).and_then(|id| table?.origins.get(id as usize));
+    let inbound = inbound(event.action);
+    let mut body = BodyWriter::new();
+    body.str("action", action_name(event.action))
+        .opt_str("agent", who.agent.as_deref())
+        .u64("cgroup_id", event.cgroup_id)
+        .str("comm", &String::from_utf8_lossy(&event.comm[..comm_len]))
+        .u64("dport", u64::from(u16::from_be_bytes(event.port)))
+        .ip("dst", if inbound { None } else { address(event) })
+        .opt_str("jti", table.map(|t| t.jti.as_str()))
+        .opt_str("op", table.and_then(|t| t.op.as_deref()))
+        .u64("pid", event.pid_tgid >> 32)
+        .str("proto", &proto_name(event.proto))
+        .str("reason", reason_name(event.reason))
+        .opt_str("rule", rule.map(String::as_str));
+    if inbound {
+        body.ip("src", address(event));
     }
+    body.raw("ts", |out| timestamps.write(ts, out))
+        .u64("uid", u64::from(event.uid_gid as u32))
+        .str("verdict", if event.verdict == VERDICT_ALLOW { "allow" } else { "deny" });
+    body.finish()
+}
 
-    map
+/// [`decision_body`] of an event whose boot-clock time maps to wall-clock time by one reading
+/// of both clocks (`boot_now_ns`, `unix_now_ns`).
+pub fn decision_body_at(
+    event: &Event,
+    who: &Attribution,
+    (boot_now_ns, unix_now_ns): (u64, u64),
+    timestamps: &mut Timestamps,
+) -> Body {
+    decision_body(event, who, wall_ns(event.ts_boot_ns, boot_now_ns, unix_now_ns), timestamps)
 }
 
 /// The rule id of an event, if a rule decided it.
@@ -146,7 +192,19 @@ pub fn rule_id(event: &Event) -> Option<u32> {
 mod tests {
     use ztseg_common::rule::VERDICT_DENY;
 
+    use serde_json::Value;
+
     use super::*;
+    use crate::audit::Chain;
+
+    fn record(event: &Event, who: &Attribution, ts: SystemTime) -> serde_json::Map<String, Value> {
+        let ns = ts.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let body = decision_body(event, who, ns, &mut Timestamps::default());
+        let Ok(Value::Object(map)) = serde_json::from_slice(&body.to_vec(Chain::default())) else {
+            panic!("not an object")
+        };
+        map
+    }
 
     fn event() -> Event {
         Event {
@@ -179,12 +237,12 @@ mod tests {
 
     #[test]
     fn record_has_the_contract_fields() {
-        let who = Attribution {
-            agent: Some("analyst-7".into()),
+        let table = TableInfo {
+            origins: Arc::new(vec!["scope:read:data.sales_q1_2026#0".into()]),
             op: Some("report-2026-q1".into()),
-            jti: Some("j1".into()),
-            rule: Some("scope:read:data.sales_q1_2026#0".into()),
+            jti: "j1".into(),
         };
+        let who = Attribution { agent: Some("analyst-7".into()), table: Some(Arc::new(table)) };
         let r = record(&event(), &who, UNIX_EPOCH + Duration::from_secs(1_800_000_000));
         assert_eq!(r["ts"], "2027-01-15T08:00:00.000000Z");
         assert_eq!(r["agent"], "analyst-7");
@@ -199,6 +257,22 @@ mod tests {
         assert_eq!(r["reason"], "rule");
         assert_eq!(r["rule"], "scope:read:data.sales_q1_2026#0");
         assert_eq!(r["cgroup_id"], 77);
+        assert_eq!((r["op"].as_str(), r["jti"].as_str()), (Some("report-2026-q1"), Some("j1")));
+        // A rule id the table does not have names no rule.
+        let mut other = event();
+        other.rule_id = 1;
+        assert!(record(&other, &who, UNIX_EPOCH)["rule"].is_null());
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_across_seconds() {
+        let mut timestamps = Timestamps::default();
+        for ns in [0, 999_999_999, 1_000_000_000, 1_800_000_000_123_456_789, 1_800_000_001_000_001_000] {
+            let mut out = Vec::new();
+            timestamps.write(ns, &mut out);
+            let expected = rfc3339(UNIX_EPOCH + Duration::from_nanos(ns));
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{expected}\""));
+        }
     }
 
     #[test]

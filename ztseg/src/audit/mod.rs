@@ -79,6 +79,7 @@
 //! at open (an edited, missing or extra record, a chain shorter than its signed head) is never
 //! healed: `open` fails and nothing is appended until an operator has run `ztseg audit verify`.
 
+mod body;
 mod files;
 mod key;
 mod record;
@@ -90,6 +91,7 @@ mod tests;
 
 use std::{io, path::PathBuf};
 
+pub use body::{Body, BodyWriter, Chain};
 pub use files::{head_path, live_path_of, pub_key_path, resolve_files};
 pub use key::{HOST_KEY_FILE, HostKey, load_verifying_key, parse_verifying_key};
 pub use record::{ZERO_HASH, canonical_bytes, chain_hash};

@@ -37,7 +37,7 @@ pub fn chain_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn write_value(out: &mut Vec<u8>, value: &Value) {
+pub(crate) fn write_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -76,7 +76,7 @@ fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
 }
 
 // The escapes of serde_json and of Python's json.dumps(ensure_ascii=False), which agree.
-fn write_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     for ch in s.chars() {

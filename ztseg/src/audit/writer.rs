@@ -14,9 +14,10 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
 
 use super::{
-    AuditError, HostKey,
+    AuditError, Body, Chain, HostKey,
     files::{
         Head, HeadProblem, file_name, head_path, lock_path, pub_key_path, rotated_files, rotated_path,
         sibling, sync_dir, write_atomic,
@@ -265,8 +266,21 @@ impl AuditLog {
     /// Append one record body; returns its seq. The body may not carry `seq`, `prev` or `hash`,
     /// nor an `event` the log writes itself, nor fractional numbers.
     pub fn append(&mut self, body: Map<String, Value>) -> Result<u64, AuditError> {
-        self.check_body(&body)?;
-        let seq = self.push(body)?;
+        let body = self.checked_body(&body)?;
+        self.append_body(&body)
+    }
+
+    /// The [`Body`] of a record body [`append`](Self::append) would take.
+    pub(crate) fn checked_body(&self, body: &Map<String, Value>) -> Result<Body, AuditError> {
+        self.check_body(body)?;
+        Ok(Body::from_map(body))
+    }
+
+    /// Append a body the daemon serialised itself ([`super::BodyWriter`]); returns its seq.
+    /// Such a body carries no chain field by construction, and no `event` the log writes
+    /// itself (the daemon's own record kinds never are).
+    pub(crate) fn append_body(&mut self, body: &Body) -> Result<u64, AuditError> {
+        let seq = self.push_body(body)?;
         self.since_checkpoint += 1;
         if self.options.checkpoint_every > 0 && self.since_checkpoint >= self.options.checkpoint_every {
             self.checkpoint()?;
@@ -438,12 +452,41 @@ impl AuditLog {
 
     /// Hash a record that carries `seq` and `prev` and buffer its line.
     fn seal(&mut self, mut rec: Map<String, Value>) -> u64 {
-        let seq = self.next_seq;
         let hash = chain_hash(&self.last_hash, &canonical_object(&rec));
         rec.insert("hash".to_owned(), hex::encode(hash).into());
+        let line = canonical_object(&rec);
+        self.buffer(&line, hash)
+    }
+
+    /// Splice `seq` and `prev` into `body`, hash it, splice in `hash` and buffer the line: the
+    /// body is never parsed or sorted again.
+    fn push_body(&mut self, body: &Body) -> Result<u64, AuditError> {
+        self.usable()?;
+        let seq = self.next_seq.to_string();
+        let prev = quoted_hex(&self.last_hash);
+        let mut hasher = Sha256::new();
+        hasher.update(self.last_hash);
+        body.emit(Chain { hash: None, prev: Some(&prev), seq: Some(seq.as_bytes()) }, |piece| {
+            hasher.update(piece)
+        });
+        let hash: [u8; 32] = hasher.finalize().into();
+        let chain = Chain { hash: Some(&quoted_hex(&hash)), prev: Some(&prev), seq: Some(seq.as_bytes()) };
         let before = self.buf.len();
-        self.buf.extend_from_slice(&canonical_object(&rec));
+        body.emit(chain, |piece| self.buf.extend_from_slice(piece));
         self.buf.push(b'\n');
+        Ok(self.count_buffered(before, hash))
+    }
+
+    fn buffer(&mut self, line: &[u8], hash: [u8; 32]) -> u64 {
+        let before = self.buf.len();
+        self.buf.extend_from_slice(line);
+        self.buf.push(b'\n');
+        self.count_buffered(before, hash)
+    }
+
+    /// Book the line just buffered (from `before`) as record `next_seq`, with `hash`.
+    fn count_buffered(&mut self, before: usize, hash: [u8; 32]) -> u64 {
+        let seq = self.next_seq;
         self.file_bytes += (self.buf.len() - before) as u64;
         self.pending += 1;
         self.file_first_seq.get_or_insert(seq);
@@ -675,4 +718,12 @@ fn move_torn_tail(path: &Path, offset: u64, len: u64) -> Result<PathBuf, AuditEr
     sync_dir(&target)?;
     file.set_len(offset).and_then(|()| file.sync_all()).map_err(io_err("truncate", path))?;
     Ok(target)
+}
+
+/// A hash as a JSON string: `"` 64 lowercase hex digits `"`.
+fn quoted_hex(hash: &[u8; 32]) -> [u8; 66] {
+    let mut out = [b'"'; 66];
+    // The output is exactly twice the input's length.
+    let _ = hex::encode_to_slice(hash, &mut out[1..65]);
+    out
 }

@@ -18,19 +18,35 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, error, info, warn};
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Body, Chain};
 
 /// How often the writer flushes what it appended.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How often it writes a checkpoint if the log's own interval has passed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-/// A decision record and the counter of records written for its agent, if it has one.
-pub type Decision = (Map<String, Value>, Option<Arc<AtomicU64>>);
+/// Denied decisions logged (at `info`, target `ztseg::decision`) per second at most; the rest
+/// are counted in one line per second. The audit log and the event stream carry every one.
+const DENIALS_LOGGED_PER_SECOND: u32 = 10;
+
+/// A decision record, serialised, with what the writer counts and publishes it by.
+pub struct Decision {
+    pub body: Body,
+    pub agent: Option<Arc<str>>,
+    /// The counter of records written for its agent, if it has one.
+    pub written: Option<Arc<AtomicU64>>,
+    pub denied: bool,
+}
+
+/// A record as the event stream carries it (with `seq`, without `prev` and `hash`).
+pub struct Line {
+    pub agent: Option<Arc<str>>,
+    pub json: Vec<u8>,
+}
 
 enum Msg {
     Record(Map<String, Value>),
@@ -106,10 +122,7 @@ impl AuditSender {
 /// Starts the writer; `publish` gets every record after its append (with `seq` unless the
 /// append failed). A panic in the writer aborts the daemon (systemd restarts it; enforcement
 /// stays pinned in the kernel): a daemon that goes on without its log would be unobserved.
-pub fn start(
-    log: AuditLog,
-    publish: impl Fn(Map<String, Value>) + Send + 'static,
-) -> std::io::Result<AuditSender> {
+pub fn start(log: AuditLog, publish: impl Fn(Line) + Send + 'static) -> std::io::Result<AuditSender> {
     let (tx, rx) = mpsc::channel();
     let next_seq = Arc::new(AtomicU64::new(log.next_seq()));
     let decisions_written = Arc::new(AtomicU64::new(0));
@@ -125,7 +138,8 @@ pub fn start(
     };
     thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
         super::lower_priority();
-        let writer = Writer { log, publish, next_seq, decisions_written, health };
+        let denials = Denials { since: Instant::now(), logged: 0, unlogged: 0 };
+        let writer = Writer { log, publish, next_seq, decisions_written, health, denials };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(&rx))).is_err() {
             error!("the audit writer panicked; stopping the daemon (enforcement stays pinned)");
             std::process::abort();
@@ -140,9 +154,17 @@ struct Writer<P> {
     next_seq: Arc<AtomicU64>,
     decisions_written: Arc<AtomicU64>,
     health: Arc<Health>,
+    denials: Denials,
 }
 
-impl<P: Fn(Map<String, Value>)> Writer<P> {
+/// Denied decisions logged and not logged in the current second.
+struct Denials {
+    since: Instant,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl<P: Fn(Line)> Writer<P> {
     fn run(mut self, rx: &mpsc::Receiver<Msg>) {
         let (mut flushed, mut checked) = (Instant::now(), Instant::now());
         loop {
@@ -151,10 +173,10 @@ impl<P: Fn(Map<String, Value>)> Writer<P> {
                 self.health.pending.fetch_sub(1, Ordering::Relaxed);
             }
             match msg {
-                Ok(Msg::Record(record)) => self.append(record, None),
+                Ok(Msg::Record(record)) => self.append_daemon(&record),
                 Ok(Msg::Decisions(records, permit)) => {
-                    for (record, counter) in records {
-                        self.append(record, counter.as_deref());
+                    for decision in records {
+                        self.append_decision(decision);
                     }
                     drop(permit);
                 }
@@ -186,26 +208,71 @@ impl<P: Fn(Map<String, Value>)> Writer<P> {
         }
     }
 
-    fn append(&mut self, mut record: Map<String, Value>, counter: Option<&AtomicU64>) {
-        match self.log.append(record.clone()) {
-            Ok(seq) => {
-                record.insert("seq".into(), json!(seq));
+    /// A daemon record: checked (no chain field, no event the log writes itself), appended and
+    /// published.
+    fn append_daemon(&mut self, record: &Map<String, Value>) {
+        let agent = record.get("agent").and_then(Value::as_str).map(Arc::from);
+        let (body, seq) = match self.log.checked_body(record) {
+            Ok(body) => {
+                let seq = self.append(&body);
+                (body, seq)
             }
-            Err(e) => warn!(error = %e, event = ?record.get("event"), "could not append to the audit log"),
+            Err(e) => {
+                warn!(error = %e, event = ?record.get("event"), "could not append to the audit log");
+                (Body::from_map(record), None)
+            }
+        };
+        self.publish(&body, agent, seq);
+    }
+
+    fn append_decision(&mut self, decision: Decision) {
+        let seq = self.append(&decision.body);
+        self.decisions_written.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = &decision.written {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
+        if decision.denied {
+            self.log_denial(&decision.body);
+        } else {
+            debug!(target: "ztseg::decision", "{}", String::from_utf8_lossy(&decision.body.to_vec(Chain::default())));
+        }
+        self.publish(&decision.body, decision.agent, seq);
+    }
+
+    /// Appends `body`; its seq, or `None` (said) if the log refused it.
+    fn append(&mut self, body: &Body) -> Option<u64> {
+        let seq = match self.log.append_body(body) {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                warn!(error = %e, "could not append to the audit log");
+                None
+            }
+        };
         self.next_seq.store(self.log.next_seq(), Ordering::Relaxed);
-        if record.contains_key("verdict") {
-            self.decisions_written.fetch_add(1, Ordering::Relaxed);
-            if let Some(counter) = counter {
-                counter.fetch_add(1, Ordering::Relaxed);
+        seq
+    }
+
+    /// Logs a denied decision, at most [`DENIALS_LOGGED_PER_SECOND`] a second: a flood of
+    /// denials would otherwise become a flood of journal lines.
+    fn log_denial(&mut self, body: &Body) {
+        if self.denials.since.elapsed() >= Duration::from_secs(1) {
+            if self.denials.unlogged > 0 {
+                info!(target: "ztseg::decision", unlogged = self.denials.unlogged, "more denied decisions in the last second than are logged here; the audit log and `ztseg events` have every one");
             }
-            if record.get("verdict").and_then(Value::as_str) == Some("deny") {
-                info!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
-            } else {
-                debug!(target: "ztseg::decision", "{}", serde_json::Value::Object(record.clone()));
-            }
+            self.denials = Denials { since: Instant::now(), logged: 0, unlogged: 0 };
         }
-        (self.publish)(record);
+        if self.denials.logged < DENIALS_LOGGED_PER_SECOND {
+            self.denials.logged += 1;
+            info!(target: "ztseg::decision", "{}", String::from_utf8_lossy(&body.to_vec(Chain::default())));
+        } else {
+            self.denials.unlogged += 1;
+        }
+    }
+
+    fn publish(&self, body: &Body, agent: Option<Arc<str>>, seq: Option<u64>) {
+        let seq = seq.map(|seq| seq.to_string());
+        let json = body.to_vec(Chain { seq: seq.as_deref().map(str::as_bytes), ..Chain::default() });
+        (self.publish)(Line { agent, json });
     }
 
     fn flush(&mut self) {
@@ -218,6 +285,8 @@ impl<P: Fn(Map<String, Value>)> Writer<P> {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use serde_json::json;
 
     use super::*;
     use crate::audit::{AuditOptions, HostKey};
@@ -232,7 +301,10 @@ mod tests {
         let first = log.next_seq();
         let published = Arc::new(Mutex::new(Vec::new()));
         let sink = published.clone();
-        let audit = start(log, move |r| sink.lock().unwrap().push(r)).unwrap();
+        let audit = start(log, move |line: Line| {
+            sink.lock().unwrap().push(serde_json::from_slice::<Value>(&line.json).unwrap())
+        })
+        .unwrap();
         let mut daemon = Map::new();
         daemon.insert("event".into(), json!("kill"));
         audit.send(daemon);
@@ -242,7 +314,12 @@ mod tests {
         let decision = |v: &str| {
             let mut r = Map::new();
             r.insert("verdict".into(), json!(v));
-            (r, Some(counter.clone()))
+            Decision {
+                body: Body::from_map(&r),
+                agent: None,
+                written: Some(counter.clone()),
+                denied: v == "deny",
+            }
         };
         audit.send_decisions(vec![decision("allow"), decision("deny")], permit);
         audit.close();

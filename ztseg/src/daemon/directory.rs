@@ -6,35 +6,23 @@
 use std::{
     collections::HashMap,
     sync::{Arc, atomic::AtomicU64},
-    time::SystemTime,
 };
 
 use ztseg_common::event::Event;
 
-use super::audit_writer::Decision;
-use crate::{
-    agent_id::AgentId,
-    events::{self, Attribution},
-};
-
-/// What attributes a decision of one rule table.
-#[derive(Clone, Debug)]
-pub struct TableInfo {
-    pub origins: Arc<Vec<String>>,
-    pub op: Option<String>,
-    pub jti: String,
-}
+pub use crate::events::TableInfo;
+use crate::{agent_id::AgentId, events::Attribution};
 
 #[derive(Default)]
 pub struct Directory {
     /// The agent of each registered cgroup, and its count of decision records written.
-    agents: HashMap<u64, (AgentId, Arc<AtomicU64>)>,
-    tables: HashMap<(u64, u32), TableInfo>,
+    agents: HashMap<u64, (Arc<str>, Arc<AtomicU64>)>,
+    tables: HashMap<(u64, u32), Arc<TableInfo>>,
 }
 
 impl Directory {
     pub fn add_agent(&mut self, cgroup_id: u64, agent: AgentId, written: Arc<AtomicU64>) {
-        self.agents.insert(cgroup_id, (agent, written));
+        self.agents.insert(cgroup_id, (agent.to_string().into(), written));
     }
 
     pub fn remove_agent(&mut self, cgroup_id: u64) {
@@ -44,7 +32,7 @@ impl Directory {
 
     /// The agent's table `table` is about to come into force (its decisions may follow at once).
     pub fn add_table(&mut self, cgroup_id: u64, table: u32, info: TableInfo) {
-        self.tables.insert((cgroup_id, table), info);
+        self.tables.insert((cgroup_id, table), Arc::new(info));
     }
 
     /// The agent's table `table` is in force; of its older tables only `previous` (still in the
@@ -58,36 +46,31 @@ impl Directory {
         self.tables.retain(|(cg, _), _| *cg != cgroup_id);
     }
 
-    /// Whose `event` is, and the counter of its agent's records: lookups only, so the lock
-    /// is held for as little as possible (the record is built after, see [`record`]).
+    /// Whose `event` is, and the counter of its agent's records: lookups and reference counts
+    /// only, so the lock is held for as little as possible (the record is written after, from
+    /// what this returns).
     pub fn who(&self, event: &Event) -> (Attribution, Option<Arc<AtomicU64>>) {
         let agent = self.agents.get(&event.cgroup_id);
-        let table = self.tables.get(&(event.cgroup_id, event.table));
         let who = Attribution {
-            agent: agent.map(|(id, _)| id.to_string()),
-            op: table.and_then(|t| t.op.clone()),
-            jti: table.map(|t| t.jti.clone()),
-            rule: events::rule_id(event)
-                .and_then(|id| table.and_then(|t| t.origins.get(id as usize).cloned())),
+            agent: agent.map(|(id, _)| id.clone()),
+            table: self.tables.get(&(event.cgroup_id, event.table)).cloned(),
         };
         (who, agent.map(|(_, written)| written.clone()))
     }
 }
 
-/// The record of `event` (without `seq`) as attributed by [`Directory::who`].
-pub fn record(
-    event: &Event,
-    (who, written): (Attribution, Option<Arc<AtomicU64>>),
-    ts: SystemTime,
-) -> Decision {
-    (events::record(event, &who, ts), written)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::UNIX_EPOCH;
+    use serde_json::Value;
 
     use super::*;
+    use crate::{audit::Chain, events};
+
+    fn record(d: &Directory, e: &Event) -> (Value, Option<Arc<AtomicU64>>) {
+        let (who, counter) = d.who(e);
+        let body = events::decision_body(e, &who, 0, &mut events::Timestamps::default());
+        (serde_json::from_slice(&body.to_vec(Chain::default())).unwrap(), counter)
+    }
 
     fn event(cgroup_id: u64, table: u32, rule_id: u32) -> Event {
         // SAFETY: `Event` is plain data, valid for every bit pattern.
@@ -108,7 +91,7 @@ mod tests {
         d.add_agent(7, "alpha".parse().unwrap(), written.clone());
         d.add_table(7, 2, info("j2"));
         d.keep_tables(7, 2, 1);
-        let (r, counter) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
+        let (r, counter) = record(&d, &event(7, 2, 0));
         assert_eq!(
             (r["agent"].as_str(), r["jti"].as_str(), r["rule"].as_str()),
             (Some("alpha"), Some("j2"), Some("scope:s#0"))
@@ -119,12 +102,12 @@ mod tests {
         d.keep_tables(7, 3, 2);
         d.add_table(7, 4, info("j4"));
         d.keep_tables(7, 4, 3);
-        let (r, _) = record(&event(7, 2, 0), d.who(&event(7, 2, 0)), UNIX_EPOCH);
+        let (r, _) = record(&d, &event(7, 2, 0));
         assert_eq!((r["agent"].as_str(), r["jti"].as_str()), (Some("alpha"), None));
-        let (r, _) = record(&event(7, 3, 0), d.who(&event(7, 3, 0)), UNIX_EPOCH);
+        let (r, _) = record(&d, &event(7, 3, 0));
         assert_eq!(r["jti"].as_str(), Some("j3"));
         d.remove_agent(7);
-        let (r, counter) = record(&event(7, 4, 0), d.who(&event(7, 4, 0)), UNIX_EPOCH);
+        let (r, counter) = record(&d, &event(7, 4, 0));
         assert!(r["agent"].is_null() && r["jti"].is_null() && counter.is_none(), "{r:?}");
     }
 }

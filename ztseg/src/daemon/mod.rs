@@ -89,11 +89,7 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// One record of the event stream, with the agent it concerns for filtering.
-struct Line {
-    agent: Option<String>,
-    json: String,
-}
+use audit_writer::Line;
 
 impl Shared {
     /// The state, from a blocking thread (`spawn_blocking`): every step under it is a syscall or
@@ -166,13 +162,9 @@ pub(crate) fn lower_priority() {
 
 /// Hands a logged record to the event stream and the recent backlog (the audit writer's last
 /// step for each record).
-fn publish(
-    stream: &broadcast::Sender<Arc<Line>>,
-    recent: &Mutex<VecDeque<Arc<Line>>>,
-    record: Map<String, Value>,
-) {
-    let agent = record.get("agent").and_then(Value::as_str).map(str::to_owned);
-    let line = Arc::new(Line { agent, json: Value::Object(record).to_string() });
+fn publish(stream: &broadcast::Sender<Arc<Line>>, recent: &Mutex<VecDeque<Arc<Line>>>, mut line: Line) {
+    line.json.push(b'\n');
+    let line = Arc::new(line);
     {
         let mut recent = recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if recent.len() == RECENT_EVENTS {
@@ -438,6 +430,7 @@ async fn read_events(
     let mut drain = tokio::time::interval(Duration::from_millis(ztseg_common::maps::EVENTS_DRAIN_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut taken_since_stop = 0usize;
+    let mut timestamps = events::Timestamps::default();
     loop {
         let mut stopping = *stop.borrow();
         let woken = if stopping {
@@ -475,9 +468,9 @@ async fn read_events(
             }
             continue;
         }
-        let (boot, unix) = (clock::boot_now_ns(), clock::unix_now_ns());
+        let clocks = (clock::boot_now_ns(), clock::unix_now_ns());
         // Attributed at once (a later directory could name a later token), under the read lock
-        // for the lookups only; the records are built after it is released.
+        // for the lookups only; the records are written after it is released.
         let who: Vec<_> = {
             let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             batch.iter().map(|event| directory.who(event)).collect()
@@ -485,8 +478,11 @@ async fn read_events(
         let records = batch
             .iter()
             .zip(who)
-            .map(|(event, who)| {
-                directory::record(event, who, events::wall_time(event.ts_boot_ns, boot, unix))
+            .map(|(event, (who, written))| audit_writer::Decision {
+                body: events::decision_body_at(event, &who, clocks, &mut timestamps),
+                agent: who.agent,
+                written,
+                denied: event.verdict != ztseg_common::rule::VERDICT_ALLOW,
             })
             .collect();
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
@@ -803,7 +799,7 @@ async fn stream_events(
         return;
     }
     for line in backlog.iter().filter(|l| wanted(l)) {
-        if writer.write_all(format!("{}\n", line.json).as_bytes()).await.is_err() {
+        if writer.write_all(&line.json).await.is_err() {
             return;
         }
     }
@@ -818,7 +814,7 @@ async fn stream_events(
                 if sent.contains(&(Arc::as_ptr(&line) as usize)) || !wanted(&line) {
                     continue;
                 }
-                if writer.write_all(format!("{}\n", line.json).as_bytes()).await.is_err() {
+                if writer.write_all(&line.json).await.is_err() {
                     return;
                 }
             }
