@@ -12,6 +12,8 @@
 
 mod audit_writer;
 mod directory;
+#[cfg(test)]
+mod fake_kernel;
 mod kernel;
 mod state;
 

@@ -1103,3 +1103,7 @@ fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> Value {
         "rules": active.entries,
     })
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
