@@ -86,6 +86,12 @@ impl CgroupFs {
         Ok(Self { mount })
     }
 
+    /// A hierarchy mounted at `mount`, for tests whose cgroups are never touched on disk.
+    #[cfg(test)]
+    pub fn at(mount: impl Into<PathBuf>) -> Self {
+        Self { mount: mount.into() }
+    }
+
     pub fn mount(&self) -> &Path {
         &self.mount
     }

@@ -12,6 +12,9 @@
 
 mod audit_writer;
 mod directory;
+#[cfg(test)]
+mod fake_kernel;
+mod kernel;
 mod state;
 
 use std::{
@@ -517,7 +520,7 @@ async fn housekeeping(shared: Arc<Shared>) {
                     state.sweep_expired();
                     replay = state.replay_snapshot();
                 }
-                (state.dataplane.reclaim_barrier(), replay)
+                (state.kernel.reclaim_barrier(), replay)
             };
             // Slow file work without the state lock.
             if let Some(snapshot) = replay {
@@ -527,7 +530,7 @@ async fn housekeeping(shared: Arc<Shared>) {
             // takes milliseconds; token applies and kills go on meanwhile).
             if let Some(barrier) = barrier {
                 match barrier.wait() {
-                    Ok(()) => shared2.state().dataplane.finish_reclaim(&barrier),
+                    Ok(()) => shared2.state().kernel.finish_reclaim(&barrier),
                     Err(e) => error!(error = %e, "could not reclaim replaced rule tables"),
                 }
             }
@@ -775,8 +778,8 @@ fn status(state: &State) -> Value {
         "audit_log": state.config.audit_log,
         "agents": state.agents.len(),
         "events_written": state.audit.decisions_written(),
-        "events_dropped_per_cpu": state.dataplane.drops_per_cpu().unwrap_or_default(),
-        "unregistered": state.dataplane.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
+        "events_dropped_per_cpu": state.kernel.drops_per_cpu().unwrap_or_default(),
+        "unregistered": state.kernel.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
             "decisions": s.decisions, "denied": s.denied, "emitted": s.emitted, "dropped": s.dropped
         })).unwrap_or(Value::Null),
         "audit_next_seq": state.audit.next_seq(),

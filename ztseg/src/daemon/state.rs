@@ -26,18 +26,18 @@ use tracing::{info, warn};
 use crate::{
     agent_id::AgentId,
     agent_uid,
-    cgroup::{self, CgroupFs},
+    cgroup::CgroupFs,
     clock,
     config::Config,
     control::KillProcesses,
     daemon::{
         audit_writer::AuditSender,
         directory::{Directory, TableInfo},
+        kernel::Kernel,
     },
     dataplane::Dataplane,
     events,
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
-    sockets,
     token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
 };
 
@@ -139,10 +139,12 @@ pub struct Trail {
     pub directory: Arc<RwLock<Directory>>,
 }
 
-pub struct State {
+/// `K` is the kernel and host the state changes: the [`Dataplane`] in the daemon, a fake in
+/// unit tests.
+pub struct State<K: Kernel = Dataplane> {
     pub config: Config,
     cgroups: CgroupFs,
-    pub dataplane: Dataplane,
+    pub kernel: K,
     verifier: Verifier,
     replay: ReplayCache,
     replay_dirty: bool,
@@ -213,11 +215,11 @@ fn rewrite_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.set_len(bytes.len() as u64)
 }
 
-impl State {
+impl<K: Kernel> State<K> {
     pub fn new(
         config: Config,
         cgroups: CgroupFs,
-        dataplane: Dataplane,
+        kernel: K,
         verifier: Verifier,
         replay: ReplayCache,
         revoked: Revocations,
@@ -235,7 +237,7 @@ impl State {
             revoked,
             config,
             cgroups,
-            dataplane,
+            kernel,
             verifier,
             replay,
             replay_dirty: false,
@@ -369,11 +371,12 @@ impl State {
                     )
                 })?;
             let path = self.cgroups.resolve(&relative).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
-            let cgroup_id = cgroup::ensure(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
+            let cgroup_id =
+                self.kernel.ensure_cgroup(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
             // Known to the directory before the kernel knows it: its first decision is named.
             let written = Arc::new(AtomicU64::new(0));
             self.directory().add_agent(cgroup_id, id.clone(), written.clone());
-            if let Err(e) = self.dataplane.register(cgroup_id) {
+            if let Err(e) = self.kernel.register(cgroup_id) {
                 self.directory().remove_agent(cgroup_id);
                 return Err(Refusal::new("dataplane", e.to_string()));
             }
@@ -485,7 +488,7 @@ impl State {
         let info = TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() };
         let directory = Arc::clone(&self.directory);
         let table = self
-            .dataplane
+            .kernel
             .grant_announced(cgroup_id, &compiled.entries, deadline, |table| {
                 directory
                     .write()
@@ -534,7 +537,7 @@ impl State {
             return;
         }
         let cgroup_id = record.cgroup_id;
-        if let Err(e) = self.dataplane.revoke(cgroup_id) {
+        if let Err(e) = self.kernel.revoke(cgroup_id) {
             warn!(agent = %agent, error = %e, "revoking in the kernel failed");
         }
         // After the kernel's switch to no table: decisions of the old one still in the ring
@@ -588,15 +591,15 @@ impl State {
         self.by_cgroup.remove(&record.cgroup_id);
         self.by_path.remove(&record.cgroup);
         self.uids.remove(&record.uid);
-        if let Err(e) = self.dataplane.unregister(record.cgroup_id) {
+        if let Err(e) = self.kernel.unregister(record.cgroup_id) {
             warn!(agent = %agent, error = %e, "unregistering in the kernel failed");
         }
         // Forgotten by the directory only once the kernel no longer knows it.
         self.directory().remove_agent(record.cgroup_id);
         if let Ok(path) = self.cgroups.resolve(&record.cgroup)
-            && cgroup::processes(&path).map(|p| p.is_empty()).unwrap_or(false)
+            && self.kernel.cgroup_processes(&path).map(|p| p.is_empty()).unwrap_or(false)
         {
-            let _ = cgroup::remove(&path);
+            let _ = self.kernel.remove_cgroup(&path);
         }
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
@@ -615,7 +618,7 @@ impl State {
             .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
         let cgroup_id = record.cgroup_id;
         let cgroup = self.cgroups.resolve(&record.cgroup);
-        self.dataplane.set_killed(cgroup_id, true).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        self.kernel.set_killed(cgroup_id, true).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
         let closed = self.close_agent_sockets(agent);
         let mut answer = json!({ "agent": agent.as_str(), "killed": true, "sockets_closed": closed });
         let mut fields = Map::new();
@@ -625,11 +628,11 @@ impl State {
         let outcome = match (processes, &cgroup) {
             (KillProcesses::Keep, _) => None,
             (_, Err(e)) => Some(("processes_error", json!(e.to_string()))),
-            (KillProcesses::Freeze, Ok(path)) => Some(match cgroup::freeze(path, true, FREEZE_WAIT) {
+            (KillProcesses::Freeze, Ok(path)) => Some(match self.kernel.freeze(path, true, FREEZE_WAIT) {
                 Ok(frozen) => ("frozen", json!(frozen)),
                 Err(e) => ("processes_error", json!(e.to_string())),
             }),
-            (KillProcesses::Terminate, Ok(path)) => Some(match cgroup::kill_all(path) {
+            (KillProcesses::Terminate, Ok(path)) => Some(match self.kernel.kill_all(path) {
                 Ok(count) => ("terminated", json!(count)),
                 Err(e) => ("processes_error", json!(e.to_string())),
             }),
@@ -653,11 +656,11 @@ impl State {
             .get(agent)
             .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
         let cgroup = self.cgroups.resolve(&record.cgroup);
-        self.dataplane
+        self.kernel
             .set_killed(record.cgroup_id, false)
             .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
         let thawed = match cgroup {
-            Ok(path) if cgroup::frozen(&path) => match cgroup::freeze(&path, false, FREEZE_WAIT) {
+            Ok(path) if self.kernel.frozen(&path) => match self.kernel.freeze(&path, false, FREEZE_WAIT) {
                 Ok(thawed) => Some(thawed),
                 Err(e) => {
                     warn!(agent = %agent, error = %e, "cannot thaw the agent's cgroup");
@@ -676,10 +679,10 @@ impl State {
         Ok(json!({ "agent": agent.as_str(), "killed": false, "thawed": thawed }))
     }
 
-    /// Destroys the TCP and UDP sockets of `agents` in one pass (`sockets::close_all`); how many
+    /// Destroys the TCP and UDP sockets of `agents` in one pass ([`Kernel::close_sockets`]); how many
     /// per agent, or `None` for all when that failed (logged: the packet programs still pass
     /// none of their bytes).
-    fn close_sockets(&self, agents: &[AgentId]) -> Option<HashMap<AgentId, usize>> {
+    fn close_sockets(&mut self, agents: &[AgentId]) -> Option<HashMap<AgentId, usize>> {
         let targets: Vec<(PathBuf, u64, &AgentId)> = agents
             .iter()
             .filter_map(|id| {
@@ -691,7 +694,7 @@ impl State {
             return Some(HashMap::new());
         }
         let paths: Vec<(&Path, u64)> = targets.iter().map(|(path, id, _)| (path.as_path(), *id)).collect();
-        match sockets::close_all(&paths) {
+        match self.kernel.close_sockets(&paths) {
             Ok(by_cgroup) => {
                 let closed: HashMap<AgentId, usize> = targets
                     .iter()
@@ -712,7 +715,7 @@ impl State {
     }
 
     /// [`Self::close_sockets`] for one agent.
-    fn close_agent_sockets(&self, agent: &AgentId) -> Option<usize> {
+    fn close_agent_sockets(&mut self, agent: &AgentId) -> Option<usize> {
         self.close_sockets(std::slice::from_ref(agent)).map(|closed| closed.get(agent).copied().unwrap_or(0))
     }
 
@@ -913,7 +916,7 @@ impl State {
                 // An expired or refused token grants nothing: drop its table too, and close the
                 // sockets the kernel has been passing no packet of since (all in one pass below).
                 if let Some(record) = self.agents.get(&id)
-                    && let Err(e) = self.dataplane.revoke(record.cgroup_id)
+                    && let Err(e) = self.kernel.revoke(record.cgroup_id)
                 {
                     warn!(agent = %id, error = %e, "revoking in the kernel failed");
                 }
@@ -926,11 +929,11 @@ impl State {
     /// Kernel agents that no binding, no saved state and no `ztseg run` explains lose everything.
     pub fn forget_strangers(&mut self) {
         let known: std::collections::HashSet<u64> = self.agents.values().map(|a| a.cgroup_id).collect();
-        let Ok(kernel) = self.dataplane.agents() else { return };
+        let Ok(kernel) = self.kernel.agents() else { return };
         for (cgroup_id, _) in kernel {
             if !known.contains(&cgroup_id) {
                 warn!(cgroup_id, "unknown agent in the pinned maps: unregistering it");
-                let _ = self.dataplane.unregister(cgroup_id);
+                let _ = self.kernel.unregister(cgroup_id);
             }
         }
     }
@@ -1042,8 +1045,8 @@ impl State {
             .agents
             .values()
             .map(|a| {
-                let kernel = self.dataplane.agent(a.cgroup_id).ok().flatten();
-                let stats = kernel.and_then(|k| self.dataplane.stats(k.slot).ok()).unwrap_or_default();
+                let kernel = self.kernel.agent(a.cgroup_id).ok().flatten();
+                let stats = kernel.and_then(|k| self.kernel.stats(k.slot).ok()).unwrap_or_default();
                 let killed = kernel.is_some_and(|k| k.killed());
                 let paused = kernel.is_some_and(|k| k.paused());
                 let state = match (&a.active, killed, paused) {
@@ -1100,3 +1103,7 @@ fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> Value {
         "rules": active.entries,
     })
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -18,7 +18,7 @@ mod revoked;
 mod verify;
 
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub use claims::Claims;
 pub use error::TokenError;
