@@ -89,7 +89,13 @@ impl Host {
         let records = Records::default();
         let audit = {
             let records = records.clone();
-            audit_writer::start(log, move |record| records.lock().unwrap().push(record)).unwrap()
+            audit_writer::start(log, move |line: audit_writer::Line| {
+                let Ok(Value::Object(record)) = serde_json::from_slice(&line.json) else {
+                    panic!("a published line is not a JSON object")
+                };
+                records.lock().unwrap().push(record)
+            })
+            .unwrap()
         };
         let trail = Trail { audit, directory: Arc::new(RwLock::new(Directory::default())) };
         let mut state =
