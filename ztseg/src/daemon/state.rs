@@ -21,7 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     agent_id::AgentId,
@@ -531,14 +531,16 @@ impl<K: Kernel> State<K> {
     }
 
     /// Withdraws an agent's rights (its token and rules); the agent stays registered.
-    pub fn revoke(&mut self, agent: &AgentId, why: &str) {
-        let Some(record) = self.agents.get_mut(agent) else { return };
-        if record.active.take().is_none() {
-            return;
-        }
+    pub fn revoke(&mut self, agent: &AgentId, why: &str) -> Result<(), Refusal> {
+        let Some(record) = self.agents.get_mut(agent) else { return Ok(()) };
+        let Some(active) = record.active.take() else { return Ok(()) };
         let cgroup_id = record.cgroup_id;
-        if let Err(e) = self.kernel.revoke(cgroup_id) {
-            warn!(agent = %agent, error = %e, "revoking in the kernel failed");
+        if let Err(e) = self.withdraw(agent, cgroup_id) {
+            // The kernel still grants: the daemon keeps saying so, and a retry can try again.
+            if let Some(record) = self.agents.get_mut(agent) {
+                record.active = Some(active);
+            }
+            return Err(Refusal::new("dataplane", e));
         }
         // After the kernel's switch to no table: decisions of the old one still in the ring
         // then lose their token, which is what a revocation means for them.
@@ -551,6 +553,30 @@ impl<K: Kernel> State<K> {
         self.audit_event("token_revoked", fields);
         info!(agent = %agent, "rights revoked: {why}");
         self.mark_changed(agent);
+        Ok(())
+    }
+
+    /// Takes the agent's rules and deadline out of the kernel; if the kernel refuses, turns the
+    /// agent's kill switch on instead (fail closed: `ztseg revive` lifts it) and says so in the
+    /// log and the audit chain. An error means neither held and the kernel may still grant.
+    fn withdraw(&mut self, agent: &AgentId, cgroup_id: u64) -> Result<(), String> {
+        let Err(e) = self.kernel.revoke(cgroup_id) else { return Ok(()) };
+        match self.kernel.set_killed(cgroup_id, true) {
+            Ok(()) => {
+                error!(agent = %agent, error = %e, "revoking in the kernel failed; the agent's kill switch is on instead (`ztseg revive` lifts it)");
+                let mut fields = Map::new();
+                fields.insert("agent".into(), json!(agent.as_str()));
+                fields.insert("reason".into(), json!(format!("revoking in the kernel failed: {e}")));
+                self.audit_event("kill", fields);
+                Ok(())
+            }
+            Err(kill) => {
+                error!(agent = %agent, error = %e, kill_error = %kill, "revoking in the kernel failed, and so did the kill switch: the kernel may still grant until the token's exp");
+                Err(format!(
+                    "agent {agent}'s rules could not be taken out of the kernel ({e}) nor its kill switch set ({kill}); the kernel may still grant them until the token expires"
+                ))
+            }
+        }
     }
 
     /// Revokes the agent's token in force and puts its `jti` on the revocation list first, so the
@@ -571,7 +597,7 @@ impl<K: Kernel> State<K> {
         };
         let saved = self.revoked.add(&revoked, now_unix());
         // The rights go whatever happened to the list (fail closed); only its durability failed.
-        self.revoke(agent, why);
+        self.revoke(agent, why)?;
         saved.map_err(|e| {
             Refusal::new(
                 "internal",
@@ -867,7 +893,9 @@ impl<K: Kernel> State<K> {
         for (agent, token) in stale {
             if let Err(refusal) = self.apply_token(&agent, &token, Source::Restore) {
                 // The token no longer fits the catalogue: fail closed.
-                self.revoke(&agent, &format!("catalogue changed: {}", refusal.message));
+                if let Err(e) = self.revoke(&agent, &format!("catalogue changed: {}", refusal.message)) {
+                    warn!(agent = %agent, "{}", e.message);
+                }
             }
         }
     }
@@ -915,11 +943,13 @@ impl<K: Kernel> State<K> {
                 info!(agent = %id, "saved token not restored: {}", refusal.message);
                 // An expired or refused token grants nothing: drop its table too, and close the
                 // sockets the kernel has been passing no packet of since (all in one pass below).
-                if let Some(record) = self.agents.get(&id)
-                    && let Err(e) = self.kernel.revoke(record.cgroup_id)
-                {
-                    warn!(agent = %id, error = %e, "revoking in the kernel failed");
+                if let Some(cgroup_id) = self.agents.get(&id).map(|record| record.cgroup_id) {
+                    // An error is logged loudly; nothing else can be done at start.
+                    let _ = self.withdraw(&id, cgroup_id);
                 }
+                // The saved state forgets the token: a later catalogue that covers it again
+                // does not grant it again without anyone presenting it.
+                self.mark_changed(&id);
                 lapsed.push(id);
             }
         }

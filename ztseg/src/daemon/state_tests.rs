@@ -470,6 +470,49 @@ fn a_saved_token_the_catalogue_no_longer_covers_is_not_restored() {
     assert_eq!((lapsed.table, lapsed.deadline_ns), (0, 0));
     assert!(restarted.kernel.calls.contains(&Call::CloseSockets(vec![cgroup_id])));
     assert_eq!(restarted.kernel.pins.open_sockets.get(&cgroup_id), None);
+
+    // The saved state forgot the token: a catalogue that covers it again, at the next start,
+    // does not grant it again without anyone presenting it.
+    restarted.persist();
+    let pins = restarted.kernel.restarted();
+    drop(restarted);
+    std::fs::write(host.config().policy_dir.join("catalogue.toml"), CATALOGUE).unwrap();
+    let (mut again, _) = host.state(pins);
+    again.restore();
+    assert_eq!(jti_of(&again, &id), None);
+    assert_eq!(again.kernel.state(cgroup_id).table, 0);
+}
+
+#[test]
+fn a_revoke_the_kernel_refuses_turns_the_kill_switch_on_or_keeps_the_grant_for_a_retry() {
+    let host = Host::new();
+    let (mut state, records) = host.state(FakeKernel::new());
+    let (id, cgroup_id) = register(&mut state, "analyst-7");
+    state.apply_token(&id, &host.token("analyst-7", &["read:sales"], 0, 300), Source::Apply).unwrap();
+    let jti = jti_of(&state, &id);
+
+    // The rules cannot be taken out: the kill switch cuts the agent off instead.
+    state.kernel.fail(Op::Revoke);
+    assert_eq!(state.revoke_durably(&id, "test").unwrap(), jti);
+    assert!(state.kernel.state(cgroup_id).killed(), "the kernel still grants and nothing cut it off");
+    assert_eq!(agent_state(&state, &id), "killed");
+    assert_eq!(events(&audited(&state, &records), "kill").len(), 1);
+
+    // Neither holds: the revoke fails, and the daemon still knows the grant, so a retry works.
+    let host = Host::new();
+    let (mut state, _) = host.state(FakeKernel::new());
+    let (id, cgroup_id) = register(&mut state, "analyst-7");
+    state.apply_token(&id, &host.token("analyst-7", &["read:sales"], 0, 300), Source::Apply).unwrap();
+    let jti = jti_of(&state, &id);
+    state.kernel.fail(Op::Revoke);
+    state.kernel.fail(Op::SetKilled);
+    assert_eq!(state.revoke_durably(&id, "test").unwrap_err().code, "dataplane");
+    assert_eq!(jti_of(&state, &id), jti);
+    assert_ne!(state.kernel.state(cgroup_id).table, 0);
+    // Positive control: once the kernel takes writes again, the retry revokes.
+    state.kernel.heal(Op::Revoke);
+    assert_eq!(state.revoke_durably(&id, "test").unwrap(), jti);
+    assert_eq!(state.kernel.state(cgroup_id).table, 0);
 }
 
 #[test]
