@@ -59,7 +59,7 @@ impl Refusal {
 
 impl From<TokenError> for Refusal {
     fn from(e: TokenError) -> Self {
-        Self::new(e.code(), e.to_string())
+        Self::new(e.code().as_str(), e.to_string())
     }
 }
 
