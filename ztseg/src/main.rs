@@ -13,14 +13,13 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use serde_json::Value;
 use ztseg::{
     agent_id::AgentId,
     audit,
     cgroup::CgroupFs,
     clock,
     config::Config,
-    control::{self, Client, ClientError, KillProcesses, Request},
+    control::{self, AgentRow, Client, ClientError, KillProcesses, ProcessesOutcome, Request},
     dataplane, policy,
     run::{self, RunOptions},
     token::{self, IssueParams, Verifier},
@@ -329,14 +328,20 @@ fn socket_of(arg: &SocketArg) -> Result<PathBuf, Failure> {
     Ok(config.socket)
 }
 
-fn call(socket: &SocketArg, request: &Request) -> Result<Value, Failure> {
+fn client(socket: &SocketArg) -> Result<Client, Failure> {
     let path = socket_of(socket)?;
-    Ok(Client::connect(&path)?.call(request)?)
+    Ok(Client::connect(&path)?)
 }
 
 fn print(text: &str) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
     writeln!(out, "{text}").map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// Prints a daemon's answer as JSON, indented or on one line.
+fn print_json(value: &impl serde::Serialize, pretty: bool) -> Result<(), Failure> {
+    let text = if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
+    print(&text.map_err(|e| Failure::Runtime(e.into()))?)
 }
 
 fn try_main(cli: Cli) -> Result<(), Failure> {
@@ -355,16 +360,14 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         }
         Command::Token(command) => token_command(command),
         Command::Agents { json, socket } => {
-            let agents = call(&socket, &Request::Agents {})?;
+            let agents = client(&socket)?.agents()?;
             if json {
-                return print(&serde_json::to_string_pretty(&agents).unwrap_or_default());
+                // The rows as the daemon sent them: same fields, same order (see `AgentRow`).
+                return print_json(&agents, true);
             }
             print_agents(&agents)
         }
-        Command::Status { socket } => {
-            let status = call(&socket, &Request::Status {})?;
-            print(&serde_json::to_string_pretty(&status).unwrap_or_default())
-        }
+        Command::Status { socket } => print_json(&client(&socket)?.status()?, true),
         Command::Kill { id, freeze, terminate, socket } => {
             agent_id(&id)?;
             let processes = match (freeze, terminate) {
@@ -372,28 +375,25 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 (_, true) => KillProcesses::Terminate,
                 _ => KillProcesses::Keep,
             };
-            let answer = call(&socket, &Request::Kill { agent: id.clone(), processes })?;
-            let closed = match answer.get("sockets_closed").and_then(Value::as_u64) {
+            let answer = client(&socket)?.kill(&id, processes)?;
+            let closed = match answer.sockets_closed {
                 Some(n) => format!("{n} socket(s) closed"),
                 None => "its sockets could not all be closed (see the daemon's log)".to_owned(),
             };
-            let then = if let Some(error) = answer.get("processes_error").and_then(Value::as_str) {
-                format!("; its processes were left running: {error}")
-            } else if let Some(frozen) = answer.get("frozen").and_then(Value::as_bool) {
-                if frozen {
-                    "; its processes are frozen".to_owned()
-                } else {
-                    "; its processes are freezing".to_owned()
+            let outcome = answer.processes();
+            let then = match &outcome {
+                Some(ProcessesOutcome::Failed(error)) => {
+                    format!("; its processes were left running: {error}")
                 }
-            } else if let Some(n) = answer.get("terminated").and_then(Value::as_u64) {
-                format!("; {n} process(es) killed")
-            } else {
-                String::new()
+                Some(ProcessesOutcome::Frozen(true)) => "; its processes are frozen".to_owned(),
+                Some(ProcessesOutcome::Frozen(false)) => "; its processes are freezing".to_owned(),
+                Some(ProcessesOutcome::Terminated(n)) => format!("; {n} process(es) killed"),
+                None => String::new(),
             };
             print(&format!(
                 "{id}: kill switch on; no packet of its connections passes, every new connection and send is refused; {closed}{then}"
             ))?;
-            if answer.get("processes_error").is_some() {
+            if let Some(ProcessesOutcome::Failed(_)) = outcome {
                 return Err(Failure::Runtime(anyhow::anyhow!(
                     "the kill switch is on, but the agent's processes could not be frozen or terminated"
                 )));
@@ -402,8 +402,8 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         }
         Command::Revive { id, socket } => {
             agent_id(&id)?;
-            let answer = call(&socket, &Request::Revive { agent: id.clone() })?;
-            let thawed = match answer.get("thawed").and_then(Value::as_bool) {
+            let answer = client(&socket)?.revive(&id)?;
+            let thawed = match answer.thawed {
                 Some(true) => "; its processes are thawed",
                 Some(false) => "; its processes are still thawing",
                 None => "",
@@ -495,8 +495,8 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
         }
         TokenCommand::Revoke { agent, socket } => {
             agent_id(&agent)?;
-            let answer = call(&socket, &Request::TokenRevoke { agent: agent.clone() })?;
-            match answer.get("revoked").and_then(Value::as_str) {
+            let answer = client(&socket)?.token_revoke(&agent)?;
+            match answer.revoked {
                 Some(jti) => {
                     print(&format!("{agent}: token {jti} revoked until its exp; the agent has no rights"))
                 }
@@ -506,8 +506,8 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
         TokenCommand::Apply { agent, token, socket } => {
             agent_id(&agent)?;
             let token = read_arg_or_stdin(&token, "token")?;
-            let granted = call(&socket, &Request::TokenApply { agent, token })?;
-            print(&granted.to_string())
+            let granted = client(&socket)?.token_apply(&agent, &token)?;
+            print_json(&granted, false)
         }
     }
 }
@@ -536,31 +536,29 @@ fn audit_verify(files: &[PathBuf], key: Option<&Path>) -> Result<(), Failure> {
     }
 }
 
-fn print_agents(agents: &Value) -> Result<(), Failure> {
+fn print_agents(agents: &[AgentRow]) -> Result<(), Failure> {
     let mut lines = vec![format!(
         "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
         "AGENT", "STATE", "UID", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
     )];
-    for a in agents.as_array().into_iter().flatten() {
-        let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
-        let n = |k: &str| a.get(k).and_then(Value::as_u64).unwrap_or(0);
-        let expires = match a.get("expires_in").and_then(Value::as_i64) {
+    for a in agents {
+        let expires = match a.expires_in {
             Some(secs) if secs > 0 => format!("in {secs}s"),
             Some(secs) => format!("{}s ago", -secs),
             None => "-".to_owned(),
         };
         lines.push(format!(
             "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
-            s("agent"),
-            s("state"),
-            n("uid"),
+            a.agent,
+            a.state.as_str(),
+            a.uid,
             expires,
-            s("op"),
-            n("rules"),
-            n("risk"),
-            n("decisions"),
-            n("denied"),
-            n("events_dropped")
+            a.op.as_deref().unwrap_or("-"),
+            a.rules,
+            a.risk,
+            a.decisions,
+            a.denied,
+            a.events_dropped
         ));
     }
     print(&lines.join("\n"))

@@ -25,7 +25,7 @@ use nix::{
 
 use crate::{
     agent_id::AgentId,
-    control::{Client, ClientError, Request},
+    control::{Client, ClientError},
     sandbox::{self, SandboxError},
 };
 
@@ -41,8 +41,6 @@ pub enum RunError {
         "ztseg run must be started by root: it runs agent {0} under the agent's own uid, which only root can switch to"
     )]
     NotRoot(AgentId),
-    #[error("the daemon answered without the agent's {0}")]
-    Incomplete(&'static str),
     #[error(
         "this process is in cgroup {found:?}, not in the agent's {expected:?}; CMD is not started unconfined"
     )]
@@ -121,16 +119,9 @@ fn prepare(options: &RunOptions) -> Result<Program, RunError> {
         return Err(RunError::NotRoot(options.agent.clone()));
     }
     check_stdio()?;
-    let reply = {
-        let mut client = Client::connect(&options.socket)?;
-        client.call(&Request::Run { agent: options.agent.to_string(), token: options.token.clone() })?
-    };
-    let field = |name: &'static str| reply.get(name).ok_or(RunError::Incomplete(name));
-    let expected = field("cgroup")?.as_str().ok_or(RunError::Incomplete("cgroup"))?;
-    let id =
-        |name| field(name)?.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or(RunError::Incomplete(name));
-    let (uid, gid) = (id("uid")?, id("gid")?);
-    let expected = format!("/{}", expected.trim_start_matches('/'));
+    let joined = Client::connect(&options.socket)?.run(options.agent.as_str(), options.token.as_deref())?;
+    let (uid, gid) = (joined.uid, joined.gid);
+    let expected = format!("/{}", joined.cgroup.display().to_string().trim_start_matches('/'));
     let found = own_cgroup()?;
     if found != expected {
         return Err(RunError::NotConfined { found, expected });

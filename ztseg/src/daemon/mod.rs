@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use notify::{RecursiveMode, Watcher as _};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -44,7 +44,10 @@ use crate::{
     cgroup::{self, CgroupFs},
     clock,
     config::Config,
-    control::{self, FailureKind, MAX_REQUEST_BYTES, Request, Response, peer},
+    control::{
+        self, Answer, Counters, ErrorCode, EventsStarted, FailureKind, Joined, MAX_REQUEST_BYTES, Request,
+        Status, TokenRevoked, peer,
+    },
     dataplane::Dataplane,
     events,
     token::{ReplayCache, Verifier},
@@ -563,6 +566,9 @@ async fn accept(shared: Arc<Shared>, listener: UnixListener) {
     }
 }
 
+/// A response the daemon sends.
+type Response = control::Response<Answer>;
+
 async fn write_response(
     writer: &mut tokio::net::unix::OwnedWriteHalf,
     response: &Response,
@@ -576,10 +582,9 @@ async fn write_response(
 fn refuse_peer(shared: &Shared, peer: &control::Peer, pidfd: &OwnedFd) -> Option<Response> {
     if !peer.authorized(shared.control_gid) {
         warn!(uid = peer.uid, pid = peer.pid, "control connection refused: not root or in control_group");
-        return Some(Response::fail(
-            FailureKind::Refused,
+        return Some(Response::coded(
+            ErrorCode::AccessDenied,
             format!("uid {} may not use the ztseg control socket (root or control_group only)", peer.uid),
-            Some("access_denied"),
         ));
     }
     // An agent is never a client, whatever its credentials: it could otherwise lift its own
@@ -596,13 +601,12 @@ fn refuse_peer(shared: &Shared, peer: &control::Peer, pidfd: &OwnedFd) -> Option
     fields.insert("cgroup".into(), json!(cgroup));
     fields.insert("reason".into(), json!("agent_peer"));
     shared.state().audit_event("control_refused", fields);
-    Some(Response::fail(
-        FailureKind::Refused,
+    Some(Response::coded(
+        ErrorCode::AgentPeer,
         format!(
             "process {} is inside the agents' root ({cgroup}); agents may not use the ztseg control socket",
             peer.pid
         ),
-        Some("agent_peer"),
     ))
 }
 
@@ -619,7 +623,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
     let refusal = {
         let (shared, peer, pidfd) = (shared.clone(), peer.clone(), pidfd.clone());
         tokio::task::spawn_blocking(move || refuse_peer(&shared, &peer, &pidfd)).await.unwrap_or_else(|e| {
-            Some(Response::fail(FailureKind::Error, format!("cannot check the peer: {e}"), None))
+            Some(Response::fail(FailureKind::Error, format!("cannot check the peer: {e}")))
         })
     };
     if let Some(refusal) = refusal {
@@ -634,11 +638,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
         match (&mut lines).take(MAX_REQUEST_BYTES as u64 + 1).read_line(&mut line).await {
             Ok(0) | Err(_) => return,
             Ok(n) if n > MAX_REQUEST_BYTES => {
-                let _ = write_response(
-                    &mut writer,
-                    &Response::fail(FailureKind::Usage, "request too long", None),
-                )
-                .await;
+                let _ = write_response(&mut writer, &Response::fail(FailureKind::Usage, "request too long"))
+                    .await;
                 return;
             }
             Ok(_) => {}
@@ -646,8 +647,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
         let request: Request = match serde_json::from_str(line.trim_end()) {
             Ok(request) => request,
             Err(e) => {
-                let response =
-                    Response::fail(FailureKind::Usage, format!("malformed request: {e}"), Some("malformed"));
+                let response = Response::coded(ErrorCode::Malformed, format!("malformed request: {e}"));
                 if write_response(&mut writer, &response).await.is_err() {
                     return;
                 }
@@ -662,7 +662,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
         let (pidfd, uid) = (pidfd.clone(), peer.uid);
         let response = tokio::task::spawn_blocking(move || handle(&shared2, request, &pidfd, uid))
             .await
-            .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}"), None));
+            .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}")));
         if write_response(&mut writer, &response).await.is_err() {
             return;
         }
@@ -670,17 +670,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
 }
 
 fn refused(refusal: Refusal) -> Response {
-    let kind = match refusal.code.as_str() {
-        "dataplane" | "cgroup" | "internal" => FailureKind::Error,
-        _ => FailureKind::Refused,
-    };
-    Response::fail(kind, refusal.message, Some(&refusal.code))
+    Response::coded(refusal.code, refusal.message)
 }
 
-fn parse_agent(agent: &str) -> Result<AgentId, Response> {
-    agent
-        .parse::<AgentId>()
-        .map_err(|e| Response::fail(FailureKind::Usage, e.to_string(), Some("invalid_agent")))
+fn parse_agent(agent: &str) -> Result<AgentId, Refusal> {
+    agent.parse::<AgentId>().map_err(|e| Refusal::new(ErrorCode::InvalidAgent, e.to_string()))
 }
 
 /// Handles one request (blocking: map writes, cgroup moves).
@@ -688,43 +682,46 @@ fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> R
     let mut state = shared.state();
     match request {
         Request::TokenApply { agent, token } => match parse_agent(&agent) {
-            Ok(agent) => state.apply_token(&agent, &token, Source::Apply).map_or_else(refused, Response::ok),
-            Err(response) => response,
+            Ok(agent) => state
+                .apply_token(&agent, &token, Source::Apply)
+                .map_or_else(refused, |applied| Response::ok(Answer::TokenApply(applied))),
+            Err(refusal) => refused(refusal),
         },
         Request::TokenRevoke { agent } => match parse_agent(&agent) {
-            Ok(agent) if !state.agents.contains_key(&agent) => Response::fail(
-                FailureKind::Refused,
-                format!("no agent {agent} is registered"),
-                Some("unknown_agent"),
-            ),
+            Ok(agent) if !state.agents.contains_key(&agent) => {
+                Response::coded(ErrorCode::UnknownAgent, format!("no agent {agent} is registered"))
+            }
             Ok(agent) => match state.revoke_durably(&agent, "revoked by `ztseg token revoke`") {
-                Ok(jti) => Response::ok(json!({ "agent": agent.as_str(), "revoked": jti })),
+                Ok(revoked) => {
+                    Response::ok(Answer::TokenRevoke(TokenRevoked { agent: agent.to_string(), revoked }))
+                }
                 Err(refusal) => refused(refusal),
             },
-            Err(response) => response,
+            Err(refusal) => refused(refusal),
         },
-        Request::Agents {} => Response::ok(state.agents_json()),
+        Request::Agents {} => Response::ok(Answer::Agents(state.agents())),
         Request::Kill { agent, processes } => match parse_agent(&agent) {
-            Ok(agent) => state.kill(&agent, processes).map_or_else(refused, Response::ok),
-            Err(response) => response,
+            Ok(agent) => {
+                state.kill(&agent, processes).map_or_else(refused, |k| Response::ok(Answer::Kill(k)))
+            }
+            Err(refusal) => refused(refusal),
         },
         Request::Revive { agent } => match parse_agent(&agent) {
-            Ok(agent) => state.revive(&agent).map_or_else(refused, Response::ok),
-            Err(response) => response,
+            Ok(agent) => state.revive(&agent).map_or_else(refused, |r| Response::ok(Answer::Revive(r))),
+            Err(refusal) => refused(refusal),
         },
         // Only root can give the process the agent's own uid and box: any other caller's
         // process would join the agent's cgroup and rights with its own uid and groups.
-        Request::Run { .. } if peer_uid != 0 => Response::fail(
-            FailureKind::Refused,
+        Request::Run { .. } if peer_uid != 0 => Response::coded(
+            ErrorCode::RunNeedsRoot,
             format!("uid {peer_uid} may not start agents: `ztseg run` must be started by root"),
-            Some("run_needs_root"),
         ),
         Request::Run { agent, token } => match parse_agent(&agent) {
             Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
-            Err(response) => response,
+            Err(refusal) => refused(refusal),
         },
-        Request::Status {} => Response::ok(status(&state)),
-        Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed", None),
+        Request::Status {} => Response::ok(Answer::Status(status(&state))),
+        Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed"),
     }
 }
 
@@ -741,21 +738,17 @@ fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, peer: &Own
         return refused(refusal);
     }
     let Some(record) = state.agents.get(agent) else {
-        return Response::fail(FailureKind::Error, format!("agent {agent} vanished"), None);
+        return Response::fail(FailureKind::Error, format!("agent {agent} vanished"));
     };
     let (relative, cgroup_id, uid) = (record.cgroup.clone(), record.cgroup_id, record.uid);
     let Some(path) = state.resolve_cgroup(&relative) else {
-        return Response::fail(
-            FailureKind::Error,
-            format!("agent {agent}'s cgroup cannot be resolved"),
-            None,
-        );
+        return Response::fail(FailureKind::Error, format!("agent {agent}'s cgroup cannot be resolved"));
     };
-    let gone = || Response::fail(FailureKind::Error, "the requesting process has exited", None);
+    let gone = || Response::fail(FailureKind::Error, "the requesting process has exited");
     let Ok(Some(pid)) = control::pidfd_pid(peer) else { return gone() };
     let Ok(pid) = u32::try_from(pid) else { return gone() };
     if let Err(e) = cgroup::move_process(&path, pid) {
-        return Response::fail(FailureKind::Error, e.to_string(), Some("cgroup"));
+        return Response::coded(ErrorCode::Cgroup, e.to_string());
     }
     // The pid was the caller's when read; had the caller exited in between and its pid been
     // reused, the pidfd now says so (fail loudly: a stranger was moved).
@@ -764,27 +757,28 @@ fn run_agent(state: &mut State, agent: &AgentId, token: Option<&str>, peer: &Own
         return gone();
     }
     info!(agent = %agent, pid, uid, "process joined the agent's cgroup");
-    Response::ok(json!({
-        "agent": agent.as_str(), "cgroup": relative, "cgroup_id": cgroup_id, "uid": uid, "gid": uid
-    }))
+    Response::ok(Answer::Run(Joined { agent: agent.to_string(), cgroup: relative, cgroup_id, gid: uid, uid }))
 }
 
-fn status(state: &State) -> Value {
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "pin_dir": state.config.pin_dir,
-        "cgroup_root": state.config.cgroup_root,
-        "policy_dir": state.config.policy_dir,
-        "audit_log": state.config.audit_log,
-        "agents": state.agents.len(),
-        "events_written": state.audit.decisions_written(),
-        "events_dropped_per_cpu": state.kernel.drops_per_cpu().unwrap_or_default(),
-        "unregistered": state.kernel.stats(ztseg_common::event::UNREGISTERED_SLOT).map(|s| json!({
-            "decisions": s.decisions, "denied": s.denied, "emitted": s.emitted, "dropped": s.dropped
-        })).unwrap_or(Value::Null),
-        "audit_next_seq": state.audit.next_seq(),
-        "revoked_tokens": state.revoked_tokens(),
-    })
+fn status(state: &State) -> Status {
+    Status {
+        agents: state.agents.len(),
+        audit_log: state.config.audit_log.clone(),
+        audit_next_seq: state.audit.next_seq(),
+        cgroup_root: state.config.cgroup_root.clone(),
+        events_dropped_per_cpu: state.kernel.drops_per_cpu().unwrap_or_default(),
+        events_written: state.audit.decisions_written(),
+        pin_dir: state.config.pin_dir.clone(),
+        policy_dir: state.config.policy_dir.clone(),
+        revoked_tokens: state.revoked_tokens(),
+        unregistered: state.kernel.stats(ztseg_common::event::UNREGISTERED_SLOT).ok().map(|s| Counters {
+            decisions: s.decisions,
+            denied: s.denied,
+            dropped: s.dropped,
+            emitted: s.emitted,
+        }),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
 }
 
 async fn stream_events(
@@ -798,7 +792,7 @@ async fn stream_events(
     let backlog: Vec<Arc<Line>> =
         shared.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
     let wanted = |line: &Line| agent.as_deref().is_none_or(|a| line.agent.as_deref() == Some(a));
-    if write_response(writer, &Response::ok(json!({ "follow": follow }))).await.is_err() {
+    if write_response(writer, &Response::ok(Answer::Events(EventsStarted { follow }))).await.is_err() {
         return;
     }
     for line in backlog.iter().filter(|l| wanted(l)) {

@@ -29,7 +29,11 @@ use crate::{
     cgroup::CgroupFs,
     clock,
     config::Config,
-    control::KillProcesses,
+    // `Code` keeps the refusal lines within the width they had as strings.
+    control::{
+        AgentRow, AgentState, ErrorCode as Code, KillProcesses, Killed, ProcessesOutcome, Revived,
+        TokenApplied,
+    },
     daemon::{
         audit_writer::AuditSender,
         directory::{Directory, TableInfo},
@@ -47,19 +51,19 @@ const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Why a request or a file was refused: a stable code and one sentence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    pub code: String,
+    pub code: Code,
     pub message: String,
 }
 
 impl Refusal {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
-        Self { code: code.to_owned(), message: message.into() }
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
     }
 }
 
 impl From<TokenError> for Refusal {
     fn from(e: TokenError) -> Self {
-        Self::new(e.code(), e.to_string())
+        Self::new(Code::Token(e.code()), e.to_string())
     }
 }
 
@@ -324,7 +328,7 @@ impl<K: Kernel> State<K> {
         let relative = cgroup.map_or_else(|| self.default_cgroup(id), Path::to_owned);
         if !relative.starts_with(&self.config.cgroup_root) || relative == self.config.cgroup_root {
             return Err(Refusal::new(
-                "cgroup_outside_root",
+                Code::CgroupOutsideRoot,
                 format!(
                     "agent {id}'s cgroup {} is not below the agents' root {}; it would not be enforced",
                     relative.display(),
@@ -336,7 +340,7 @@ impl<K: Kernel> State<K> {
             && existing.cgroup != relative
         {
             return Err(Refusal::new(
-                "cgroup_changed",
+                Code::CgroupChanged,
                 format!(
                     "agent {id} already lives in {}, not {}",
                     existing.cgroup.display(),
@@ -349,7 +353,7 @@ impl<K: Kernel> State<K> {
             // over the other's identity in the kernel, or be frozen and killed with it.
             if let Some(other) = self.agent_overlapping(&relative) {
                 return Err(Refusal::new(
-                    "cgroup_of_another_agent",
+                    Code::CgroupOfAnotherAgent,
                     format!(
                         "agent {id}'s cgroup {} overlaps agent {other}'s cgroup {}",
                         relative.display(),
@@ -363,22 +367,23 @@ impl<K: Kernel> State<K> {
             let uid = agent_uid::allocate(self.config.agent_uids, saved_uid, self.uid_cursor, &in_use)
                 .ok_or_else(|| {
                     Refusal::new(
-                        "no_uid",
+                        Code::NoUid,
                         format!(
                             "no free uid is left for agent {id} in agent_uids {}-{}",
                             self.config.agent_uids.first, self.config.agent_uids.last
                         ),
                     )
                 })?;
-            let path = self.cgroups.resolve(&relative).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
+            let path =
+                self.cgroups.resolve(&relative).map_err(|e| Refusal::new(Code::Cgroup, e.to_string()))?;
             let cgroup_id =
-                self.kernel.ensure_cgroup(&path).map_err(|e| Refusal::new("cgroup", e.to_string()))?;
+                self.kernel.ensure_cgroup(&path).map_err(|e| Refusal::new(Code::Cgroup, e.to_string()))?;
             // Known to the directory before the kernel knows it: its first decision is named.
             let written = Arc::new(AtomicU64::new(0));
             self.directory().add_agent(cgroup_id, id.clone(), written.clone());
             if let Err(e) = self.kernel.register(cgroup_id) {
                 self.directory().remove_agent(cgroup_id);
-                return Err(Refusal::new("dataplane", e.to_string()));
+                return Err(Refusal::new(Code::Dataplane, e.to_string()));
             }
             self.by_cgroup.insert(cgroup_id, id.clone());
             self.by_path.insert(relative.clone(), id.clone());
@@ -407,13 +412,18 @@ impl<K: Kernel> State<K> {
                 }
             }
         }
-        self.agents.get_mut(id).ok_or_else(|| Refusal::new("internal", "agent vanished"))
+        self.agents.get_mut(id).ok_or_else(|| Refusal::new(Code::Internal, "agent vanished"))
     }
 
     /// Verifies `token` for `agent`, compiles it against the catalogue and grants it: the new rule
     /// table and the token's deadline replace the old ones in one step. On any refusal the agent
     /// keeps what it had.
-    pub fn apply_token(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
+    pub fn apply_token(
+        &mut self,
+        agent: &AgentId,
+        token: &str,
+        source: Source,
+    ) -> Result<TokenApplied, Refusal> {
         let token = token.trim();
         let result = self.try_apply(agent, token, source);
         match &result {
@@ -434,12 +444,12 @@ impl<K: Kernel> State<K> {
         result
     }
 
-    fn try_apply(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<Value, Refusal> {
+    fn try_apply(&mut self, agent: &AgentId, token: &str, source: Source) -> Result<TokenApplied, Refusal> {
         let now = now_unix();
         let claims = self.verifier.verify_for(token, agent, now)?;
         if self.revoked.refuses(&claims.jti, agent.as_str(), claims.iat, now) {
             return Err(Refusal::new(
-                "revoked",
+                Code::Revoked,
                 format!(
                     "token {} was revoked for agent {agent}, or was issued before a token revoked for it; it stays refused until it would have expired",
                     claims.jti
@@ -449,7 +459,7 @@ impl<K: Kernel> State<K> {
         let hash = sha256(token);
         let record = self.agents.get(agent).ok_or_else(|| {
             Refusal::new(
-                "unknown_agent",
+                Code::UnknownAgent,
                 format!("agent {agent} is not registered (no binding and no `ztseg run`)"),
             )
         })?;
@@ -460,7 +470,7 @@ impl<K: Kernel> State<K> {
             }
             if claims.iat < active.claims.iat {
                 return Err(Refusal::new(
-                    "superseded",
+                    Code::Superseded,
                     format!(
                         "token {} (iat {}) is older than token {} (iat {}) in force for agent {agent}",
                         claims.jti, claims.iat, active.claims.jti, active.claims.iat
@@ -476,7 +486,7 @@ impl<K: Kernel> State<K> {
                 tools: &claims.tools,
                 forbidden_tools: &claims.forbidden_tools,
             })
-            .map_err(|e| Refusal::new("policy", e.to_string()))?;
+            .map_err(|e| Refusal::new(Code::Policy, e.to_string()))?;
         let leeway = self.config.leeway_seconds;
         self.replay.check_and_record(&claims, token, agent, now, leeway)?;
         self.replay_dirty = true;
@@ -495,7 +505,7 @@ impl<K: Kernel> State<K> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .add_table(cgroup_id, table, info);
             })
-            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
         self.directory().keep_tables(cgroup_id, table.table, table.previous);
         let active = ActiveGrant {
             token: token.to_owned(),
@@ -540,7 +550,7 @@ impl<K: Kernel> State<K> {
             if let Some(record) = self.agents.get_mut(agent) {
                 record.active = Some(active);
             }
-            return Err(Refusal::new("dataplane", e));
+            return Err(Refusal::new(Code::Dataplane, e));
         }
         // After the kernel's switch to no table: decisions of the old one still in the ring
         // then lose their token, which is what a revocation means for them.
@@ -600,7 +610,7 @@ impl<K: Kernel> State<K> {
         self.revoke(agent, why)?;
         saved.map_err(|e| {
             Refusal::new(
-                "internal",
+                Code::Internal,
                 format!("token {jti} is revoked, but the revocation list could not be saved ({e}); a restart would forget it"),
             )
         })?;
@@ -637,54 +647,59 @@ impl<K: Kernel> State<K> {
     /// Pulls the kill switch: from the flag on, the packet programs pass none of the agent's
     /// bytes and every hook refuses it; its sockets are then closed so its connections end
     /// rather than stall; then its processes are frozen or killed if asked.
-    pub fn kill(&mut self, agent: &AgentId, processes: KillProcesses) -> Result<Value, Refusal> {
+    pub fn kill(&mut self, agent: &AgentId, processes: KillProcesses) -> Result<Killed, Refusal> {
         let record = self
             .agents
             .get(agent)
-            .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
+            .ok_or_else(|| Refusal::new(Code::UnknownAgent, format!("no agent {agent} is registered")))?;
         let cgroup_id = record.cgroup_id;
         let cgroup = self.cgroups.resolve(&record.cgroup);
-        self.kernel.set_killed(cgroup_id, true).map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+        self.kernel.set_killed(cgroup_id, true).map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
         let closed = self.close_agent_sockets(agent);
-        let mut answer = json!({ "agent": agent.as_str(), "killed": true, "sockets_closed": closed });
         let mut fields = Map::new();
         fields.insert("agent".into(), json!(agent.as_str()));
         fields.insert("sockets_closed".into(), json!(closed));
         // The network is cut whatever happens here; a failure to freeze or terminate is said.
         let outcome = match (processes, &cgroup) {
             (KillProcesses::Keep, _) => None,
-            (_, Err(e)) => Some(("processes_error", json!(e.to_string()))),
+            (_, Err(e)) => Some(ProcessesOutcome::Failed(e.to_string())),
             (KillProcesses::Freeze, Ok(path)) => Some(match self.kernel.freeze(path, true, FREEZE_WAIT) {
-                Ok(frozen) => ("frozen", json!(frozen)),
-                Err(e) => ("processes_error", json!(e.to_string())),
+                Ok(frozen) => ProcessesOutcome::Frozen(frozen),
+                Err(e) => ProcessesOutcome::Failed(e.to_string()),
             }),
             (KillProcesses::Terminate, Ok(path)) => Some(match self.kernel.kill_all(path) {
-                Ok(count) => ("terminated", json!(count)),
-                Err(e) => ("processes_error", json!(e.to_string())),
+                Ok(count) => ProcessesOutcome::Terminated(count),
+                Err(e) => ProcessesOutcome::Failed(e.to_string()),
             }),
         };
-        if let Some((key, value)) = outcome {
-            if key == "processes_error" {
-                warn!(agent = %agent, error = %value, "the kill switch is on, but its processes could not be frozen or terminated");
+        match &outcome {
+            None => {}
+            Some(ProcessesOutcome::Frozen(frozen)) => {
+                fields.insert("frozen".into(), json!(frozen));
             }
-            answer[key] = value.clone();
-            fields.insert(key.into(), value);
+            Some(ProcessesOutcome::Terminated(count)) => {
+                fields.insert("terminated".into(), json!(count));
+            }
+            Some(ProcessesOutcome::Failed(error)) => {
+                warn!(agent = %agent, error = %error, "the kill switch is on, but its processes could not be frozen or terminated");
+                fields.insert("processes_error".into(), json!(error));
+            }
         }
         self.audit_event("kill", fields);
         warn!(agent = %agent, ?processes, "kill switch on");
-        Ok(answer)
+        Ok(Killed::new(agent.as_str(), closed, outcome))
     }
 
     /// Releases the kill switch and thaws the agent's cgroup if `kill --freeze` froze it.
-    pub fn revive(&mut self, agent: &AgentId) -> Result<Value, Refusal> {
+    pub fn revive(&mut self, agent: &AgentId) -> Result<Revived, Refusal> {
         let record = self
             .agents
             .get(agent)
-            .ok_or_else(|| Refusal::new("unknown_agent", format!("no agent {agent} is registered")))?;
+            .ok_or_else(|| Refusal::new(Code::UnknownAgent, format!("no agent {agent} is registered")))?;
         let cgroup = self.cgroups.resolve(&record.cgroup);
         self.kernel
             .set_killed(record.cgroup_id, false)
-            .map_err(|e| Refusal::new("dataplane", e.to_string()))?;
+            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
         let thawed = match cgroup {
             Ok(path) if self.kernel.frozen(&path) => match self.kernel.freeze(&path, false, FREEZE_WAIT) {
                 Ok(thawed) => Some(thawed),
@@ -702,7 +717,7 @@ impl<K: Kernel> State<K> {
         }
         self.audit_event("revive", fields);
         warn!(agent = %agent, "kill switch off");
-        Ok(json!({ "agent": agent.as_str(), "killed": false, "thawed": thawed }))
+        Ok(Revived { agent: agent.to_string(), killed: false, thawed })
     }
 
     /// Destroys the TCP and UDP sockets of `agents` in one pass ([`Kernel::close_sockets`]); how many
@@ -855,7 +870,7 @@ impl<K: Kernel> State<K> {
                 TokenSource::File(path) => {
                     fs::read_to_string(path).map(|t| t.trim().to_owned()).map_err(|e| {
                         Refusal::new(
-                            "token_file",
+                            Code::TokenFile,
                             format!("cannot read token file {} of agent {id}: {e}", path.display()),
                         )
                     })
@@ -1069,10 +1084,9 @@ impl<K: Kernel> State<K> {
     }
 
     /// `ztseg agents --json`.
-    pub fn agents_json(&self) -> Value {
+    pub fn agents(&self) -> Vec<AgentRow> {
         let now = now_unix();
-        let agents: Vec<Value> = self
-            .agents
+        self.agents
             .values()
             .map(|a| {
                 let kernel = self.kernel.agent(a.cgroup_id).ok().flatten();
@@ -1080,38 +1094,37 @@ impl<K: Kernel> State<K> {
                 let killed = kernel.is_some_and(|k| k.killed());
                 let paused = kernel.is_some_and(|k| k.paused());
                 let state = match (&a.active, killed, paused) {
-                    (_, true, _) => "killed",
-                    (_, _, true) => "paused",
-                    (None, ..) => "no_token",
-                    (Some(g), ..) if now >= g.claims.exp => "expired",
-                    (Some(_), ..) => "active",
+                    (_, true, _) => AgentState::Killed,
+                    (_, _, true) => AgentState::Paused,
+                    (None, ..) => AgentState::NoToken,
+                    (Some(g), ..) if now >= g.claims.exp => AgentState::Expired,
+                    (Some(_), ..) => AgentState::Active,
                 };
-                json!({
-                    "agent": a.id.as_str(),
-                    "state": state,
-                    "cgroup": a.cgroup,
-                    "cgroup_id": a.cgroup_id,
-                    "uid": a.uid,
-                    "binding": a.bound_by,
-                    "op": a.active.as_ref().and_then(|g| g.claims.op.clone()),
-                    "jti": a.active.as_ref().map(|g| g.claims.jti.clone()),
-                    "exp": a.active.as_ref().map(|g| g.claims.exp),
-                    "expires_in": a.active.as_ref().map(|g| g.claims.exp as i64 - now as i64),
-                    "scope": a.active.as_ref().map(|g| g.claims.scope.clone()),
-                    "tools": a.active.as_ref().map(|g| g.claims.tools.clone()),
-                    "forbidden_tools": a.active.as_ref().map(|g| g.claims.forbidden_tools.clone()),
-                    "rules": a.active.as_ref().map_or(0, |g| g.entries),
-                    "risk": 0,
-                    "decisions": stats.decisions,
-                    "denied": stats.denied,
-                    "events_emitted": stats.emitted,
-                    "events_written": a.events_written.load(Ordering::Relaxed),
-                    "events_dropped": stats.dropped,
-                    "last_refusal": a.last_refusal,
-                })
+                AgentRow {
+                    agent: a.id.to_string(),
+                    binding: a.bound_by.clone(),
+                    cgroup: a.cgroup.clone(),
+                    cgroup_id: a.cgroup_id,
+                    decisions: stats.decisions,
+                    denied: stats.denied,
+                    events_dropped: stats.dropped,
+                    events_emitted: stats.emitted,
+                    events_written: a.events_written.load(Ordering::Relaxed),
+                    exp: a.active.as_ref().map(|g| g.claims.exp),
+                    expires_in: a.active.as_ref().map(|g| g.claims.exp as i64 - now as i64),
+                    forbidden_tools: a.active.as_ref().map(|g| g.claims.forbidden_tools.clone()),
+                    jti: a.active.as_ref().map(|g| g.claims.jti.clone()),
+                    last_refusal: a.last_refusal.clone(),
+                    op: a.active.as_ref().and_then(|g| g.claims.op.clone()),
+                    risk: 0,
+                    rules: a.active.as_ref().map_or(0, |g| g.entries),
+                    scope: a.active.as_ref().map(|g| g.claims.scope.clone()),
+                    state,
+                    tools: a.active.as_ref().map(|g| g.claims.tools.clone()),
+                    uid: a.uid,
+                }
             })
-            .collect();
-        Value::Array(agents)
+            .collect()
     }
 
     /// How many tokens are on the revocation list.
@@ -1124,14 +1137,14 @@ impl<K: Kernel> State<K> {
     }
 }
 
-fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> Value {
-    json!({
-        "agent": agent.as_str(),
-        "jti": active.claims.jti,
-        "op": active.claims.op,
-        "exp": active.claims.exp,
-        "rules": active.entries,
-    })
+fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> TokenApplied {
+    TokenApplied {
+        agent: agent.to_string(),
+        exp: active.claims.exp,
+        jti: active.claims.jti.clone(),
+        op: active.claims.op.clone(),
+        rules: active.entries,
+    }
 }
 
 #[cfg(test)]

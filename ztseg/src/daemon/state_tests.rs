@@ -158,9 +158,9 @@ fn jti_of(state: &State<FakeKernel>, id: &AgentId) -> Option<String> {
     state.agents[id].active.as_ref().map(|g| g.claims.jti.clone())
 }
 
-fn agent_state(state: &State<FakeKernel>, id: &AgentId) -> Value {
-    let agents = state.agents_json();
-    agents.as_array().unwrap().iter().find(|a| a["agent"] == id.as_str()).unwrap()["state"].clone()
+fn agent_state(state: &State<FakeKernel>, id: &AgentId) -> String {
+    let agents = state.agents();
+    agents.iter().find(|a| a.agent == id.as_str()).unwrap().state.as_str().to_owned()
 }
 
 #[test]
@@ -235,7 +235,7 @@ fn an_older_token_than_the_one_in_force_is_refused_as_superseded() {
 
     let refusal = state.apply_token(&id, &older, Source::Apply).unwrap_err();
 
-    assert_eq!(refusal.code, "superseded");
+    assert_eq!(refusal.code.as_str(), "superseded");
     assert_eq!(state.kernel.state(cgroup_id), in_force);
     assert_eq!(destinations(&state.kernel, cgroup_id), ["10.0.53.53/32", "10.0.6.20/32"]);
     assert_eq!(state.agents[&id].active.as_ref().unwrap().token, newer);
@@ -252,10 +252,10 @@ fn a_refused_grant_leaves_the_kernel_and_the_token_in_force_as_they_were() {
     let in_force = state.kernel.state(cgroup_id);
 
     let unknown_scope = host.token("analyst-7", &["read:everything"], 0, 300);
-    assert_eq!(state.apply_token(&id, &unknown_scope, Source::Apply).unwrap_err().code, "policy");
+    assert_eq!(state.apply_token(&id, &unknown_scope, Source::Apply).unwrap_err().code.as_str(), "policy");
     state.kernel.fail(Op::Grant);
     let refresh = host.token("analyst-7", &["write:report"], 0, 300);
-    assert_eq!(state.apply_token(&id, &refresh, Source::Apply).unwrap_err().code, "dataplane");
+    assert_eq!(state.apply_token(&id, &refresh, Source::Apply).unwrap_err().code.as_str(), "dataplane");
 
     assert_eq!(state.kernel.state(cgroup_id), in_force);
     assert_eq!(destinations(&state.kernel, cgroup_id), ["10.0.5.12/32", "10.0.53.53/32"]);
@@ -287,13 +287,13 @@ fn a_revoked_token_loses_its_rules_and_sockets_and_stays_refused_across_a_restar
     assert_eq!(state.kernel.pins.open_sockets.get(&cgroup_id), None, "sockets left open");
     assert_eq!(state.agents[&id].active.as_ref().map(|g| &g.token), None);
 
-    assert_eq!(state.apply_token(&id, &token, Source::Apply).unwrap_err().code, "revoked");
+    assert_eq!(state.apply_token(&id, &token, Source::Apply).unwrap_err().code.as_str(), "revoked");
     assert_eq!(state.kernel.state(cgroup_id), revoked);
 
     // A restarted daemon reads the list back: the token is still refused.
     let (mut restarted, _) = host.state(state.kernel.restarted());
     restarted.ensure_agent(&id, None, None).unwrap();
-    assert_eq!(restarted.apply_token(&id, &token, Source::Apply).unwrap_err().code, "revoked");
+    assert_eq!(restarted.apply_token(&id, &token, Source::Apply).unwrap_err().code.as_str(), "revoked");
     assert_eq!(restarted.kernel.state(cgroup_id).table, 0);
 
     // Positive control: a token issued after the revoked one is granted.
@@ -315,7 +315,7 @@ fn kill_sets_the_flag_before_closing_sockets_and_revive_clears_it() {
 
     let answer = state.kill(&id, KillProcesses::Keep).unwrap();
 
-    assert_eq!((answer["killed"].clone(), answer["sockets_closed"].clone()), (true.into(), 3.into()));
+    assert_eq!((answer.killed, answer.sockets_closed), (true, Some(3)));
     assert!(state.kernel.state(cgroup_id).killed());
     let (flag, close) = (Call::SetKilled(cgroup_id, true), Call::CloseSockets(vec![cgroup_id]));
     assert!(state.kernel.position(&flag) < state.kernel.position(&close), "{:?}", state.kernel.calls);
@@ -359,12 +359,12 @@ fn a_kill_the_kernel_does_not_take_is_refused_and_closes_nothing() {
     state.kernel.open_sockets(cgroup_id, 2);
     state.kernel.fail(Op::SetKilled);
 
-    assert_eq!(state.kill(&id, KillProcesses::Freeze).unwrap_err().code, "dataplane");
+    assert_eq!(state.kill(&id, KillProcesses::Freeze).unwrap_err().code.as_str(), "dataplane");
 
     assert!(!state.kernel.state(cgroup_id).killed());
     assert!(!state.kernel.calls.iter().any(|c| matches!(c, Call::CloseSockets(_) | Call::Freeze(..))));
     assert_eq!(state.kernel.pins.open_sockets.get(&cgroup_id), Some(&2));
-    assert_eq!(state.kill(&agent("nobody"), KillProcesses::Keep).unwrap_err().code, "unknown_agent");
+    assert_eq!(state.kill(&agent("nobody"), KillProcesses::Keep).unwrap_err().code.as_str(), "unknown_agent");
 }
 
 #[test]
@@ -375,29 +375,29 @@ fn kill_freezes_or_terminates_the_processes_and_revive_thaws_them() {
     let cgroup = PathBuf::from(MOUNT).join("ztseg.slice/analyst-7");
 
     let answer = state.kill(&id, KillProcesses::Freeze).unwrap();
-    assert_eq!(answer["frozen"], true);
+    assert_eq!(answer.frozen, Some(true));
     assert!(state.kernel.frozen(&cgroup));
     assert!(
         state.kernel.position(&Call::SetKilled(cgroup_id, true))
             < state.kernel.position(&Call::Freeze(cgroup.clone(), true))
     );
     let answer = state.revive(&id).unwrap();
-    assert_eq!(answer["thawed"], true);
+    assert_eq!(answer.thawed, Some(true));
     assert!(!state.kernel.frozen(&cgroup));
 
     // Revived without a freeze: nothing to thaw.
     state.kill(&id, KillProcesses::Keep).unwrap();
-    assert_eq!(state.revive(&id).unwrap()["thawed"], Value::Null);
+    assert_eq!(state.revive(&id).unwrap().thawed, None);
 
     state.kernel.pins.processes.insert(cgroup.clone(), vec![41, 42]);
     let answer = state.kill(&id, KillProcesses::Terminate).unwrap();
-    assert_eq!(answer["terminated"], 2);
+    assert_eq!(answer.terminated, Some(2));
     assert!(state.kernel.calls.contains(&Call::KillAll(cgroup)));
 
     // A freeze that fails is said, and the network stays cut.
     state.kernel.fail(Op::Freeze);
     let answer = state.kill(&id, KillProcesses::Freeze).unwrap();
-    assert!(answer["processes_error"].is_string(), "{answer}");
+    assert!(answer.processes_error.is_some(), "{answer:?}");
     assert!(state.kernel.state(cgroup_id).killed());
 }
 
@@ -506,7 +506,7 @@ fn a_revoke_the_kernel_refuses_turns_the_kill_switch_on_or_keeps_the_grant_for_a
     let jti = jti_of(&state, &id);
     state.kernel.fail(Op::Revoke);
     state.kernel.fail(Op::SetKilled);
-    assert_eq!(state.revoke_durably(&id, "test").unwrap_err().code, "dataplane");
+    assert_eq!(state.revoke_durably(&id, "test").unwrap_err().code.as_str(), "dataplane");
     assert_eq!(jti_of(&state, &id), jti);
     assert_ne!(state.kernel.state(cgroup_id).table, 0);
     // Positive control: once the kernel takes writes again, the retry revokes.

@@ -67,9 +67,9 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    /// A stable snake_case reason, for machines: audit records, JSON replies, tests outside this
-    /// repository. Never changes for an existing refusal.
-    pub fn code(&self) -> &'static str {
+    /// The stable machine-readable reason, for machines: audit records, JSON replies, tests
+    /// outside this repository. Never changes for an existing refusal.
+    pub fn code(&self) -> TokenCode {
         match self {
             Self::Empty
             | Self::TooLong { .. }
@@ -78,25 +78,120 @@ impl TokenError {
             | Self::NotAnObject { .. }
             | Self::Json { .. }
             | Self::BadHeader { .. }
-            | Self::Rejected { .. } => "malformed",
-            Self::AlgNone { .. } => "alg_none",
-            Self::AlgNotPinned { .. } => "alg_not_pinned",
-            Self::UnknownIssuer { .. } => "unknown_issuer",
-            Self::UnknownKid { .. } => "unknown_kid",
-            Self::MissingKid { .. } => "missing_kid",
-            Self::BadSignature { .. } => "bad_signature",
-            Self::MissingClaim { .. } => "missing_claim",
-            Self::InvalidClaim { .. } => "invalid_claim",
-            Self::Expired { .. } => "expired",
-            Self::NotYetValid { .. } => "not_yet_valid",
-            Self::IssuedInFuture { .. } => "issued_in_future",
-            Self::WrongAudience { .. } => "wrong_audience",
-            Self::LifetimeTooLong { .. } => "lifetime_too_long",
-            Self::SubjectMismatch { .. } => "subject_mismatch",
-            Self::InvalidSubject { .. } => "invalid_subject",
-            Self::WildcardScope { .. } => "wildcard_scope",
-            Self::WrongAgent { .. } => "wrong_agent",
-            Self::Replayed { .. } => "replay",
+            | Self::Rejected { .. } => TokenCode::Malformed,
+            Self::AlgNone { .. } => TokenCode::AlgNone,
+            Self::AlgNotPinned { .. } => TokenCode::AlgNotPinned,
+            Self::UnknownIssuer { .. } => TokenCode::UnknownIssuer,
+            Self::UnknownKid { .. } => TokenCode::UnknownKid,
+            Self::MissingKid { .. } => TokenCode::MissingKid,
+            Self::BadSignature { .. } => TokenCode::BadSignature,
+            Self::MissingClaim { .. } => TokenCode::MissingClaim,
+            Self::InvalidClaim { .. } => TokenCode::InvalidClaim,
+            Self::Expired { .. } => TokenCode::Expired,
+            Self::NotYetValid { .. } => TokenCode::NotYetValid,
+            Self::IssuedInFuture { .. } => TokenCode::IssuedInFuture,
+            Self::WrongAudience { .. } => TokenCode::WrongAudience,
+            Self::LifetimeTooLong { .. } => TokenCode::LifetimeTooLong,
+            Self::SubjectMismatch { .. } => TokenCode::SubjectMismatch,
+            Self::InvalidSubject { .. } => TokenCode::InvalidSubject,
+            Self::WildcardScope { .. } => TokenCode::WildcardScope,
+            Self::WrongAgent { .. } => TokenCode::WrongAgent,
+            Self::Replayed { .. } => TokenCode::Replay,
+        }
+    }
+}
+
+/// Why a token was refused, as a stable snake_case code ([`TokenError::code`]); serialised as
+/// that string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCode {
+    Malformed,
+    AlgNone,
+    AlgNotPinned,
+    UnknownIssuer,
+    UnknownKid,
+    MissingKid,
+    BadSignature,
+    MissingClaim,
+    InvalidClaim,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongAudience,
+    LifetimeTooLong,
+    SubjectMismatch,
+    InvalidSubject,
+    WildcardScope,
+    WrongAgent,
+    Replay,
+}
+
+impl TokenCode {
+    /// Every code, for tests that check each one's spelling.
+    pub const ALL: [Self; 19] = [
+        Self::Malformed,
+        Self::AlgNone,
+        Self::AlgNotPinned,
+        Self::UnknownIssuer,
+        Self::UnknownKid,
+        Self::MissingKid,
+        Self::BadSignature,
+        Self::MissingClaim,
+        Self::InvalidClaim,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::IssuedInFuture,
+        Self::WrongAudience,
+        Self::LifetimeTooLong,
+        Self::SubjectMismatch,
+        Self::InvalidSubject,
+        Self::WildcardScope,
+        Self::WrongAgent,
+        Self::Replay,
+    ];
+
+    /// The code as it appears on the wire and in the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::AlgNone => "alg_none",
+            Self::AlgNotPinned => "alg_not_pinned",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::UnknownKid => "unknown_kid",
+            Self::MissingKid => "missing_kid",
+            Self::BadSignature => "bad_signature",
+            Self::MissingClaim => "missing_claim",
+            Self::InvalidClaim => "invalid_claim",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::WrongAudience => "wrong_audience",
+            Self::LifetimeTooLong => "lifetime_too_long",
+            Self::SubjectMismatch => "subject_mismatch",
+            Self::InvalidSubject => "invalid_subject",
+            Self::WildcardScope => "wildcard_scope",
+            Self::WrongAgent => "wrong_agent",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenCode;
+
+    #[test]
+    fn token_codes_serialise_as_their_stable_strings() {
+        for code in TokenCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str(), "{code:?}");
+            assert_eq!(serde_json::from_value::<TokenCode>(code.as_str().into()).unwrap(), code);
         }
     }
 }

@@ -21,7 +21,7 @@ mod verify;
 pub(crate) mod test_support;
 
 pub use claims::Claims;
-pub use error::TokenError;
+pub use error::{TokenCode, TokenError};
 pub use issue::{
     DEFAULT_AUDIENCE, DEFAULT_TTL_SECONDS, IssueError, IssueParams, KeygenError, KeygenOutput, issue, keygen,
 };

@@ -246,7 +246,7 @@ mod tests {
         let err = cache
             .check_and_record(&claims("jti-1", NOW + 300), "token-b", &agent(AGENT), NOW + 1, LEEWAY)
             .unwrap_err();
-        assert_eq!(err.code(), "replay");
+        assert_eq!(err.code().as_str(), "replay");
         assert!(err.to_string().contains("jti-1"), "{err}");
         // Positive control: another jti in another token is fine.
         cache
@@ -260,7 +260,7 @@ mod tests {
         let c = claims("jti-1", NOW + 300);
         cache.check_and_record(&c, "token-a", &agent(AGENT), NOW, LEEWAY).unwrap();
         let err = cache.check_and_record(&c, "token-a", &agent("intruder"), NOW, LEEWAY).unwrap_err();
-        assert_eq!(err.code(), "replay");
+        assert_eq!(err.code().as_str(), "replay");
         // The first agent keeps its grant.
         cache.check_and_record(&c, "token-a", &agent(AGENT), NOW, LEEWAY).unwrap();
     }
@@ -315,7 +315,11 @@ mod tests {
         assert_eq!(reloaded, cache);
         reloaded.check_and_record(&c, &token, &agent(AGENT), NOW + 1, LEEWAY).unwrap();
         assert_eq!(
-            reloaded.check_and_record(&c, &token, &agent("other"), NOW + 1, LEEWAY).unwrap_err().code(),
+            reloaded
+                .check_and_record(&c, &token, &agent("other"), NOW + 1, LEEWAY)
+                .unwrap_err()
+                .code()
+                .as_str(),
             "replay"
         );
 

@@ -212,7 +212,7 @@ mod tests {
     fn code(result: Result<Claims, TokenError>) -> &'static str {
         match result {
             Ok(claims) => panic!("token was accepted: {claims:?}"),
-            Err(e) => e.code(),
+            Err(e) => e.code().as_str(),
         }
     }
 
@@ -375,7 +375,7 @@ mod tests {
                     .unwrap();
                 // ... and ztseg refuses it, because the key, not the token, decides the algorithm.
                 let err = verifier.verify(&forged, NOW).unwrap_err();
-                assert_eq!(err.code(), "alg_not_pinned", "{err}");
+                assert_eq!(err.code().as_str(), "alg_not_pinned", "{err}");
                 assert!(err.to_string().contains("\"HS256\"") && err.to_string().contains("EdDSA"), "{err}");
             }
             // Positive control: the genuine token verifies with the same verifier.
@@ -489,7 +489,7 @@ mod tests {
 
         assert!(verifier.verify(&token, exp + leeway).is_ok());
         let err = verifier.verify(&token, exp + leeway + 1).unwrap_err();
-        assert_eq!(err.code(), "expired");
+        assert_eq!(err.code().as_str(), "expired");
         assert!(err.to_string().contains("exp"), "{err}");
 
         let mut later = claims();
@@ -548,7 +548,7 @@ mod tests {
             let mut c = claims();
             c.remove(claim);
             let err = verifier.verify(&issuer.sign(&c), NOW).unwrap_err();
-            assert_eq!(err.code(), "missing_claim", "{claim}: {err}");
+            assert_eq!(err.code().as_str(), "missing_claim", "{claim}: {err}");
             assert!(err.to_string().contains(claim), "{err}");
             // null is absent.
             c.insert(claim.into(), Value::Null);
@@ -576,7 +576,7 @@ mod tests {
             let mut c = claims();
             c.insert(claim.into(), value.clone());
             let err = verifier.verify(&issuer.sign(&c), NOW).unwrap_err();
-            assert_eq!(err.code(), "invalid_claim", "{claim} = {value}: {err}");
+            assert_eq!(err.code().as_str(), "invalid_claim", "{claim} = {value}: {err}");
             assert!(err.to_string().contains(claim), "{err}");
         }
         // Positive control: optional claims may be absent or null.
@@ -642,7 +642,7 @@ mod tests {
             ("tools", json!(["*"])),
         ] {
             let err = with(claim, value.clone()).unwrap_err();
-            assert_eq!(err.code(), "wildcard_scope", "{claim} = {value}");
+            assert_eq!(err.code().as_str(), "wildcard_scope", "{claim} = {value}");
             assert!(err.to_string().contains(claim), "{err}");
         }
         assert!(with("scope", json!(["read:a", "write:b"])).is_ok());
@@ -667,7 +667,7 @@ mod tests {
         let token = issuer.sign(&claims());
         assert!(verifier.verify_for(&token, &agent(AGENT), NOW).is_ok());
         let err = verifier.verify_for(&token, &agent("intruder"), NOW).unwrap_err();
-        assert_eq!(err.code(), "wrong_agent");
+        assert_eq!(err.code().as_str(), "wrong_agent");
         assert!(err.to_string().contains("intruder") && err.to_string().contains(AGENT), "{err}");
     }
 
@@ -701,7 +701,7 @@ mod tests {
         ];
         for token in &cases {
             let err = verifier.verify(token, NOW).unwrap_err();
-            assert_eq!(err.code(), "malformed", "{token:.80}: {err}");
+            assert_eq!(err.code().as_str(), "malformed", "{token:.80}: {err}");
         }
         assert!(verifier.verify(&genuine, NOW).is_ok());
     }
