@@ -145,14 +145,19 @@ fn start_worker(
 }
 
 /// Watches the agent's kernel entry (the pinned `agents` map) from a thread of its own, polling
-/// every 20 µs at nice 0; returns the boot-clock ns at which it first saw the kill flag.
+/// every 20 µs at real-time priority; returns the boot-clock ns at which it first saw the kill flag.
 fn watch_flag(pin: &Path, cgroup_id: u64) -> Result<std::thread::JoinHandle<Result<u64>>> {
     use ztseg_common::agent::AgentState;
     let data = aya::maps::MapData::from_pin(pin)?;
     let agents: aya::maps::HashMap<_, u64, AgentState> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-    Ok(std::thread::spawn(move || {
-        crate::worker::set_nice(0);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let watcher = std::thread::spawn(move || {
+        // Sees the flag as soon as it is set: a watcher waiting for a CPU would add its own
+        // wait to the figure.
+        let fifo = crate::worker::set_fifo();
+        let _ = ready_tx.send(fifo.is_ok());
+        fifo?;
         let give_up = ztseg::clock::boot_now_ns() + 30_000_000_000;
         loop {
             if agents.get(&cgroup_id, 0).is_ok_and(|a| a.killed()) {
@@ -163,7 +168,11 @@ fn watch_flag(pin: &Path, cgroup_id: u64) -> Result<std::thread::JoinHandle<Resu
             }
             std::thread::sleep(Duration::from_micros(20));
         }
-    }))
+    });
+    // Started and at its priority before the kill is sent (a thread just made waits for its
+    // first CPU slice like any other).
+    ready.recv().context("the flag watcher did not start")?;
+    Ok(watcher)
 }
 
 fn read_ns(child: &mut Child, out: &mut BufReader<std::process::ChildStdout>) -> Result<u64> {
@@ -299,9 +308,9 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     let probe_cgroup = root.join("probe");
 
     // The latencies below time the daemon's enforcement, not how long the bench's own request
-    // waits for a CPU behind a spinning agent: the bench's thread runs ahead of its workers
-    // (which put themselves back to nice 0), as the daemon's control threads do.
-    crate::worker::set_nice(-10);
+    // waits for a CPU behind a spinning agent: the bench's thread runs at the priority of the
+    // daemon's control thread (its workers and watchers start at the normal one).
+    crate::worker::set_fifo()?;
 
     // token apply -> first allowed connect, as the agent sees it.
     let mut apply = Vec::new();

@@ -259,3 +259,21 @@ pub fn set_nice(nice: i32) {
     // SAFETY: setpriority on our own thread id.
     let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
 }
+
+/// Puts the calling thread on `SCHED_FIFO` at the daemon's control priority, with the threads
+/// and processes it starts falling back to the normal policy (`SCHED_RESET_ON_FORK`): the bench's
+/// requests and its watchers then wait for a CPU no longer than the daemon's control thread
+/// does, so the latencies time the daemon, not the bench.
+pub fn set_fifo() -> Result<()> {
+    const SCHED_RESET_ON_FORK: libc::c_int = 0x4000_0000;
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: sched_setscheduler reads `param` for the calling thread (0).
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, &param) };
+    if rc != 0 {
+        bail!(
+            "cannot run the bench's measuring thread at real-time priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}

@@ -320,6 +320,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id (0 once it was stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Writes a config for `site` under `dir`, makes an issuer key, and starts the daemon.
     pub fn start(site: &Site, dir: &Path) -> Self {
         Self::start_with(site, dir, "")

@@ -430,3 +430,40 @@ fn start_errors_exit_with_their_own_codes_and_leave_a_running_daemon_alone() {
     assert_eq!(code, 13, "{err}");
     assert!(err.contains("is not on a BPF filesystem"), "{err}");
 }
+
+/// (scheduling policy, real-time priority) of each of the daemon's threads, by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut threads = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let path = task.path();
+        let (Ok(comm), Ok(stat)) =
+            (fs::read_to_string(path.join("comm")), fs::read_to_string(path.join("stat")))
+        else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, rt_priority 40, policy 41.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        threads.push((comm.trim().to_owned(), fields[38].parse().unwrap(), fields[37].parse().unwrap()));
+    }
+    threads
+}
+
+#[test]
+fn the_control_socket_is_served_at_real_time_priority_and_nothing_else_is() {
+    let w = world();
+    // A request answered: the control thread is up and serving.
+    let (code, _, stderr) = w.daemon.ztseg(&["status"]);
+    assert_eq!(code, 0, "{stderr}");
+    let threads = thread_policies(w.daemon.pid());
+    const SCHED_FIFO: u32 = 1;
+    let control: Vec<_> = threads.iter().filter(|(name, _, _)| name == "ztseg-control").collect();
+    assert_eq!(control.len(), 1, "{threads:?}");
+    assert_eq!((control[0].1, control[0].2), (SCHED_FIFO, 10), "{threads:?}");
+    // Positive control: the record threads and the async workers stay on the normal policy.
+    for name in ["ztseg-events", "ztseg-audit"] {
+        let thread =
+            threads.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}: {threads:?}"));
+        assert_eq!(thread.1, 0, "{name} is not on SCHED_OTHER: {threads:?}");
+    }
+    assert_eq!(threads.iter().filter(|(_, policy, _)| *policy != 0).count(), 1, "{threads:?}");
+}

@@ -57,8 +57,9 @@ use crate::{
 const RECENT_EVENTS: usize = 2048;
 
 struct Shared {
-    /// FIFO-fair (tokio's mutex). Taken with `blocking_lock` on blocking threads only.
-    state: tokio::sync::Mutex<State>,
+    /// Taken by the control thread, housekeeping and policy reloads; every step under it is a
+    /// syscall or a file write, never an await.
+    state: Mutex<State>,
     /// Who decisions belong to, for the event reader (see [`directory`]).
     directory: Arc<RwLock<directory::Directory>>,
     audit: audit_writer::AuditSender,
@@ -74,7 +75,7 @@ struct Shared {
 /// The state under its lock. Releasing it saves the agents a step changed (`state_dir/agents/`),
 /// so every control request, reload and tick leaves the saved state current, and a start with
 /// 10,000 bindings writes each agent's file once.
-struct StateGuard<'a>(tokio::sync::MutexGuard<'a, State>);
+struct StateGuard<'a>(std::sync::MutexGuard<'a, State>);
 
 impl std::ops::Deref for StateGuard<'_> {
     type Target = State;
@@ -98,16 +99,19 @@ impl Drop for StateGuard<'_> {
 use audit_writer::Line;
 
 impl Shared {
-    /// The state, from a blocking thread (`spawn_blocking`): every step under it is a syscall or
-    /// file write, never an await.
+    /// The state. A panic under the lock (a bug) does not stop the daemon from enforcing and
+    /// answering: the lock is taken again as it was left.
     fn state(&self) -> StateGuard<'_> {
-        StateGuard(self.state.blocking_lock())
+        StateGuard(self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
-/// The nice value of the control server's threads, and of the threads that turn decisions into
-/// records.
+/// The nice value of the daemon's housekeeping threads, and of the threads that turn decisions
+/// into records.
 const CONTROL_NICE: i32 = -10;
+/// The control thread's `SCHED_FIFO` priority: above every ordinary task (agents, record
+/// threads), below the kernel's own real-time threads (watchdogs, migration: 99).
+const CONTROL_RT_PRIORITY: u32 = 10;
 /// Not below the agents' priority: a spinning agent must not starve the threads that log it.
 const RECORD_NICE: i32 = 0;
 
@@ -116,24 +120,26 @@ const RECORD_NICE: i32 = 0;
 /// instead of after that task's slice, and a record thread yields its CPU as soon.
 const SLICE_NS: u64 = 100_000;
 
+/// `struct sched_attr` (include/uapi/linux/sched/types.h).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
 /// Sets the calling thread's nice value and a short time slice (`sched_setattr`); where the
 /// kernel refuses the slice, the nice value alone; a failure is logged (the daemon works
 /// without either).
 fn set_priority(nice: i32) {
-    /// `struct sched_attr` (include/uapi/linux/sched/types.h).
-    #[repr(C)]
-    struct SchedAttr {
-        size: u32,
-        policy: u32,
-        flags: u64,
-        nice: i32,
-        priority: u32,
-        runtime: u64,
-        deadline: u64,
-        period: u64,
-        util_min: u32,
-        util_max: u32,
-    }
     let attr = SchedAttr {
         size: size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
@@ -157,6 +163,29 @@ fn set_priority(nice: i32) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if rc != 0 && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         warn!(error = %io::Error::last_os_error(), nice, "cannot set the daemon's thread priorities (CAP_SYS_NICE?); a flooding agent may delay control requests");
+    }
+}
+
+/// Puts the calling thread (the control server) on `SCHED_FIFO` [`CONTROL_RT_PRIORITY`]: a
+/// woken control request preempts any agent at once, whatever the agents' load. Threads it
+/// starts fall back to the normal policy (`SCHED_FLAG_RESET_ON_FORK`). The kernel's real-time
+/// throttling (`sched_rt_runtime_us`, 95% by default) bounds what a runaway request could take.
+/// Where real-time scheduling is refused, the nice value and short slice of the other control
+/// threads, said in the log.
+fn set_realtime() {
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+    let attr = SchedAttr {
+        size: size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_FIFO as u32,
+        flags: SCHED_FLAG_RESET_ON_FORK,
+        priority: CONTROL_RT_PRIORITY,
+        ..SchedAttr::default()
+    };
+    // SAFETY: sched_setattr reads `attr`, whose size it is told, for the calling thread (0).
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
+    if rc != 0 {
+        warn!(error = %io::Error::last_os_error(), "cannot run the control server at real-time priority (CAP_SYS_NICE?); it runs at nice {CONTROL_NICE} and a flooding agent may delay control requests");
+        set_priority(CONTROL_NICE);
     }
 }
 
@@ -211,9 +240,9 @@ fn group_id(name: &str) -> Result<u32> {
 pub fn run(config: Config) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        // The control server's threads (workers and the blocking pool) run ahead of the agents
-        // and of the record threads: a kill must not wait for the slice of an agent spinning on
-        // a CPU.
+        // Housekeeping and policy reloads (workers and the blocking pool) run ahead of the
+        // agents and of the record threads; the control socket has a thread of its own
+        // (`control_thread`).
         .on_thread_start(|| set_priority(CONTROL_NICE))
         .enable_all()
         .build()
@@ -277,7 +306,7 @@ async fn serve(config: Config) -> Result<()> {
 
     let agents_root = format!("/{}", state.config.cgroup_root.display());
     let shared = Arc::new(Shared {
-        state: tokio::sync::Mutex::new(state),
+        state: Mutex::new(state),
         directory,
         audit,
         stream,
@@ -323,7 +352,7 @@ async fn serve(config: Config) -> Result<()> {
         done_rx
     };
     tokio::spawn(housekeeping(shared.clone()));
-    tokio::spawn(accept(shared.clone(), listener));
+    control_thread(shared.clone(), listener)?;
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(socket = %config.socket.display(), pin_dir = %config.pin_dir.display(), "ztseg daemon ready");
@@ -343,27 +372,27 @@ async fn serve(config: Config) -> Result<()> {
             "the event reader did not finish draining in 10 s; the rest stays in the pinned ring for the next start"
         );
     }
-    let mut state = shared.state.lock().await;
+    // Held to the end: no control request changes anything after the last record.
+    let mut state = shared.state();
     state.audit_event("daemon_stopped", Map::new());
-    // A clean stop ends the log on a signed checkpoint, after everything handed over.
-    let audit = shared.audit.clone();
-    if tokio::task::spawn_blocking(move || audit.close()).await.is_err() {
-        error!("could not close the audit log");
-    }
+    // A clean stop ends the log on a signed checkpoint, after everything handed over (waits
+    // for the writer; the runtime's other tasks go on meanwhile).
+    shared.audit.close();
     state.save_replay();
     state.persist();
+    drop(state);
     let _ = fs::remove_file(&config.socket);
     Ok(())
 }
 
-fn bind_socket(config: &Config, control_gid: Option<u32>) -> Result<UnixListener> {
+fn bind_socket(config: &Config, control_gid: Option<u32>) -> Result<std::os::unix::net::UnixListener> {
     let path = &config.socket;
     if path.exists() {
         // A live daemon would hold the pin dir, which Dataplane::start refused already.
         fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
     if let Some(gid) = control_gid {
@@ -552,6 +581,32 @@ async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
+/// Serves the control socket on a thread of its own at real-time priority (`SCHED_FIFO`
+/// [`CONTROL_RT_PRIORITY`], see [`set_realtime`]): a kill or a token apply is read, handled and
+/// answered on this one thread, with no hand-over to another thread that would have to wait for
+/// a CPU behind a spinning agent or the record threads. Requests are handled one at a time, as
+/// the state lock would serialise them anyway.
+fn control_thread(shared: Arc<Shared>, listener: std::os::unix::net::UnixListener) -> Result<()> {
+    listener.set_nonblocking(true).context("cannot make the control socket non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control server's runtime")?;
+    std::thread::Builder::new()
+        .name("ztseg-control".into())
+        .spawn(move || {
+            set_realtime();
+            runtime.block_on(async move {
+                match UnixListener::from_std(listener) {
+                    Ok(listener) => accept(shared, listener).await,
+                    Err(e) => error!(error = %e, "cannot serve the control socket"),
+                }
+            });
+        })
+        .context("cannot start the control server's thread")?;
+    Ok(())
+}
+
 async fn accept(shared: Arc<Shared>, listener: UnixListener) {
     loop {
         match listener.accept().await {
@@ -618,15 +673,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    let pidfd = Arc::new(pidfd);
     let (reader, mut writer) = stream.into_split();
-    let refusal = {
-        let (shared, peer, pidfd) = (shared.clone(), peer.clone(), pidfd.clone());
-        tokio::task::spawn_blocking(move || refuse_peer(&shared, &peer, &pidfd)).await.unwrap_or_else(|e| {
-            Some(Response::fail(FailureKind::Error, format!("cannot check the peer: {e}")))
-        })
-    };
-    if let Some(refusal) = refusal {
+    if let Some(refusal) = refuse_peer(&shared, &peer, &pidfd) {
         let _ = write_response(&mut writer, &refusal).await;
         return;
     }
@@ -658,11 +706,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             stream_events(&shared, &mut writer, follow, agent).await;
             return;
         }
-        let shared2 = shared.clone();
-        let (pidfd, uid) = (pidfd.clone(), peer.uid);
-        let response = tokio::task::spawn_blocking(move || handle(&shared2, request, &pidfd, uid))
-            .await
-            .unwrap_or_else(|e| Response::fail(FailureKind::Error, format!("request failed: {e}")));
+        // Handled here, on the control thread: no hand-over to a thread that waits for a CPU.
+        let response = handle(&shared, request, &pidfd, peer.uid);
         if write_response(&mut writer, &response).await.is_err() {
             return;
         }
