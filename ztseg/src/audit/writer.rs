@@ -507,6 +507,8 @@ impl AuditLog {
         if let Err(source) = self.file.sync_data() {
             return Err(self.fail("sync", source));
         }
+        #[cfg(feature = "fault-injection")]
+        injected_sync_delay();
         self.buf.clear();
         self.pending = 0;
         self.durable = Some((self.next_seq - 1, self.last_hash));
@@ -726,4 +728,17 @@ fn quoted_hex(hash: &[u8; 32]) -> [u8; 66] {
     // The output is exactly twice the input's length.
     let _ = hex::encode_to_slice(hash, &mut out[1..65]);
     out
+}
+
+/// A test build's slow disk: every fdatasync of the log takes `ZTSEG_FAULT_SYNC_DELAY_MS` longer.
+#[cfg(feature = "fault-injection")]
+fn injected_sync_delay() {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        let ms = std::env::var("ZTSEG_FAULT_SYNC_DELAY_MS").ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    });
+    if let Some(delay) = delay {
+        std::thread::sleep(*delay);
+    }
 }
