@@ -5,13 +5,19 @@
 //! root succeeds, so EPERM means enforcement and not a broken setup.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
-use std::{path::Path, thread};
+use std::{fs, path::Path, thread};
 
+use aya::maps::{Array, MapData, MapInfo, MapType, PerCpuHashMap};
 use ztseg::{
     clock::boot_now_ns,
     dataplane::{Dataplane, DataplaneError, Entry, Verdict},
 };
-use ztseg_common::rule::{PROTO_TCP, PROTO_UDP};
+use ztseg_common::{
+    agent::AgentState,
+    event::{AgentStats, UNREGISTERED_SLOT},
+    maps::MAX_AGENTS,
+    rule::{PROTO_TCP, PROTO_UDP},
+};
 use ztseg_integration::{At, Netns, Site, loop_counts, probe, probe_loop, serve};
 
 const HOUR_NS: u64 = 3_600_000_000_000;
@@ -339,6 +345,102 @@ fn a_second_start_adopts_the_pins_and_enforcement_never_lapses() {
     assert_eq!(counts["tcp:10.77.0.1:8001"].1 + counts["tcp:10.77.0.1:8001"].2, 0, "{counts:?}");
     assert_eq!(counts["tcp:10.77.0.2:8001"].0, 0, "{counts:?}");
     assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8002"]), ["ok"]);
+}
+
+/// `bpftool map lookup` of one `stats` slot: the named fields of each CPU's copy, summed.
+fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentStats) {
+    let key: Vec<String> = slot.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(site.pin_dir.join("stats"))
+        .arg("key")
+        .args(&key)
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cpus = dump["formatted"]["values"].as_array().unwrap_or_else(|| panic!("no named fields: {dump}"));
+    let field = |v: &serde_json::Value, name: &str| v["value"][name].as_u64().unwrap();
+    let each: Vec<AgentStats> = cpus
+        .iter()
+        .map(|v| AgentStats {
+            decisions: field(v, "decisions"),
+            denied: field(v, "denied"),
+            dropped: field(v, "dropped"),
+            emitted: field(v, "emitted"),
+        })
+        .collect();
+    (each.len(), AgentStats::total(&each))
+}
+
+/// An upgrade over the pins of a version whose `stats` was a plain array: the counters map is
+/// replaced by a per-CPU one (counts restart), enforcement maps are adopted, and the new map
+/// counts decisions and reads back through bpftool.
+#[test]
+fn a_stats_array_pinned_by_an_older_version_is_replaced_and_counts_again() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let (agent, id) = site.cgroup("agent");
+    fs::create_dir_all(&site.pin_dir).unwrap();
+    let pin = site.pin_dir.join("stats");
+    {
+        let mut old = Array::<MapData, AgentStats>::create(MAX_AGENTS + 1, 0).unwrap();
+        let stale = AgentStats { decisions: 1000, denied: 1000, dropped: 0, emitted: 1000 };
+        old.set(UNREGISTERED_SLOT, stale, 0).unwrap();
+        old.pin(&pin).unwrap();
+    }
+    assert_eq!(MapInfo::from_pin(&pin).unwrap().map_type().unwrap(), MapType::Array);
+
+    let (mut dp, report) = Dataplane::start(&site.pin_dir, &site.root).unwrap();
+    assert_eq!(report.counters_replaced, ["stats"]);
+    assert_eq!(MapInfo::from_pin(&pin).unwrap().map_type().unwrap(), MapType::PerCpuArray);
+    assert_eq!(dp.stats(UNREGISTERED_SLOT).unwrap(), AgentStats::default(), "the old counts are gone");
+
+    let slot = dp.register(id).unwrap().slot;
+    dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+    let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001", "udp-sendto:10.77.0.2:8001"];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
+    assert_eq!(inside, ["ok", "EPERM", "EPERM"]);
+    assert_eq!(outside, ["ok"; 3]);
+    let counted = dp.stats(slot).unwrap();
+    // Three reported decisions (two denied), no record lost; socket creations count as
+    // decisions without a record.
+    assert_eq!((counted.emitted, counted.denied, counted.dropped), (3, 2, 0), "{counted:?}");
+    assert!(counted.decisions >= 3, "{counted:?}");
+    let (cpus, dumped) = bpftool_stats(&site, slot);
+    assert_eq!(cpus, aya::util::nr_cpus().unwrap(), "one copy per possible CPU");
+    assert_eq!(dumped, counted, "bpftool's per-CPU copies sum to what the daemon reports");
+
+    // The next start adopts the per-CPU map, counts and all.
+    drop(dp);
+    let (dp, report) = Dataplane::start(&site.pin_dir, &site.root).unwrap();
+    assert!(report.counters_replaced.is_empty(), "{report:?}");
+    assert_eq!(report.agents_adopted, 1);
+    assert_eq!(dp.stats(slot).unwrap(), counted);
+}
+
+/// An enforcement map pinned in another type is refused, and nothing is unpinned: not even a
+/// counters map that alone would have been replaced.
+#[test]
+fn an_enforcement_map_pinned_in_another_type_is_refused_and_nothing_is_unpinned() {
+    let site = Site::new();
+    fs::create_dir_all(&site.pin_dir).unwrap();
+    PerCpuHashMap::<MapData, u64, AgentState>::create(MAX_AGENTS, 0)
+        .unwrap()
+        .pin(site.pin_dir.join("agents"))
+        .unwrap();
+    Array::<MapData, AgentStats>::create(MAX_AGENTS + 1, 0).unwrap().pin(site.pin_dir.join("stats")).unwrap();
+    match Dataplane::start(&site.pin_dir, &site.root) {
+        Err(DataplaneError::IncompatiblePin { path, found, expected }) => {
+            assert_eq!(path, site.pin_dir.join("agents"));
+            assert!(found.starts_with("PerCpuHash,"), "{found}");
+            assert!(expected.starts_with("Hash,"), "{expected}");
+        }
+        Err(e) => panic!("expected IncompatiblePin, got {e}"),
+        Ok(_) => panic!("a per-CPU hash pinned as `agents` was adopted"),
+    }
+    let stats = MapInfo::from_pin(site.pin_dir.join("stats")).unwrap();
+    assert_eq!(stats.map_type().unwrap(), MapType::Array, "left in place");
 }
 
 #[test]

@@ -61,7 +61,9 @@ pub struct Event {
 }
 
 /// Per-agent counters, indexed by the agent's slot; the last index counts processes in no
-/// registered agent (`UNREGISTERED_SLOT`). Updated with atomic adds.
+/// registered agent (`UNREGISTERED_SLOT`). The `stats` map is per-CPU: each CPU's programs add to
+/// that CPU's copy (atomic adds, no line shared between CPUs), and a reader sums the copies
+/// ([`AgentStats::total`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentStats {
@@ -72,6 +74,20 @@ pub struct AgentStats {
     /// Events the programs tried to write (written + dropped); socket creations that were
     /// allowed are counted as decisions but not reported.
     pub emitted: u64,
+}
+
+impl AgentStats {
+    /// The sum of per-CPU copies: the agent's counts across the host.
+    #[must_use]
+    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> Self {
+        per_cpu.into_iter().fold(Self::default(), |sum, cpu| Self {
+            // Wrapping, as the kernel's adds do; 2^64 decisions are not reached.
+            decisions: sum.decisions.wrapping_add(cpu.decisions),
+            denied: sum.denied.wrapping_add(cpu.denied),
+            dropped: sum.dropped.wrapping_add(cpu.dropped),
+            emitted: sum.emitted.wrapping_add(cpu.emitted),
+        })
+    }
 }
 
 /// Stats index of decisions about processes in no registered agent.
@@ -105,5 +121,18 @@ mod tests {
         // Ring buffer records are 8-byte aligned.
         assert_eq!(size_of::<Event>() % 8, 0);
         assert_eq!(size_of::<AgentStats>(), 32);
+        // Per-CPU map values are laid out 8-byte aligned per CPU; no rounding hides a field.
+        assert_eq!(size_of::<AgentStats>() % 8, 0);
+    }
+
+    #[test]
+    fn per_cpu_copies_sum_field_by_field() {
+        let cpus = [
+            AgentStats { decisions: 3, denied: 1, dropped: 0, emitted: 3 },
+            AgentStats::default(),
+            AgentStats { decisions: 5, denied: 2, dropped: 1, emitted: 4 },
+        ];
+        assert_eq!(AgentStats::total(&cpus), AgentStats { decisions: 8, denied: 3, dropped: 1, emitted: 7 });
+        assert_eq!(AgentStats::total(&[]), AgentStats::default());
     }
 }

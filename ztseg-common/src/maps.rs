@@ -12,9 +12,9 @@ pub const RULES_V4: &str = "rules_v4";
 pub const RULES_V6: &str = "rules_v6";
 /// Ring buffer of [`crate::event::Event`] records, one per decision.
 pub const EVENTS: &str = "events";
-/// Per-CPU count of events that found the ring buffer full.
+/// Per-CPU count of events that found the ring buffer full (one slot, a `u64` per CPU).
 pub const DROPS: &str = "drops";
-/// [`crate::event::AgentStats`] by agent slot (plus one for unregistered processes).
+/// Per-CPU [`crate::event::AgentStats`] by agent slot (plus one for unregistered processes).
 pub const STATS: &str = "stats";
 /// Socket storage of [`crate::packet::Peers`]: the peers each unconnected UDP socket of an agent
 /// sent to, whose datagrams are replies rather than unsolicited arrivals.
@@ -26,7 +26,8 @@ pub const RCU_BARRIER: &str = "rcu_barrier";
 /// The inner map that the daemon stores into [`RCU_BARRIER`]; never read.
 pub const RCU_BARRIER_INNER: &str = "rcu_barrier_in";
 
-/// Registered agents at most (also the size of the per-agent stats array).
+/// Registered agents at most (also the size of the per-agent stats array, whose
+/// `(MAX_AGENTS + 1) * 32` bytes, 512 KiB, are allocated once per possible CPU).
 pub const MAX_AGENTS: u32 = 16_384;
 /// Rule entries per address family at most, across all agents, including a replacement table
 /// being written while the old one is still in force.

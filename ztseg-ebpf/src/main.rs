@@ -64,11 +64,12 @@ static RULES_V6: LpmTrie<Rule6, RuleValue, { MAX_RULES as usize }> = LpmTrie::ne
 #[btf_map(name = "events")]
 static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
 
+// The two counter maps: per-CPU, both counted by `count` (an atomic add on this CPU's copy).
 #[btf_map(name = "drops")]
 static DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map(name = "stats")]
-static STATS: Array<AgentStats, { MAX_AGENTS as usize + 1 }> = Array::new();
+static STATS: PerCpuArray<AgentStats, { MAX_AGENTS as usize + 1 }> = PerCpuArray::new();
 
 #[btf_map(name = "replies")]
 static REPLIES: SkStorage<Peers> = SkStorage::new();
@@ -419,8 +420,8 @@ impl Task {
             }
             None => {
                 if let Some(drops) = DROPS.get_ptr_mut(0) {
-                    // SAFETY: this CPU's slot; programs on one CPU do not run concurrently.
-                    unsafe { *drops += 1 };
+                    // SAFETY: this CPU's slot of the map value (see `count`).
+                    unsafe { count(drops) };
                 }
                 false
             }
@@ -433,7 +434,7 @@ impl Task {
     #[inline(always)]
     fn count(&self, decision: &Decision, written: Option<bool>) {
         if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
-            // SAFETY: a valid array element; the adds are atomic (BPF_ATOMIC add, no fetch).
+            // SAFETY: this CPU's copy of a valid array element (see `count`).
             unsafe {
                 count(&raw mut (*stats).decisions);
                 if decision.verdict == VERDICT_DENY {
@@ -457,6 +458,11 @@ fn verdict(decision: &Decision) -> i32 {
     if decision.allowed() { ALLOW } else { DENY }
 }
 
+/// Adds one to a counter in this CPU's copy of a per-CPU map value: the one way `stats` and
+/// `drops` are counted. No other CPU writes that copy, so the add costs no shared cache line; it
+/// is still atomic because another program may run on this CPU in the middle of it (a preempted
+/// sock_addr program, a softirq's `packets_in`), and a plain `+= 1` would then lose a count.
+///
 /// # Safety
 /// `counter` points into a map value.
 #[inline(always)]

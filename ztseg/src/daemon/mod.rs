@@ -292,6 +292,7 @@ async fn serve(config: Config) -> Result<()> {
     fields.insert("links_updated".into(), json!(report.links_updated));
     fields.insert("links_created".into(), json!(report.links_created));
     fields.insert("agents_adopted".into(), json!(report.agents_adopted));
+    fields.insert("counters_replaced".into(), json!(report.counters_replaced));
     fields.insert("audit_recovery".into(), json!(format!("{recovery:?}")));
     state.audit_event("daemon_started", fields);
     // The catalogue first (saved tokens compile against it), then the saved agents, then the

@@ -25,7 +25,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        HashMap, LpmTrie, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError,
         cgroup_skb::CgroupSkbAttachType, cgroup_sock::CgroupSockAttachType,
@@ -187,6 +190,8 @@ pub struct StartReport {
     pub agents_adopted: usize,
     /// Rule entries of tables no agent referenced (left by a crash), deleted.
     pub orphans_removed: usize,
+    /// Counters-only maps found pinned in an older layout and created anew (counts reset).
+    pub counters_replaced: Vec<&'static str>,
 }
 
 /// What a grant did.
@@ -244,7 +249,7 @@ pub struct Dataplane {
     /// Handed to the event reader once (`take_events`).
     events: Option<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
-    stats: Array<MapData, AgentStats>,
+    stats: PerCpuArray<MapData, AgentStats>,
     /// The RCU barrier's map-in-map and the inner map stored into it.
     barrier: Arc<BarrierFds>,
     tables: Tables,
@@ -290,33 +295,124 @@ fn lock_pin_dir(dir: &Path) -> Result<Flock<File>, DataplaneError> {
     })
 }
 
-/// Refuses pinned maps whose shape differs from what these programs expect.
-fn check_pinned_layout(paths: &PinPaths) -> Result<(), DataplaneError> {
-    let expected = [
-        (maps::AGENTS, size_of::<u64>(), size_of::<AgentState>(), maps::MAX_AGENTS),
-        (maps::RULES_V4, size_of::<Key<Rule4>>(), size_of::<RuleValue>(), maps::MAX_RULES),
-        (maps::RULES_V6, size_of::<Key<Rule6>>(), size_of::<RuleValue>(), maps::MAX_RULES),
-        (maps::EVENTS, 0, 0, maps::EVENTS_BYTES),
-        (maps::DROPS, size_of::<u32>(), size_of::<u64>(), 1),
-        (maps::STATS, size_of::<u32>(), size_of::<AgentStats>(), maps::MAX_AGENTS + 1),
-        (maps::REPLIES, size_of::<i32>(), size_of::<Peers>(), 0),
-    ];
-    for (name, key, value, max) in expected {
+/// What a map must look like to be adopted: type, key and value size, entries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    /// None: a type this aya version does not name (never one ztseg expects).
+    map_type: Option<MapType>,
+    key: u32,
+    value: u32,
+    max: u32,
+}
+
+impl Shape {
+    const fn new(map_type: MapType, key: usize, value: usize, max: u32) -> Self {
+        Self { map_type: Some(map_type), key: key as u32, value: value as u32, max }
+    }
+
+    fn of(info: &MapInfo) -> Self {
+        Self {
+            map_type: info.map_type().ok(),
+            key: info.key_size(),
+            value: info.value_size(),
+            max: info.max_entries(),
+        }
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.map_type {
+            Some(t) => write!(f, "{t:?}")?,
+            None => f.write_str("unknown type")?,
+        }
+        write!(f, ", key {} B, value {} B, {} entries", self.key, self.value, self.max)
+    }
+}
+
+/// Every pinned map and the shape these programs expect of it.
+fn expected_shapes() -> [(&'static str, Shape); 7] {
+    [
+        (
+            maps::AGENTS,
+            Shape::new(MapType::Hash, size_of::<u64>(), size_of::<AgentState>(), maps::MAX_AGENTS),
+        ),
+        (
+            maps::RULES_V4,
+            Shape::new(MapType::LpmTrie, size_of::<Key<Rule4>>(), size_of::<RuleValue>(), maps::MAX_RULES),
+        ),
+        (
+            maps::RULES_V6,
+            Shape::new(MapType::LpmTrie, size_of::<Key<Rule6>>(), size_of::<RuleValue>(), maps::MAX_RULES),
+        ),
+        (maps::EVENTS, Shape::new(MapType::RingBuf, 0, 0, maps::EVENTS_BYTES)),
+        (maps::DROPS, Shape::new(MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>(), 1)),
+        (
+            maps::STATS,
+            Shape::new(MapType::PerCpuArray, size_of::<u32>(), size_of::<AgentStats>(), maps::MAX_AGENTS + 1),
+        ),
+        (maps::REPLIES, Shape::new(MapType::SkStorage, size_of::<i32>(), size_of::<Peers>(), 0)),
+    ]
+}
+
+/// What `start` does with a map it finds pinned.
+#[derive(Debug, PartialEq, Eq)]
+enum PinFate {
+    /// The expected shape: adopted, contents and all.
+    Adopt,
+    /// A counters-only map of another shape (`stats` was a plain array before it was per-CPU):
+    /// unpinned and created afresh, its counts restart at zero. Nothing enforced reads it.
+    Replace,
+    /// An enforcement map of another shape: refused. Replacing it would drop grants or kill
+    /// switches behind the operator's back; `ztseg uninstall` is the explicit way.
+    Refuse,
+}
+
+fn pin_fate(name: &str, found: &Shape, expected: &Shape) -> PinFate {
+    if found == expected {
+        PinFate::Adopt
+    } else if pins::COUNTER_MAPS.contains(&name) {
+        PinFate::Replace
+    } else {
+        PinFate::Refuse
+    }
+}
+
+/// Refuses pinned enforcement maps whose shape differs from what these programs expect, and
+/// unpins counters-only maps of another shape so that the load creates them anew. Nothing is
+/// unpinned unless every enforcement map can be adopted. Returns the maps it unpinned.
+fn check_pinned_layout(paths: &PinPaths) -> Result<Vec<&'static str>, DataplaneError> {
+    let mut replace = Vec::new();
+    for (name, expected) in expected_shapes() {
         let path = paths.map(name);
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
-        let found = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
-        if found != (key, value, max) {
-            return Err(DataplaneError::IncompatiblePin {
-                path,
-                found: format!("key {} B, value {} B, {} entries", found.0, found.1, found.2),
-                expected: format!("key {key} B, value {value} B, {max} entries"),
-            });
+        let found = Shape::of(&MapInfo::from_pin(&path).map_err(map_err(name))?);
+        match pin_fate(name, &found, &expected) {
+            PinFate::Adopt => {}
+            PinFate::Replace => replace.push((name, path, found)),
+            PinFate::Refuse => {
+                return Err(DataplaneError::IncompatiblePin {
+                    path,
+                    found: found.to_string(),
+                    expected: expected.to_string(),
+                });
+            }
         }
     }
-    Ok(())
+    let mut replaced = Vec::new();
+    for (name, path, found) in replace {
+        warn!(
+            map = name,
+            path = %path.display(),
+            %found,
+            "pinned counters map has an older layout; replacing it (its counts restart at zero)"
+        );
+        fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path, source })?;
+        replaced.push(name);
+    }
+    Ok(replaced)
 }
 
 impl Dataplane {
@@ -330,7 +426,7 @@ impl Dataplane {
         let paths = PinPaths::new(pin_dir);
         prepare_pin_dir(paths.dir())?;
         let lock = lock_pin_dir(paths.dir())?;
-        check_pinned_layout(&paths)?;
+        let counters_replaced = check_pinned_layout(&paths)?;
         let root_cgroup_id = cgroup::ensure(root_cgroup)?;
 
         let mut loader = EbpfLoader::new();
@@ -340,7 +436,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| DataplaneError::Load(Box::new(e)))?;
 
-        let mut report = StartReport::default();
+        let mut report = StartReport { counters_replaced, ..StartReport::default() };
         let links_dir = paths.links_dir();
         fs::create_dir_all(&links_dir)
             .map_err(|source| DataplaneError::PinDir { path: links_dir.clone(), source })?;
@@ -383,6 +479,7 @@ impl Dataplane {
             links_updated = report.links_updated,
             links_created = report.links_created,
             agents = report.agents_adopted,
+            counters_replaced = ?report.counters_replaced,
             "dataplane up"
         );
         Ok((dataplane, report))
@@ -447,8 +544,12 @@ impl Dataplane {
         let slot =
             (0..maps::MAX_AGENTS).find(|s| !self.slots.contains(s)).ok_or(DataplaneError::TooManyAgents)?;
         let state = AgentState { deadline_ns: 0, table: EMPTY_TABLE, slot, flags: 0, mode: 0 };
-        // A reused slot starts counting from zero.
-        self.stats.set(slot, AgentStats::default(), 0).map_err(map_err(maps::STATS))?;
+        // A reused slot starts counting from zero, on every CPU.
+        let zeros = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .and_then(|cpus| PerCpuValues::try_from(vec![AgentStats::default(); cpus]))
+            .map_err(|e| map_err(maps::STATS)(MapError::IoError(e)))?;
+        self.stats.set(slot, zeros, 0).map_err(map_err(maps::STATS))?;
         self.agents.insert(cgroup_id, state, 0).map_err(map_err(maps::AGENTS))?;
         self.slots.insert(slot);
         debug!(cgroup_id, slot, "agent registered");
@@ -586,9 +687,10 @@ impl Dataplane {
         Ok(values.iter().copied().collect())
     }
 
-    /// Kernel counters of an agent slot (or `event::UNREGISTERED_SLOT`).
+    /// Kernel counters of an agent slot (or `event::UNREGISTERED_SLOT`), summed over the CPUs.
     pub fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {
-        self.stats.get(&slot, 0).map_err(map_err(maps::STATS))
+        let per_cpu = self.stats.get(&slot, 0).map_err(map_err(maps::STATS))?;
+        Ok(AgentStats::total(per_cpu.iter()))
     }
 
     fn retire(&mut self, table: u32) {
@@ -831,4 +933,63 @@ pub fn uninstall(pin_dir: &Path, root_cgroup: &Path) -> Result<UninstallReport, 
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_of(name: &str) -> Shape {
+        expected_shapes().into_iter().find(|(n, _)| *n == name).map(|(_, s)| s).unwrap()
+    }
+
+    #[test]
+    fn every_pinned_map_has_an_expected_shape() {
+        let named: Vec<&str> = expected_shapes().iter().map(|(n, _)| *n).collect();
+        assert_eq!(named, pins::PINNED_MAPS);
+        for counters in pins::COUNTER_MAPS {
+            assert!(named.contains(&counters), "{counters}");
+        }
+    }
+
+    #[test]
+    fn a_pin_of_the_expected_shape_is_adopted() {
+        for (name, expected) in expected_shapes() {
+            assert_eq!(pin_fate(name, &expected, &expected), PinFate::Adopt, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_plain_stats_array_of_older_versions_is_replaced() {
+        let expected = shape_of(maps::STATS);
+        let old = Shape { map_type: Some(MapType::Array), ..expected };
+        assert_eq!(pin_fate(maps::STATS, &old, &expected), PinFate::Replace);
+        // Any other difference in a counters-only map too, and an unknown type.
+        let drops = shape_of(maps::DROPS);
+        assert_eq!(pin_fate(maps::DROPS, &Shape { max: 2, ..drops }, &drops), PinFate::Replace);
+        assert_eq!(pin_fate(maps::DROPS, &Shape { map_type: None, ..drops }, &drops), PinFate::Replace);
+    }
+
+    #[test]
+    fn an_enforcement_map_of_another_type_or_size_is_refused() {
+        for name in [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::REPLIES] {
+            let expected = shape_of(name);
+            let retyped = Shape { map_type: Some(MapType::Array), ..expected };
+            assert_eq!(pin_fate(name, &retyped, &expected), PinFate::Refuse, "{name}");
+            let resized = Shape { value: expected.value + 8, ..expected };
+            assert_eq!(pin_fate(name, &resized, &expected), PinFate::Refuse, "{name}");
+            let unknown = Shape { map_type: None, ..expected };
+            assert_eq!(pin_fate(name, &unknown, &expected), PinFate::Refuse, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_shape_reads_as_type_and_sizes() {
+        let stats = shape_of(maps::STATS);
+        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 32 B, 16385 entries");
+        assert_eq!(
+            Shape { map_type: None, ..stats }.to_string(),
+            "unknown type, key 4 B, value 32 B, 16385 entries"
+        );
+    }
 }

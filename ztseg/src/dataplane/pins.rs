@@ -6,7 +6,7 @@
 //! <pin dir>/rules_v6           IPv6 rule trie
 //! <pin dir>/events             ring buffer of decision events (kept while the daemon is down)
 //! <pin dir>/drops              per-CPU count of events lost to a full ring buffer
-//! <pin dir>/stats              per-agent decisions, denials and lost events
+//! <pin dir>/stats              per-agent decisions, denials and lost events, per CPU
 //! <pin dir>/replies            per-socket peers of unconnected UDP sends (socket storage)
 //! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
 //! ```
@@ -18,6 +18,11 @@ use ztseg_common::maps;
 /// Maps that the programs use and that must outlive the daemon.
 pub const PINNED_MAPS: [&str; 7] =
     [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::DROPS, maps::STATS, maps::REPLIES];
+
+/// Pinned maps that hold only counters: nothing enforced depends on them, so a daemon that finds
+/// one pinned in another shape (an older version's) replaces it and its counts restart at zero,
+/// where a pinned enforcement map of another shape is refused.
+pub const COUNTER_MAPS: [&str; 2] = [maps::DROPS, maps::STATS];
 
 #[derive(Clone, Debug)]
 pub struct PinPaths {
