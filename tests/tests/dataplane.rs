@@ -16,7 +16,7 @@ use ztseg_common::{
     agent::AgentState,
     event::{AgentStats, UNREGISTERED_SLOT},
     maps::MAX_AGENTS,
-    rule::{PROTO_TCP, PROTO_UDP},
+    rule::{PROTO_TCP, PROTO_UDP, Rule4, RuleValue, TABLE_NO_EVERY_PORT, VERDICT_ALLOW, VERDICT_DENY},
 };
 use ztseg_integration::{At, Netns, Site, loop_counts, probe, probe_loop, serve};
 
@@ -134,6 +134,55 @@ fn a_deny_beats_an_overlapping_allow() {
     let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
     assert_eq!(inside, ["ok", "ok", "EPERM", "EPERM", "EPERM"]);
     assert_eq!(outside, ["ok"; 5]);
+}
+
+#[test]
+fn a_table_without_every_port_entries_skips_that_bucket_and_an_unmarked_table_is_asked_both() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002"];
+
+    // Port rules only: the table is marked and judged by its port bucket.
+    let granted = dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+    assert_ne!(granted.table & TABLE_NO_EVERY_PORT, 0, "table {:#x}", granted.table);
+    let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
+    assert_eq!((inside, outside), (vec!["ok".to_owned(), "EPERM".to_owned()], vec!["ok".to_owned(); 2]));
+
+    // An every-port rule: the table is not marked, and that bucket decides.
+    let rules =
+        [allow("10.77.0.1/32", PROTO_TCP, 0), rule("10.77.0.1/32", PROTO_TCP, 8001, Verdict::Deny, 1)];
+    let granted = dp.grant(id, &rules, boot_now_ns() + HOUR_NS).unwrap();
+    assert_eq!(granted.table & TABLE_NO_EVERY_PORT, 0, "table {:#x}", granted.table);
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &ops), ["EPERM", "ok"]);
+
+    // A table written before the mark existed (so unmarked) with an every-port deny over a port
+    // allow: the deny still holds. Written straight into the pinned maps, as an older daemon
+    // left it.
+    let legacy: u32 = 0x00ab_cdef;
+    let rules_v4 = aya::maps::MapData::from_pin(site.pin_dir.join("rules_v4")).unwrap();
+    let mut rules_v4: aya::maps::LpmTrie<_, Rule4, RuleValue> =
+        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(rules_v4)).unwrap();
+    let key = |port: u16| {
+        aya::maps::lpm_trie::Key::new(
+            Rule4::EXACT,
+            Rule4::new(legacy, PROTO_TCP, port.to_be_bytes(), [10, 77, 0, 1]),
+        )
+    };
+    rules_v4.insert(&key(8001), RuleValue::new(0, VERDICT_ALLOW), 0).unwrap();
+    rules_v4.insert(&key(0), RuleValue::new(1, VERDICT_DENY), 0).unwrap();
+    let agents = aya::maps::MapData::from_pin(site.pin_dir.join("agents")).unwrap();
+    let mut agents: aya::maps::HashMap<_, u64, AgentState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(agents)).unwrap();
+    let state = agents.get(&id, 0).unwrap();
+    agents.insert(id, AgentState { table: legacy, ..state }, 0).unwrap();
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &ops), ["EPERM", "EPERM"]);
+    // Positive control: without the every-port deny, the port allow of that table lets 8001 in.
+    rules_v4.remove(&key(0)).unwrap();
+    assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &ops), ["ok", "EPERM"]);
+    rules_v4.remove(&key(8001)).unwrap();
 }
 
 #[test]

@@ -79,6 +79,12 @@ fn inbound_is_denied_by_default_allowed_when_granted_and_cut_on_kill() {
         "{denied}"
     );
     assert!(denied["dst"].is_null() && denied["pid"] == 0, "{denied}");
+    // No task made it: the record names the owner of the socket it reached, the agent's uid.
+    let (_, agents, _) = w.daemon.ztseg(&["agents", "--json"]);
+    let agents: serde_json::Value = serde_json::from_str(&agents).unwrap();
+    let alpha = agents.as_array().unwrap().iter().find(|a| a["agent"] == "alpha").unwrap();
+    assert!(alpha["uid"].as_u64().is_some_and(|uid| uid > 0), "{alpha}");
+    assert_eq!(denied["uid"], alpha["uid"], "{denied}");
     let allowed =
         w.daemon.wait_event("the granted connection", |r| r["action"] == "accept" && r["verdict"] == "allow");
     assert_eq!(

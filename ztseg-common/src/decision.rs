@@ -84,25 +84,36 @@ pub const fn gate(agent: Option<&AgentState>, now_boot_ns: u64) -> Result<u32, D
 /// stores an allow under a deny that covers it, so a bucket's longest match is a deny whenever
 /// any deny of that bucket matches.
 pub const fn combine(port: Option<&RuleValue>, any_port: Option<&RuleValue>) -> Decision {
-    if let Some(v) = port
-        && v.verdict == VERDICT_DENY
-    {
-        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: v.rule_id };
+    combine_found(
+        match port {
+            Some(v) => v,
+            None => &NO_MATCH,
+        },
+        match any_port {
+            Some(v) => v,
+            None => &NO_MATCH,
+        },
+    )
+}
+
+/// What a bucket lookup that found nothing stands for in [`combine_found`]: neither an allow nor
+/// a deny.
+pub const NO_MATCH: RuleValue = RuleValue { rule_id: NO_RULE_ID, verdict: 0, _pad: [0; 3] };
+
+/// [`combine`] over lookups that always hold a value ([`NO_MATCH`] for none), as the programs
+/// make them: every byte the verifier sees is written on every path.
+pub const fn combine_found(port: &RuleValue, any_port: &RuleValue) -> Decision {
+    if port.verdict == VERDICT_DENY {
+        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: port.rule_id };
     }
-    if let Some(v) = any_port
-        && v.verdict == VERDICT_DENY
-    {
-        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: v.rule_id };
+    if any_port.verdict == VERDICT_DENY {
+        return Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: any_port.rule_id };
     }
-    if let Some(v) = port
-        && v.verdict == VERDICT_ALLOW
-    {
-        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: v.rule_id };
+    if port.verdict == VERDICT_ALLOW {
+        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: port.rule_id };
     }
-    if let Some(v) = any_port
-        && v.verdict == VERDICT_ALLOW
-    {
-        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: v.rule_id };
+    if any_port.verdict == VERDICT_ALLOW {
+        return Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: any_port.rule_id };
     }
     Decision::deny(reason::NO_RULE)
 }

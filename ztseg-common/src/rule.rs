@@ -19,6 +19,17 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// The port bucket of rules that hold for every port.
 pub const ANY_PORT: [u8; 2] = [0, 0];
 
+/// Set in the id of a rule table that has no entry in the every-port bucket (of any direction
+/// or protocol): the programs then skip that lookup, which could only miss. A table without the
+/// bit (every table written before the bit existed included) is looked up in both buckets, so
+/// an every-port deny is never skipped.
+pub const TABLE_NO_EVERY_PORT: u32 = 1 << 31;
+
+/// Whether a table's every-port bucket can hold an entry (see [`TABLE_NO_EVERY_PORT`]).
+pub const fn has_every_port(table: u32) -> bool {
+    table & TABLE_NO_EVERY_PORT == 0
+}
+
 /// `dir` of a rule about what the agent sends or connects to: `port` and `addr` are the peer's.
 pub const DIR_OUT: u8 = 0;
 /// `dir` of a rule about what comes in (an `inbound` grant): `port` is the agent's own port,

@@ -1,7 +1,8 @@
 //! ztseg's kernel programs, attached once at the agents' root cgroup.
 //!
 //! Each program judges one socket operation with one chain of map lookups (agent state, then the
-//! destination's port bucket and every-port bucket of the agent's rule table) and no loops, and
+//! destination's port bucket and, unless the table's id says it has none, every-port bucket of
+//! the agent's rule table) and no loops, and
 //! writes one event record before it returns. The decision logic lives in
 //! `ztseg_common::decision` so it is unit-tested without a kernel; this file reads the context,
 //! looks things up, reports and returns the verdict.
@@ -16,7 +17,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::bpf_sock,
+    bindings::{__sk_buff, bpf_sock},
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
     helpers::{
@@ -31,7 +32,7 @@ use aya_ebpf::{
 };
 use ztseg_common::{
     agent::AgentState,
-    decision::{Decision, NO_RULE_ID, combine, gate, reason},
+    decision::{Decision, NO_MATCH, NO_RULE_ID, combine_found, gate, reason},
     event::{
         ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event,
         FAMILY_V4, FAMILY_V6, UNREGISTERED_SLOT,
@@ -40,7 +41,7 @@ use ztseg_common::{
     packet::{self, Arrival, Headers, Peer, Peers, REPLY_PEERS, STATE_ESTABLISHED},
     rule::{
         ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
-        effective_v4, effective_v6,
+        effective_v4, effective_v6, has_every_port,
     },
     sockopt,
 };
@@ -319,8 +320,8 @@ struct Task {
     /// Copied out at once: the daemon may replace the entry while we run.
     agent: Option<AgentState>,
     /// For an incoming packet: no task of the agent is running, the record carries the socket
-    /// owner's uid and no pid or comm.
-    socket_uid: Option<u32>,
+    /// owner's uid (read from this skb only when a record is written) and no pid or comm.
+    packet: Option<*mut __sk_buff>,
 }
 
 impl Task {
@@ -331,19 +332,17 @@ impl Task {
         let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
         // SAFETY: the reference is only read here, never kept.
         let agent = unsafe { AGENTS.get(cgroup_id).copied() };
-        Self { cgroup_id, now, agent, socket_uid: None }
+        Self { cgroup_id, now, agent, packet: None }
     }
 
     /// The agent whose socket an incoming packet reached (the socket's cgroup).
     #[inline(always)]
     fn of_packet(ctx: &SkBuffContext) -> Self {
         // SAFETY: the kernel hands cgroup_skb programs a valid skb; the helpers only read it.
-        let (cgroup_id, now, uid) = unsafe {
-            (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns(), bpf_get_socket_uid(ctx.skb.skb))
-        };
+        let (cgroup_id, now) = unsafe { (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns()) };
         // SAFETY: as in `current`.
         let agent = unsafe { AGENTS.get(cgroup_id).copied() };
-        Self { cgroup_id, now, agent, socket_uid: Some(uid) }
+        Self { cgroup_id, now, agent, packet: Some(ctx.skb.skb) }
     }
 
     #[inline(always)]
@@ -379,15 +378,15 @@ impl Task {
                     (*event).cgroup_id = self.cgroup_id;
                     (*event).rule_id = decision.rule_id;
                     (*event).table = self.table();
-                    match self.socket_uid {
+                    match self.packet {
                         None => {
                             (*event).pid_tgid = bpf_get_current_pid_tgid();
                             (*event).uid_gid = bpf_get_current_uid_gid();
                             bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
                         }
-                        Some(uid) => {
+                        Some(skb) => {
                             (*event).pid_tgid = 0;
-                            (*event).uid_gid = u64::from(uid);
+                            (*event).uid_gid = u64::from(bpf_get_socket_uid(skb));
                             let comm = (&raw mut (*event).comm).cast::<u64>();
                             comm.write_volatile(0);
                             comm.add(1).write_volatile(0);
@@ -565,10 +564,15 @@ fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> D
         return Decision::deny(reason::NO_RULE);
     }
     let at_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port, addr });
-    let any_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port: ANY_PORT, addr });
-    let at_port: Option<RuleValue> = RULES_V4.get(&at_port).copied();
-    let any_port: Option<RuleValue> = RULES_V4.get(&any_port).copied();
-    combine(at_port.as_ref(), any_port.as_ref())
+    let at_port: RuleValue = RULES_V4.get(&at_port).copied().unwrap_or(NO_MATCH);
+    // A table without every-port entries is not asked for one.
+    let any_port: RuleValue = if has_every_port(table) {
+        let any_port = Key::new(Rule4::EXACT, Rule4 { table, proto, dir, port: ANY_PORT, addr });
+        RULES_V4.get(&any_port).copied().unwrap_or(NO_MATCH)
+    } else {
+        NO_MATCH
+    };
+    combine_found(&at_port, &any_port)
 }
 
 #[inline(always)]
@@ -583,10 +587,15 @@ fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> 
         return Decision::deny(reason::NO_RULE);
     }
     let at_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port, addr });
-    let any_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port: ANY_PORT, addr });
-    let at_port: Option<RuleValue> = RULES_V6.get(&at_port).copied();
-    let any_port: Option<RuleValue> = RULES_V6.get(&any_port).copied();
-    combine(at_port.as_ref(), any_port.as_ref())
+    let at_port: RuleValue = RULES_V6.get(&at_port).copied().unwrap_or(NO_MATCH);
+    // A table without every-port entries is not asked for one.
+    let any_port: RuleValue = if has_every_port(table) {
+        let any_port = Key::new(Rule6::EXACT, Rule6 { table, proto, dir, port: ANY_PORT, addr });
+        RULES_V6.get(&any_port).copied().unwrap_or(NO_MATCH)
+    } else {
+        NO_MATCH
+    };
+    combine_found(&at_port, &any_port)
 }
 
 // Keeps NO_RULE_ID referenced for readers: events of gate denials carry it as rule_id.

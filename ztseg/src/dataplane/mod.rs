@@ -43,7 +43,7 @@ use ztseg_common::{
     event::AgentStats,
     maps,
     packet::Peers,
-    rule::{Rule4, Rule6, RuleValue},
+    rule::{Rule4, Rule6, RuleValue, TABLE_NO_EVERY_PORT},
 };
 
 pub use self::{
@@ -228,11 +228,13 @@ struct Tables {
 }
 
 impl Tables {
-    fn allocate(&mut self) -> u32 {
+    /// A new table id, with [`TABLE_NO_EVERY_PORT`] set when the table has no every-port entry.
+    fn allocate(&mut self, no_every_port: bool) -> u32 {
         loop {
-            self.next = self.next.wrapping_add(1);
-            if self.next != EMPTY_TABLE && !self.keys.contains_key(&self.next) {
-                return self.next;
+            self.next = self.next.wrapping_add(1) & !TABLE_NO_EVERY_PORT;
+            let id = self.next | if no_every_port { TABLE_NO_EVERY_PORT } else { 0 };
+            if self.next != EMPTY_TABLE && !self.keys.contains_key(&id) {
+                return id;
             }
         }
     }
@@ -608,7 +610,7 @@ impl Dataplane {
     ) -> Result<Granted, DataplaneError> {
         let state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;
         let mut announce = Some(announce);
-        let table = self.tables.allocate();
+        let table = self.tables.allocate(entries.iter().all(|e| e.port != 0));
         let encoded = table::encode(table, entries);
         let mut written = TableKeys::default();
         let result = (|| {
