@@ -186,6 +186,77 @@ fn a_table_without_every_port_entries_skips_that_bucket_and_an_unmarked_table_is
 }
 
 #[test]
+fn a_pinned_table_mislabelled_as_having_no_every_port_entry_is_withdrawn_at_start() {
+    // A daemon that does not know the mark (an older one) may write every-port entries into a
+    // table whose id carries it; these programs would skip its every-port denies.
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let (agent, id) = site.cgroup("agent");
+    let mislabelled: u32 = TABLE_NO_EVERY_PORT | 0x00ab_cdef;
+    {
+        let mut dp = start(&site);
+        dp.register(id).unwrap();
+        dp.grant(id, &[allow("10.77.0.2/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();
+        let rules_v4 = aya::maps::MapData::from_pin(site.pin_dir.join("rules_v4")).unwrap();
+        let mut rules_v4: aya::maps::LpmTrie<_, Rule4, RuleValue> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(rules_v4)).unwrap();
+        let key = |port: u16| {
+            aya::maps::lpm_trie::Key::new(
+                Rule4::EXACT,
+                Rule4::new(mislabelled, PROTO_TCP, port.to_be_bytes(), [10, 77, 0, 1]),
+            )
+        };
+        rules_v4.insert(&key(8001), RuleValue::new(0, VERDICT_ALLOW), 0).unwrap();
+        rules_v4.insert(&key(0), RuleValue::new(1, VERDICT_DENY), 0).unwrap();
+        let agents = aya::maps::MapData::from_pin(site.pin_dir.join("agents")).unwrap();
+        let mut agents: aya::maps::HashMap<_, u64, AgentState> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(agents)).unwrap();
+        let state = agents.get(&id, 0).unwrap();
+        agents.insert(id, AgentState { table: mislabelled, ..state }, 0).unwrap();
+        // The hole this guards against: these programs skip the every-port deny.
+        assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8001"]), ["ok"]);
+    }
+    let dp = start(&site);
+    let state = dp.agent(id).unwrap().unwrap();
+    assert_eq!((state.table, state.deadline_ns), (0, 0), "{state:?}");
+    assert_eq!(pinned_entries(&site, "rules_v4"), 0);
+    let (inside, outside) = inside_and_outside(&ns, &agent, &["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"]);
+    assert_eq!((inside, outside), (vec!["EPERM".to_owned(); 2], vec!["ok".to_owned(); 2]));
+}
+
+#[test]
+fn replaced_tables_are_deleted_in_steps_oldest_first_and_the_one_in_force_stays() {
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let rules = [
+        allow("10.77.0.1/32", PROTO_TCP, 8001),
+        allow("10.77.0.2/32", PROTO_TCP, 8001),
+        allow("10.77.0.3/32", PROTO_TCP, 8001),
+    ];
+    for _ in 0..5 {
+        dp.grant(id, &rules, boot_now_ns() + HOUR_NS).unwrap();
+    }
+    // Four replaced tables of three entries each, and the one in force.
+    assert_eq!(pinned_entries(&site, "rules_v4"), 15);
+    let barrier = dp.reclaim_barrier().unwrap();
+    barrier.wait().unwrap();
+    assert!(dp.finish_reclaim_some(&barrier, 6), "two tables fit a step of 6 entries");
+    assert_eq!(pinned_entries(&site, "rules_v4"), 9);
+    assert!(dp.finish_reclaim_some(&barrier, 1), "a step deletes at least one table");
+    assert_eq!(pinned_entries(&site, "rules_v4"), 6);
+    assert!(!dp.finish_reclaim_some(&barrier, 100), "nothing left");
+    assert_eq!(pinned_entries(&site, "rules_v4"), 3);
+    // The table in force was never touched.
+    assert_eq!(
+        probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002"]),
+        ["ok", "EPERM"]
+    );
+}
+
+#[test]
 fn an_unregistered_cgroup_under_the_root_gets_nothing() {
     let site = Site::new();
     let (ns, _server) = two_hosts();

@@ -219,7 +219,12 @@ impl<P: Fn(Line)> Writer<P> {
             }
             Err(e) => {
                 warn!(error = %e, event = ?record.get("event"), "could not append to the audit log");
-                (Body::from_map(record), None)
+                // Published as it came, less any field of the log's own (the reason it was refused).
+                let mut record = record.clone();
+                for field in ["hash", "prev", "seq"] {
+                    record.remove(field);
+                }
+                (Body::from_map(&record), None)
             }
         };
         self.publish(&body, agent, seq);

@@ -70,6 +70,9 @@ struct Shared {
     /// The agents' root as /proc/PID/cgroup shows it ("/ztseg.slice"): no process below it is
     /// ever a client of the control socket.
     agents_root: String,
+    /// The runtime event streams are served on: `ztseg events --follow` clients are fed at the
+    /// normal priority, never by the real-time control thread.
+    streams: tokio::runtime::Handle,
 }
 
 /// The state under its lock. Releasing it saves the agents a step changed (`state_dir/agents/`),
@@ -314,6 +317,7 @@ async fn serve(config: Config) -> Result<()> {
         recent,
         control_gid,
         agents_root,
+        streams: tokio::runtime::Handle::current(),
     });
     let listener = bind_socket(&config, control_gid)?;
     let (policy_tx, policy_rx) = mpsc::channel(16);
@@ -419,6 +423,9 @@ async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
 const RING_RECORDS: usize =
     (ztseg_common::maps::EVENTS_BYTES as u64 / ztseg_common::maps::EVENT_STRIDE) as usize;
 
+/// Events attributed per hold of the directory's read lock.
+const ATTRIBUTED_PER_LOCK: usize = 16;
+
 /// Events taken off the ring, attributed and handed to the audit writer at a time.
 const EVENT_BATCH: usize = 256;
 
@@ -506,11 +513,14 @@ async fn read_events(
         }
         let clocks = (clock::boot_now_ns(), clock::unix_now_ns());
         // Attributed at once (a later directory could name a later token), under the read lock
-        // for the lookups only; the records are written after it is released.
-        let who: Vec<_> = {
+        // for the lookups only, a few at a time: the control thread's writes never wait for
+        // more than a handful of lookups by a thread an agent's load can delay. The records are
+        // written after.
+        let mut who = Vec::with_capacity(batch.len());
+        for events in batch.chunks(ATTRIBUTED_PER_LOCK) {
             let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            batch.iter().map(|event| directory.who(event)).collect()
-        };
+            who.extend(events.iter().map(|event| directory.who(event)));
+        }
         let records = batch
             .iter()
             .zip(who)
@@ -532,6 +542,9 @@ async fn read_events(
         }
     }
 }
+
+/// Rule entries housekeeping deletes per hold of the state lock (about 1 µs each).
+const RECLAIM_STEP_KEYS: usize = 512;
 
 /// How long the audit writer may sit on waiting work before the watchdog stops being fed.
 const AUDIT_STALL: Duration = Duration::from_secs(10);
@@ -563,7 +576,11 @@ async fn housekeeping(shared: Arc<Shared>) {
             // takes milliseconds; token applies and kills go on meanwhile).
             if let Some(barrier) = barrier {
                 match barrier.wait() {
-                    Ok(()) => shared2.state().kernel.finish_reclaim(&barrier),
+                    // In steps of a few hundred entries, each under the lock on its own: a
+                    // kill or apply waits for one step at most, not for a backlog.
+                    Ok(()) => {
+                        while shared2.state().kernel.finish_reclaim_some(&barrier, RECLAIM_STEP_KEYS) {}
+                    }
                     Err(e) => error!(error = %e, "could not reclaim replaced rule tables"),
                 }
             }
@@ -597,12 +614,18 @@ fn control_thread(shared: Arc<Shared>, listener: std::os::unix::net::UnixListene
         .name("ztseg-control".into())
         .spawn(move || {
             set_realtime();
-            runtime.block_on(async move {
-                match UnixListener::from_std(listener) {
-                    Ok(listener) => accept(shared, listener).await,
-                    Err(e) => error!(error = %e, "cannot serve the control socket"),
-                }
-            });
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(async move {
+                    match UnixListener::from_std(listener) {
+                        Ok(listener) => accept(shared, listener).await,
+                        Err(e) => error!(error = %e, "cannot serve the control socket"),
+                    }
+                })
+            }));
+            // A daemon that cannot take a kill is of no use: stop it (systemd restarts it;
+            // enforcement stays pinned) rather than stay "ready" with no one listening.
+            error!(panicked = served.is_err(), "the control server stopped; stopping the daemon");
+            std::process::abort();
         })
         .context("cannot start the control server's thread")?;
     Ok(())
@@ -704,7 +727,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             }
         };
         if let Request::Events { follow, agent } = request {
-            stream_events(&shared, &mut writer, follow, agent).await;
+            hand_over_stream(shared, lines.into_inner(), writer, follow, agent);
             return;
         }
         // Handled here, on the control thread: no hand-over to a thread that waits for a CPU.
@@ -825,6 +848,34 @@ fn status(state: &State) -> Status {
         }),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     }
+}
+
+/// Moves an events connection from the control thread to the normal runtime (`Shared::streams`)
+/// and serves it there: feeding a subscriber record by record is no work for a real-time thread.
+fn hand_over_stream(
+    shared: Arc<Shared>,
+    reader: tokio::net::unix::OwnedReadHalf,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    follow: bool,
+    agent: Option<String>,
+) {
+    let stream = match reader.reunite(writer).map_err(io::Error::other).and_then(UnixStream::into_std) {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(error = %e, "cannot hand an events connection over; closing it");
+            return;
+        }
+    };
+    let streams = shared.streams.clone();
+    streams.spawn(async move {
+        match UnixStream::from_std(stream) {
+            Ok(stream) => {
+                let (_, mut writer) = stream.into_split();
+                stream_events(&shared, &mut writer, follow, agent).await;
+            }
+            Err(e) => warn!(error = %e, "cannot serve an events connection"),
+        }
+    });
 }
 
 async fn stream_events(

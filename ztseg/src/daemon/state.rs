@@ -697,9 +697,21 @@ impl<K: Kernel> State<K> {
             .get(agent)
             .ok_or_else(|| Refusal::new(Code::UnknownAgent, format!("no agent {agent} is registered")))?;
         let cgroup = self.cgroups.resolve(&record.cgroup);
-        self.kernel
-            .set_killed(record.cgroup_id, false)
-            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+        let (cgroup_id, granted) = (record.cgroup_id, record.active.is_some());
+        // Rules the daemon revoked but the kernel kept (the kill switch stood in for the
+        // revocation) go first: lifting the switch must not bring them back.
+        if !granted
+            && let Ok(Some(held)) = self.kernel.agent(cgroup_id)
+            && (held.table != 0 || held.deadline_ns != 0)
+        {
+            self.kernel.revoke(cgroup_id).map_err(|e| {
+                Refusal::new(
+                    Code::Dataplane,
+                    format!("agent {agent} still holds rules that were revoked and the kernel will not take them out ({e}); its kill switch stays on"),
+                )
+            })?;
+        }
+        self.kernel.set_killed(cgroup_id, false).map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
         let thawed = match cgroup {
             Ok(path) if self.kernel.frozen(&path) => match self.kernel.freeze(&path, false, FREEZE_WAIT) {
                 Ok(thawed) => Some(thawed),
@@ -967,6 +979,20 @@ impl<K: Kernel> State<K> {
                 self.mark_changed(&id);
                 lapsed.push(id);
             }
+        }
+        // An agent without a token holds no rules: a revocation the kernel refused before the
+        // restart (the kill switch stood in) is tried again now.
+        let holding: Vec<(AgentId, u64)> = self
+            .agents
+            .iter()
+            .filter(|(_, record)| record.active.is_none())
+            .filter(|(_, record)| {
+                matches!(self.kernel.agent(record.cgroup_id), Ok(Some(held)) if held.table != 0 || held.deadline_ns != 0)
+            })
+            .map(|(id, record)| (id.clone(), record.cgroup_id))
+            .collect();
+        for (id, cgroup_id) in holding {
+            let _ = self.withdraw(&id, cgroup_id);
         }
         self.close_sockets(&lapsed);
     }

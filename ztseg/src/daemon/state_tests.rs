@@ -497,6 +497,28 @@ fn a_revoke_the_kernel_refuses_turns_the_kill_switch_on_or_keeps_the_grant_for_a
     assert!(state.kernel.state(cgroup_id).killed(), "the kernel still grants and nothing cut it off");
     assert_eq!(agent_state(&state, &id), "killed");
     assert_eq!(events(&audited(&state, &records), "kill").len(), 1);
+    // Lifting the switch must not bring the revoked rules back: while the kernel keeps them,
+    // revive is refused and the switch stays on; once it takes writes, revive withdraws them.
+    assert_eq!(state.revive(&id).unwrap_err().code.as_str(), "dataplane");
+    assert!(state.kernel.state(cgroup_id).killed());
+    assert_ne!(state.kernel.state(cgroup_id).table, 0);
+    // A restarted daemon tries the revocation again at once.
+    state.persist();
+    let mut pins = state.kernel.restarted();
+    pins.fail(Op::SetKilled);
+    let (mut restarted, _) = host.state(pins);
+    restarted.restore();
+    assert_eq!(
+        (restarted.kernel.state(cgroup_id).table, restarted.kernel.state(cgroup_id).deadline_ns),
+        (0, 0)
+    );
+    restarted.kernel.heal(Op::SetKilled);
+    restarted.revive(&id).unwrap();
+    assert!(!restarted.kernel.state(cgroup_id).killed());
+    state.kernel.heal(Op::Revoke);
+    state.revive(&id).unwrap();
+    assert_eq!(state.kernel.state(cgroup_id).table, 0);
+    assert!(!state.kernel.state(cgroup_id).killed());
 
     // Neither holds: the revoke fails, and the daemon still knows the grant, so a retry works.
     let host = Host::new();

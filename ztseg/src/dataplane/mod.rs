@@ -43,7 +43,7 @@ use ztseg_common::{
     event::AgentStats,
     maps,
     packet::Peers,
-    rule::{Rule4, Rule6, RuleValue, TABLE_NO_EVERY_PORT},
+    rule::{ANY_PORT, Rule4, Rule6, RuleValue, TABLE_NO_EVERY_PORT},
 };
 
 pub use self::{
@@ -444,13 +444,6 @@ impl Dataplane {
             .map_err(|source| DataplaneError::PinDir { path: links_dir.clone(), source })?;
         let root = File::open(root_cgroup)
             .map_err(|source| CgroupError::Stat { path: root_cgroup.to_owned(), source })?;
-        for (name, hook) in PROGRAMS {
-            if attach(&mut ebpf, name, hook, &root, root_cgroup_id, &paths.link(name))? {
-                report.links_updated += 1;
-            } else {
-                report.links_created += 1;
-            }
-        }
 
         let mut dataplane = Self {
             agents: take_map(&mut ebpf, maps::AGENTS)?,
@@ -472,9 +465,17 @@ impl Dataplane {
             reclaimed: 0,
             _lock: lock,
         };
+        // The maps are made consistent with these programs before the programs are swapped in.
         let (agents, orphans) = dataplane.adopt()?;
         report.agents_adopted = agents;
         report.orphans_removed = orphans;
+        for (name, hook) in PROGRAMS {
+            if attach(&mut ebpf, name, hook, &root, root_cgroup_id, &dataplane.paths.link(name))? {
+                report.links_updated += 1;
+            } else {
+                report.links_created += 1;
+            }
+        }
         info!(
             pin_dir = %dataplane.paths.dir().display(),
             root = %root_cgroup.display(),
@@ -491,10 +492,12 @@ impl Dataplane {
     /// references (a crash between writing a table and switching to it leaves such entries).
     fn adopt(&mut self) -> Result<(usize, usize), DataplaneError> {
         let mut in_use = BTreeSet::new();
+        let mut adopted = Vec::new();
         for entry in self.agents.iter() {
-            let (_, state) = entry.map_err(map_err(maps::AGENTS))?;
+            let (cgroup_id, state) = entry.map_err(map_err(maps::AGENTS))?;
             self.slots.insert(state.slot);
             in_use.insert(state.table);
+            adopted.push((cgroup_id, state));
         }
         let mut orphans = TableKeys::default();
         for key in self.rules_v4.keys() {
@@ -515,7 +518,37 @@ impl Dataplane {
                 orphans.v6.push(key);
             }
         }
-        self.tables.next = in_use.iter().copied().max().unwrap_or(EMPTY_TABLE);
+        // A table marked as having no every-port entry that has one was written by a daemon that
+        // did not know the mark (an older one, after adopting ids that carried it): these
+        // programs would skip its every-port denies. Its agents lose it (no token) until the
+        // daemon grants again from their saved tokens; fail closed.
+        let mislabelled: BTreeSet<u32> = self
+            .tables
+            .keys
+            .iter()
+            .filter(|(table, keys)| {
+                **table & TABLE_NO_EVERY_PORT != 0
+                    && (keys.v4.iter().any(|k| k.data().port == ANY_PORT)
+                        || keys.v6.iter().any(|k| k.data().port == ANY_PORT))
+            })
+            .map(|(table, _)| *table)
+            .collect();
+        for (cgroup_id, state) in adopted.into_iter().filter(|(_, s)| mislabelled.contains(&s.table)) {
+            warn!(
+                cgroup_id,
+                table = state.table,
+                "a pinned rule table is mislabelled (every-port entries under the no-every-port mark); withdrawing it until the agent's token is granted again"
+            );
+            let next = AgentState { deadline_ns: 0, table: EMPTY_TABLE, ..state };
+            self.agents.insert(cgroup_id, next, 0).map_err(map_err(maps::AGENTS))?;
+        }
+        for table in &mislabelled {
+            if let Some(keys) = self.tables.keys.remove(table) {
+                orphans.v4.extend(keys.v4);
+                orphans.v6.extend(keys.v6);
+            }
+        }
+        self.tables.next = in_use.iter().copied().max().unwrap_or(EMPTY_TABLE) & !TABLE_NO_EVERY_PORT;
         let orphan_count = orphans.len();
         if orphan_count > 0 {
             warn!(entries = orphan_count, "deleting rule entries no agent references");
@@ -724,15 +757,33 @@ impl Dataplane {
 
     /// Deletes the tables that were replaced before `barrier` was taken (and waited on).
     pub fn finish_reclaim(&mut self, barrier: &ReclaimBarrier) {
+        while self.finish_reclaim_some(barrier, usize::MAX) {}
+    }
+
+    /// Deletes at most `max_keys` entries' worth of the tables replaced before `barrier` was
+    /// taken (at least one table); returns whether some are left, so an owner can delete a
+    /// large backlog (10,000 tables replaced at a restart) in short steps under its lock.
+    pub fn finish_reclaim_some(&mut self, barrier: &ReclaimBarrier, max_keys: usize) -> bool {
         // `retired` is in retirement order; `reclaimed` counts the tables already deleted from
         // its front, so an inline `reclaim` in between cannot make this delete newer tables.
-        let n = barrier.upto.saturating_sub(self.reclaimed).min(self.retired.len() as u64) as usize;
+        let due = barrier.upto.saturating_sub(self.reclaimed).min(self.retired.len() as u64) as usize;
+        // Whole tables, in order, while their entries fit in `max_keys` (the first always).
+        let n = self.retired[..due]
+            .iter()
+            .scan(0usize, |sum, table| {
+                *sum += self.tables.keys.get(table).map_or(0, TableKeys::len);
+                Some(*sum)
+            })
+            .enumerate()
+            .take_while(|&(i, sum)| i == 0 || sum <= max_keys)
+            .count();
         self.reclaimed += n as u64;
         for table in self.retired.drain(..n).collect::<Vec<_>>() {
             if let Some(keys) = self.tables.keys.remove(&table) {
                 self.delete_keys(&keys);
             }
         }
+        n < due
     }
 
     /// Reclaiming waits for an RCU grace period (milliseconds): an owner does it periodically
