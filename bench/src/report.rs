@@ -216,7 +216,7 @@ fn aims(r: &Results, control: Option<&Figures>) -> String {
     let Some(fig) = control else { return text };
     let under_1ms = [
         (
-            "token apply -> first allowed",
+            "token apply -> enforced",
             "Token apply to enforced under 1 ms p99, with the agent flooding connects",
         ),
         ("ztseg kill -> enforced", "Kill to enforced under 1 ms p99, with the agent flooding connects"),

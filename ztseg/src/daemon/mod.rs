@@ -57,9 +57,11 @@ use crate::{
 const RECENT_EVENTS: usize = 2048;
 
 struct Shared {
-    /// Taken by the control thread, housekeeping and policy reloads; every step under it is a
-    /// syscall or a file write, never an await.
-    state: Mutex<State>,
+    /// Taken by the control thread (awaited), housekeeping and policy reloads (blocking
+    /// threads); every step under it is a syscall or a file write, never an await. FIFO-fair
+    /// (tokio's mutex): once the control thread waits, housekeeping's next step queues behind
+    /// it instead of taking the lock again at once.
+    state: tokio::sync::Mutex<State>,
     /// Who decisions belong to, for the event reader (see [`directory`]).
     directory: Arc<RwLock<directory::Directory>>,
     audit: audit_writer::AuditSender,
@@ -78,7 +80,7 @@ struct Shared {
 /// The state under its lock. Releasing it saves the agents a step changed (`state_dir/agents/`),
 /// so every control request, reload and tick leaves the saved state current, and a start with
 /// 10,000 bindings writes each agent's file once.
-struct StateGuard<'a>(std::sync::MutexGuard<'a, State>);
+struct StateGuard<'a>(tokio::sync::MutexGuard<'a, State>);
 
 impl std::ops::Deref for StateGuard<'_> {
     type Target = State;
@@ -102,10 +104,14 @@ impl Drop for StateGuard<'_> {
 use audit_writer::Line;
 
 impl Shared {
-    /// The state. A panic under the lock (a bug) does not stop the daemon from enforcing and
-    /// answering: the lock is taken again as it was left.
+    /// The state, from a blocking thread (`spawn_blocking`, or a thread without a runtime).
     fn state(&self) -> StateGuard<'_> {
-        StateGuard(self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        StateGuard(self.state.blocking_lock())
+    }
+
+    /// The state, from the control thread's runtime.
+    async fn state_async(&self) -> StateGuard<'_> {
+        StateGuard(self.state.lock().await)
     }
 }
 
@@ -310,7 +316,7 @@ async fn serve(config: Config) -> Result<()> {
 
     let agents_root = format!("/{}", state.config.cgroup_root.display());
     let shared = Arc::new(Shared {
-        state: Mutex::new(state),
+        state: tokio::sync::Mutex::new(state),
         directory,
         audit,
         stream,
@@ -378,7 +384,7 @@ async fn serve(config: Config) -> Result<()> {
         );
     }
     // Held to the end: no control request changes anything after the last record.
-    let mut state = shared.state();
+    let mut state = shared.state_async().await;
     state.audit_event("daemon_stopped", Map::new());
     // A clean stop ends the log on a signed checkpoint, after everything handed over (waits
     // for the writer; the runtime's other tasks go on meanwhile).
@@ -543,8 +549,8 @@ async fn read_events(
     }
 }
 
-/// Rule entries housekeeping deletes per hold of the state lock (about 1 µs each).
-const RECLAIM_STEP_KEYS: usize = 512;
+/// Rule entries housekeeping deletes per hold of the state lock (a few µs each).
+const RECLAIM_STEP_KEYS: usize = 64;
 
 /// How long the audit writer may sit on waiting work before the watchdog stops being fed.
 const AUDIT_STALL: Duration = Duration::from_secs(10);
@@ -679,7 +685,9 @@ fn refuse_peer(shared: &Shared, peer: &control::Peer, pidfd: &OwnedFd) -> Option
     fields.insert("uid".into(), json!(peer.uid));
     fields.insert("cgroup".into(), json!(cgroup));
     fields.insert("reason".into(), json!("agent_peer"));
-    shared.state().audit_event("control_refused", fields);
+    fields.insert("ts".into(), json!(events::rfc3339(std::time::SystemTime::now())));
+    fields.insert("event".into(), json!("control_refused"));
+    shared.audit.send(fields);
     Some(Response::coded(
         ErrorCode::AgentPeer,
         format!(
@@ -731,7 +739,9 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
         // Handled here, on the control thread: no hand-over to a thread that waits for a CPU.
-        let response = handle(&shared, request, &pidfd, peer.uid);
+        let mut state = shared.state_async().await;
+        let response = handle(&mut state, request, &pidfd, peer.uid);
+        drop(state);
         if write_response(&mut writer, &response).await.is_err() {
             return;
         }
@@ -747,8 +757,7 @@ fn parse_agent(agent: &str) -> Result<AgentId, Refusal> {
 }
 
 /// Handles one request (blocking: map writes, cgroup moves).
-fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> Response {
-    let mut state = shared.state();
+fn handle(state: &mut State, request: Request, peer: &OwnedFd, peer_uid: u32) -> Response {
     match request {
         Request::TokenApply { agent, token } => match parse_agent(&agent) {
             Ok(agent) => state
@@ -786,10 +795,10 @@ fn handle(shared: &Shared, request: Request, peer: &OwnedFd, peer_uid: u32) -> R
             format!("uid {peer_uid} may not start agents: `ztseg run` must be started by root"),
         ),
         Request::Run { agent, token } => match parse_agent(&agent) {
-            Ok(agent) => run_agent(&mut state, &agent, token.as_deref(), peer),
+            Ok(agent) => run_agent(state, &agent, token.as_deref(), peer),
             Err(refusal) => refused(refusal),
         },
-        Request::Status {} => Response::ok(Answer::Status(status(&state))),
+        Request::Status {} => Response::ok(Answer::Status(status(state))),
         Request::Events { .. } => Response::fail(FailureKind::Usage, "events are streamed"),
     }
 }

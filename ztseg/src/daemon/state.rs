@@ -193,16 +193,21 @@ pub fn write_replay(snapshot: &ReplaySnapshot) {
     if snapshot.generation <= *written {
         return;
     }
-    match ReplayCache::write_bytes(&snapshot.path, &snapshot.bytes) {
+    let bytes = match snapshot.cache.to_bytes() {
+        Ok(bytes) => bytes,
+        Err(e) => return warn!(error = %e, "cannot save the replay cache"),
+    };
+    match ReplayCache::write_bytes(&snapshot.path, &bytes) {
         Ok(()) => *written = snapshot.generation,
         Err(e) => warn!(error = %e, "cannot save the replay cache"),
     }
 }
 
-/// The replay cache's file contents at one moment (`State::replay_snapshot`).
+/// The replay cache at one moment (`State::replay_snapshot`), serialised and written without
+/// the state lock (10,000 entries take about a millisecond).
 pub struct ReplaySnapshot {
     path: PathBuf,
-    bytes: Vec<u8>,
+    cache: ReplayCache,
     generation: u64,
 }
 
@@ -1066,17 +1071,13 @@ impl<K: Kernel> State<K> {
             return None;
         }
         self.replay.prune(now_unix(), self.config.leeway_seconds);
-        match self.replay.to_bytes() {
-            Ok(bytes) => {
-                self.replay_dirty = false;
-                self.replay_generation += 1;
-                Some(ReplaySnapshot { path: self.replay_path(), bytes, generation: self.replay_generation })
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot save the replay cache");
-                None
-            }
-        }
+        self.replay_dirty = false;
+        self.replay_generation += 1;
+        Some(ReplaySnapshot {
+            path: self.replay_path(),
+            cache: self.replay.clone(),
+            generation: self.replay_generation,
+        })
     }
 
     /// Logs each token's expiry once.

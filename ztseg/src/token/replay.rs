@@ -11,6 +11,7 @@ use std::{
     io::{self, Write as _},
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -38,13 +39,15 @@ pub enum ReplayCacheError {
 /// `jti` -> the token that used it: when it expires, for which agent, and its SHA-256.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ReplayCache {
-    entries: BTreeMap<String, Entry>,
+    /// Shared strings: a copy of the cache (the daemon saves one each second, taken under its
+    /// state lock) costs reference counts, not an allocation per entry.
+    entries: BTreeMap<Arc<str>, Entry>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 struct Entry {
     exp: u64,
-    agent: AgentId,
+    agent: Arc<str>,
     sha256: [u8; 32],
 }
 
@@ -90,10 +93,10 @@ impl ReplayCache {
         let mut entries = BTreeMap::new();
         for (jti, e) in file.entries {
             let bad = |field| ReplayCacheError::Entry { path: path.to_owned(), jti: jti.clone(), field };
-            let agent = e.agent.parse().map_err(|_| bad("agent"))?;
+            let agent: AgentId = e.agent.parse().map_err(|_| bad("agent"))?;
             let sha256 =
                 hex::decode(&e.sha256).ok().and_then(|h| h.try_into().ok()).ok_or_else(|| bad("sha256"))?;
-            entries.insert(jti, Entry { exp: e.exp, agent, sha256 });
+            entries.insert(jti.into(), Entry { exp: e.exp, agent: agent.as_str().into(), sha256 });
         }
         Ok(Self { entries })
     }
@@ -115,7 +118,7 @@ impl ReplayCache {
                 .map(|(jti, e)| {
                     let entry =
                         FileEntry { exp: e.exp, agent: e.agent.to_string(), sha256: hex::encode(e.sha256) };
-                    (jti.clone(), entry)
+                    (jti.to_string(), entry)
                 })
                 .collect(),
         };
@@ -163,16 +166,19 @@ impl ReplayCache {
         leeway: u64,
     ) -> Result<(), TokenError> {
         let sha256 = token_hash(token);
-        if let Some(seen) = self.entries.get(&claims.jti)
+        if let Some(seen) = self.entries.get(claims.jti.as_str())
             && is_live(seen.exp, now_unix, leeway)
         {
-            return if seen.sha256 == sha256 && seen.agent == *agent {
+            return if seen.sha256 == sha256 && *seen.agent == *agent.as_str() {
                 Ok(())
             } else {
                 Err(TokenError::Replayed { jti: claims.jti.clone() })
             };
         }
-        self.entries.insert(claims.jti.clone(), Entry { exp: claims.exp, agent: agent.clone(), sha256 });
+        self.entries.insert(
+            claims.jti.as_str().into(),
+            Entry { exp: claims.exp, agent: agent.as_str().into(), sha256 },
+        );
         Ok(())
     }
 
