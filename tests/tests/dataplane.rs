@@ -488,6 +488,7 @@ fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentStats) {
             denied: field(v, "denied"),
             dropped: field(v, "dropped"),
             emitted: field(v, "emitted"),
+            unrecorded: field(v, "unrecorded"),
         })
         .collect();
     (each.len(), AgentStats::total(&each))
@@ -505,7 +506,7 @@ fn a_stats_array_pinned_by_an_older_version_is_replaced_and_counts_again() {
     let pin = site.pin_dir.join("stats");
     {
         let mut old = Array::<MapData, AgentStats>::create(MAX_AGENTS + 1, 0).unwrap();
-        let stale = AgentStats { decisions: 1000, denied: 1000, dropped: 0, emitted: 1000 };
+        let stale = AgentStats { decisions: 1000, denied: 1000, dropped: 0, emitted: 1000, unrecorded: 0 };
         old.set(UNREGISTERED_SLOT, stale, 0).unwrap();
         old.pin(&pin).unwrap();
     }

@@ -269,57 +269,98 @@ fn gated_agent(w: &World, rounds: u64, ops: &[&str]) -> Proc {
     agent
 }
 
-fn counters(daemon: &Daemon) -> (u64, u64, u64) {
+/// The agent's counters: (emitted, written, dropped, refused_unrecorded).
+fn counters(daemon: &Daemon) -> [u64; 4] {
     let agents: Value = serde_json::from_str(&daemon.agents()).unwrap();
     let a = &agents[0];
-    (
-        a["events_emitted"].as_u64().unwrap(),
-        a["events_written"].as_u64().unwrap(),
-        a["events_dropped"].as_u64().unwrap(),
-    )
+    ["events_emitted", "events_written", "events_dropped", "refused_unrecorded"]
+        .map(|k| a[k].as_u64().unwrap())
 }
 
 /// Runs `rounds` of (allowed connect, denied connect) from an agent while the daemon is frozen,
-/// so nothing drains the ring buffer, then thaws it; returns the counters' growth.
-fn burst(w: &World, rounds: u64) -> (u64, u64, u64) {
+/// so nothing drains the ring buffer, then thaws it. Returns the allowed connects that went
+/// through, the markers tried, and the counters' growth once the daemon has read everything.
+fn burst(w: &World, rounds: u64) -> (u64, u64, [u64; 4]) {
     let before = counters(&w.daemon);
     let mut agent = gated_agent(w, rounds, &["tcp-rst:10.77.0.1:8001", "tcp:10.77.0.1:8002"]);
     w.daemon.freeze(true);
     writeln!(agent.stdin(), "go").unwrap();
     let outcome = agent.line();
     w.daemon.freeze(false);
-    assert_eq!(outcome, format!("EPERM={rounds} ok={rounds}"));
     drop(agent);
+    // "EPERM=N ok=M": the denials, plus any allow refused for want of a record.
+    let counts: Vec<u64> =
+        outcome.split_whitespace().map(|kv| kv.split_once('=').unwrap().1.parse().unwrap()).collect();
+    let (refused, ok) = (counts[0], counts[1]);
+    assert_eq!(refused + ok, 2 * rounds, "{outcome}");
     // Everything the kernel wrote is in the ring before the marker: once the marker arrives, the
-    // daemon has read all of it.
+    // daemon has read all of it. The marker is an allowed connect, so it is always recorded
+    // once it goes through; while the ring is still full it is refused, and tried again.
     let from = w.daemon.next_seq();
-    let (code, out, _) = run_agent(&w.daemon, &w.ns, "analyst", None, &[MARKER]);
-    assert_eq!((code, out), (0, vec!["EPERM".to_owned()]));
-    w.daemon.collect_events(from, is_marker);
+    let mut markers = 0;
+    loop {
+        markers += 1;
+        let (code, out, _) = run_agent(&w.daemon, &w.ns, "analyst", None, &[ALLOWED_MARKER]);
+        assert_eq!(code, 0);
+        if out == ["ok"] {
+            break;
+        }
+        assert_eq!(out, ["EPERM"], "the marker");
+    }
+    w.daemon.collect_events(from, |r| r["action"] == "connect" && r["dst"] == "fd77::1");
     let after = counters(&w.daemon);
-    (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+    (ok, markers, [0, 1, 2, 3].map(|i| after[i] - before[i]))
+}
+
+/// An allowed connect none of the bursts makes.
+const ALLOWED_MARKER: &str = "tcp:[fd77::1]:8001";
+
+/// The records of the live audit log with `seq >= from`.
+fn logged_since(log: &Path, from: u64) -> Vec<Value> {
+    fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["seq"].as_u64().unwrap() >= from)
+        .collect()
 }
 
 #[test]
-fn under_load_every_decision_is_written_or_counted_as_dropped() {
-    let w = world();
-    // Ring capacity: 4 MiB of 80-byte records with 8-byte headers.
+fn under_load_denials_give_way_and_no_allow_goes_unrecorded() {
+    let mut w = world();
+    // Ring capacity: 4 MiB of 80-byte records with 8-byte headers; denials are recorded only
+    // while it is less than half full.
     let capacity = u64::from(ztseg_common::maps::EVENTS_BYTES) / ztseg_common::maps::EVENT_STRIDE;
-    // Below capacity (40,000 decisions while nothing drains): nothing is lost.
-    let (emitted, written, dropped) = burst(&w, 20_000);
-    eprintln!("below capacity ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");
-    assert_eq!(dropped, 0);
-    assert_eq!(emitted, 40_000 + 1, "the burst and the marker");
+    // Below half (20,000 decisions while nothing drains): everything is recorded.
+    let (ok, markers, [emitted, written, dropped, unrecorded]) = burst(&w, 10_000);
+    eprintln!("below half ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");
+    assert_eq!((ok, markers, dropped, unrecorded), (10_000, 1, 0, 0));
+    assert_eq!(emitted, 20_000 + 1, "the burst and the marker");
     assert_eq!(written, emitted);
-    // Above capacity (100,000 connects while nothing drains): every loss is counted.
-    let (emitted, written, dropped) = burst(&w, 50_000);
-    eprintln!("above capacity ({capacity}): emitted {emitted}, written {written}, dropped {dropped}");
-    assert_eq!(emitted, 100_000 + 1);
-    assert!(dropped > 0);
-    assert_eq!(written + dropped, emitted, "a lost event that was not counted");
+
+    // Beyond the ring (100,000 decisions while nothing drains): past half the ring denials are
+    // counted and not recorded; once it is full, allows are refused rather than let through
+    // unrecorded.
+    let from = w.daemon.next_seq();
+    let (ok, markers, [emitted, written, dropped, unrecorded]) = burst(&w, 50_000);
+    eprintln!(
+        "beyond the ring: allowed {ok}, emitted {emitted}, written {written}, dropped {dropped}, unrecorded {unrecorded}, markers {markers}"
+    );
+    assert_eq!(emitted, 100_000 + markers);
+    assert!(dropped > 0 && unrecorded > 0, "the burst did not fill the ring");
+    assert_eq!(
+        ok + unrecorded,
+        50_000 + markers - 1,
+        "an allow neither let through nor refused as unrecorded"
+    );
+    assert_eq!(written + dropped + unrecorded, emitted, "a decision neither written nor counted");
     assert!(written <= capacity + 1, "more written than the ring holds while frozen: {written}");
-    let status: Value = serde_json::from_str(&w.daemon.ztseg(&["status"]).1).unwrap();
-    let per_cpu: u64 =
-        status["events_dropped_per_cpu"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(per_cpu, dropped, "per-CPU drop counters disagree with the agent's");
+    // Denials gave the second half of the ring to allows.
+    assert!(ok > capacity * 2 / 3, "allows recorded: {ok} of a ring of {capacity}");
+    // Every allow that went through is in the audit log.
+    w.daemon.stop();
+    let records = logged_since(&w.daemon.audit_log, from);
+    let allowed = records.iter().filter(|r| r["action"] == "connect" && r["verdict"] == "allow").count();
+    assert_eq!(allowed as u64, ok + 1, "allowed connects (the burst's and the marker) without a record");
+    assert!(records.iter().all(|r| r["reason"] != "unrecorded"), "a refusal for want of a record has one");
 }

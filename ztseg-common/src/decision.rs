@@ -28,6 +28,9 @@ pub mod reason {
     pub const RAW_SOCKET: u8 = 9;
     /// A socket protocol ztseg does not judge (SCTP, MPTCP, UDP-Lite, ping ...): refused whole.
     pub const PROTOCOL: u8 = 10;
+    /// An operation the rules allow whose record could not be written (the events ring was
+    /// full): refused, since nothing is allowed unrecorded.
+    pub const UNRECORDED: u8 = 11;
 }
 
 /// Marks "no rule" in [`Decision::rule_id`].

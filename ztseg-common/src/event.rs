@@ -69,11 +69,15 @@ pub struct Event {
 pub struct AgentStats {
     pub decisions: u64,
     pub denied: u64,
-    /// Events that found the ring buffer full: the decision stood, its record was lost.
+    /// Denials whose record was not written: the events ring was more than half full (the rest
+    /// is kept for allows) or full. The denial stood and is counted here and in `denied`.
     pub dropped: u64,
-    /// Events the programs tried to write (written + dropped); socket creations that were
-    /// allowed are counted as decisions but not reported.
+    /// Events the programs tried to write (written + dropped + unrecorded); socket creations
+    /// that were allowed are counted as decisions but not reported.
     pub emitted: u64,
+    /// Allows refused because their record could not be written (the ring was full): reason
+    /// `unrecorded`, counted in `denied` too.
+    pub unrecorded: u64,
 }
 
 impl AgentStats {
@@ -86,6 +90,7 @@ impl AgentStats {
             denied: sum.denied.wrapping_add(cpu.denied),
             dropped: sum.dropped.wrapping_add(cpu.dropped),
             emitted: sum.emitted.wrapping_add(cpu.emitted),
+            unrecorded: sum.unrecorded.wrapping_add(cpu.unrecorded),
         })
     }
 }
@@ -120,7 +125,7 @@ mod tests {
         assert_eq!(offset_of!(Event, reason), 78);
         // Ring buffer records are 8-byte aligned.
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<AgentStats>(), 32);
+        assert_eq!(size_of::<AgentStats>(), 40);
         // Per-CPU map values are laid out 8-byte aligned per CPU; no rounding hides a field.
         assert_eq!(size_of::<AgentStats>() % 8, 0);
     }
@@ -128,11 +133,14 @@ mod tests {
     #[test]
     fn per_cpu_copies_sum_field_by_field() {
         let cpus = [
-            AgentStats { decisions: 3, denied: 1, dropped: 0, emitted: 3 },
+            AgentStats { decisions: 3, denied: 1, dropped: 0, emitted: 3, unrecorded: 0 },
             AgentStats::default(),
-            AgentStats { decisions: 5, denied: 2, dropped: 1, emitted: 4 },
+            AgentStats { decisions: 5, denied: 2, dropped: 1, emitted: 4, unrecorded: 1 },
         ];
-        assert_eq!(AgentStats::total(&cpus), AgentStats { decisions: 8, denied: 3, dropped: 1, emitted: 7 });
+        assert_eq!(
+            AgentStats::total(&cpus),
+            AgentStats { decisions: 8, denied: 3, dropped: 1, emitted: 7, unrecorded: 1 }
+        );
         assert_eq!(AgentStats::total(&[]), AgentStats::default());
     }
 }

@@ -44,6 +44,11 @@ pub const EVENT_STRIDE: u64 = core::mem::size_of::<crate::event::Event>() as u64
 /// Waking the reader costs an interrupt per record, several microseconds on a VM: more than the
 /// whole decision.
 pub const EVENTS_WAKE_BYTES: u64 = 32 * 1024;
+
+/// Unread bytes in the events ring from which denials are counted but not recorded: the rest of
+/// the ring is kept for allows, which are refused when their record cannot be written. A flood
+/// of denials (a scan, a hammered forbidden destination) can then never refuse anyone's allows.
+pub const SHED_DENIALS_AT: u64 = EVENTS_BYTES as u64 / 2;
 /// The reader drains the ring at least this often, whether or not it was woken.
 pub const EVENTS_DRAIN_MS: u64 = 50;
 

@@ -37,7 +37,7 @@ use ztseg_common::{
         ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event,
         FAMILY_V4, FAMILY_V6, UNREGISTERED_SLOT,
     },
-    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, wake_reader},
+    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, SHED_DENIALS_AT, wake_reader},
     packet::{self, Arrival, Headers, Peer, Peers, REPLY_PEERS, STATE_ESTABLISHED},
     rule::{
         ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
@@ -360,13 +360,20 @@ impl Task {
         self.agent.as_ref().map_or(UNREGISTERED_SLOT, |a| a.slot)
     }
 
-    /// Writes the event (when `emit`), counts the decision, and returns the program's verdict. A
-    /// full ring buffer never changes the verdict: the lost record is counted instead.
+    /// Writes the event (when `emit`), counts the decision, and returns the program's verdict.
+    /// Nothing is allowed unrecorded: an allow whose record cannot be written (the ring is full)
+    /// is refused (`unrecorded`). A denial's record gives way instead: past half the ring, or
+    /// when it is full, the denial is counted (`dropped`) and not recorded, so denials can
+    /// never crowd out allows.
     #[inline(always)]
     fn report(&self, action: u8, dest: Dest, decision: &Decision, emit: bool) -> i32 {
         if !emit {
             self.count(decision, None);
             return verdict(decision);
+        }
+        if !decision.allowed() && ring_unread() >= SHED_DENIALS_AT {
+            self.count(decision, Some(false));
+            return DENY;
         }
         let written = match EVENTS.reserve(0) {
             Some(mut entry) => {
@@ -409,11 +416,7 @@ impl Task {
                 }
                 // Waking the reader per record would cost more than the decision: wake it once
                 // per window of backlog; it also drains on a timer.
-                // SAFETY: the ring buffer map's address, as the helper expects.
-                let unread = unsafe {
-                    bpf_ringbuf_query((&raw const EVENTS).cast_mut().cast(), BPF_RB_AVAIL_DATA.into())
-                };
-                let wake = if wake_reader(unread) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+                let wake = if wake_reader(ring_unread()) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
                 entry.submit(wake.into());
                 true
             }
@@ -425,6 +428,20 @@ impl Task {
                 false
             }
         };
+        if !written && decision.allowed() {
+            // Logged before delivered, or not delivered.
+            let refused =
+                Decision { verdict: VERDICT_DENY, reason: reason::UNRECORDED, rule_id: decision.rule_id };
+            self.count(&refused, None);
+            if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
+                // SAFETY: this CPU's copy of a valid array element (see `count`).
+                unsafe {
+                    count(&raw mut (*stats).emitted);
+                    count(&raw mut (*stats).unrecorded);
+                }
+            }
+            return DENY;
+        }
         self.count(decision, Some(written));
         verdict(decision)
     }
@@ -450,6 +467,13 @@ impl Task {
             }
         }
     }
+}
+
+/// Bytes written to the events ring and not yet consumed by the daemon.
+#[inline(always)]
+fn ring_unread() -> u64 {
+    // SAFETY: the ring buffer map's address, as the helper expects.
+    unsafe { bpf_ringbuf_query((&raw const EVENTS).cast_mut().cast(), BPF_RB_AVAIL_DATA.into()) }
 }
 
 #[inline(always)]

@@ -294,6 +294,8 @@ pub struct AgentRow {
     pub jti: Option<String>,
     pub last_refusal: Option<String>,
     pub op: Option<String>,
+    /// Allows refused because their record could not be written (reason `unrecorded`).
+    pub refused_unrecorded: u64,
     pub risk: u8,
     pub rules: usize,
     pub scope: Option<Vec<String>>,
@@ -776,6 +778,7 @@ mod tests {
             jti: Some("9f2c".into()),
             last_refusal: None,
             op: None,
+            refused_unrecorded: 0,
             risk: 0,
             rules: 3,
             scope: Some(vec!["read:data.sales_q1_2026".into()]),

@@ -53,6 +53,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::UNREGISTERED => "unregistered",
         reason::RAW_SOCKET => "raw_socket",
         reason::PROTOCOL => "protocol",
+        reason::UNRECORDED => "unrecorded",
         _ => "unknown",
     }
 }

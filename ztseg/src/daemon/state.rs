@@ -1143,6 +1143,7 @@ impl<K: Kernel> State<K> {
                     jti: a.active.as_ref().map(|g| g.claims.jti.clone()),
                     last_refusal: a.last_refusal.clone(),
                     op: a.active.as_ref().and_then(|g| g.claims.op.clone()),
+                    refused_unrecorded: stats.unrecorded,
                     risk: 0,
                     rules: a.active.as_ref().map_or(0, |g| g.entries),
                     scope: a.active.as_ref().map(|g| g.claims.scope.clone()),

@@ -1039,10 +1039,10 @@ mod tests {
     #[test]
     fn a_shape_reads_as_type_and_sizes() {
         let stats = shape_of(maps::STATS);
-        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 32 B, 16385 entries");
+        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 40 B, 16385 entries");
         assert_eq!(
             Shape { map_type: None, ..stats }.to_string(),
-            "unknown type, key 4 B, value 32 B, 16385 entries"
+            "unknown type, key 4 B, value 40 B, 16385 entries"
         );
     }
 }
