@@ -72,8 +72,8 @@ pub struct AgentStats {
     /// Denials whose record was not written: the events ring was more than half full (the rest
     /// is kept for allows) or full. The denial stood and is counted here and in `denied`.
     pub dropped: u64,
-    /// Events the programs tried to write (written + dropped + unrecorded); socket creations
-    /// that were allowed are counted as decisions but not reported.
+    /// Events the programs tried to write (written + dropped + unrecorded). Allowed socket
+    /// creations are neither counted nor reported.
     pub emitted: u64,
     /// Allows refused because their record could not be written (the ring was full): reason
     /// `unrecorded`, counted in `denied` too.
