@@ -140,18 +140,19 @@ fn find(r: &Results, pred: impl Fn(&Case) -> bool) -> Vec<&Case> {
 fn aims(r: &Results, control: Option<&Figures>) -> String {
     let mut text = String::new();
     let ztseg = find(r, |c| matches!(c.setup, Setup::Ztseg { .. }));
-    let decisions: Vec<f64> = ztseg
-        .iter()
-        .flat_map(|c| [r.kernel(c, "tcp").median, r.kernel(c, "udp").median])
-        .filter(|v| *v > 0.0)
-        .collect();
-    if let (Some(lo), Some(hi)) =
-        (decisions.iter().copied().reduce(f64::min), decisions.iter().copied().reduce(f64::max))
-    {
+    // A TCP connect runs two programs (sock_create for its socket, connect4); a UDP send on an
+    // open socket runs sendmsg4.
+    let range = |values: Vec<f64>| {
+        let values: Vec<f64> = values.into_iter().filter(|v| *v > 0.0).collect();
+        Some((values.iter().copied().reduce(f64::min)?, values.iter().copied().reduce(f64::max)?))
+    };
+    let tcp = range(ztseg.iter().map(|c| r.kernel(c, "tcp").median + r.kernel(c, "socket").median).collect());
+    let udp = range(ztseg.iter().map(|c| r.kernel(c, "udp").median).collect());
+    if let (Some((tcp_lo, tcp_hi)), Some((udp_lo, udp_hi))) = (tcp, udp) {
         let _ = writeln!(
             text,
-            "- Full decision at or under 300 ns, flat from 1 to 1M rules: {lo:.0}-{hi:.0} ns across all ztseg cases -> {}.",
-            if hi <= 300.0 { "met" } else { "missed" }
+            "- Full decision at or under 300 ns, flat from 1 to 1M rules and 1 to 10k agents: TCP (connect4 + sock_create) {tcp_lo:.0}-{tcp_hi:.0} ns, UDP (sendmsg4) {udp_lo:.0}-{udp_hi:.0} ns across all ztseg cases -> {}.",
+            if tcp_hi.max(udp_hi) <= 300.0 { "met" } else { "missed" }
         );
     }
     // The run's own noise: the baseline paired with itself, and trouble.
