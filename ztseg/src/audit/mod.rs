@@ -30,9 +30,11 @@
 //! the host's Ed25519 public key as 64 hex digits, and `G` is the hex Ed25519 signature over the
 //! checkpoint's canonical bytes without `sig` and `hash`. `hash` is then computed as for every
 //! record (so it covers `sig`). One valid signature vouches for every record before it, through
-//! the chain. The public key is exported next to the log as `<log>.pub` (SPKI PEM); a key given
-//! to `ztseg audit verify --key` out of band is what makes the check trustworthy, since whoever
-//! can rewrite the log can also rewrite `<log>.pub`.
+//! the chain. The public key is exported next to the log as `<log>.pub` (SPKI PEM), but
+//! `ztseg audit verify` never trusts it (whoever can rewrite the log can rewrite `<log>.pub`):
+//! it checks with a key given out of band or the host key found through the daemon's config,
+//! requires the signed head, refuses records no signature vouches for, and checks anchors
+//! ([`Anchor`]) kept off the host against rollback.
 //!
 //! Verifying a log with a few lines of Python (for a rotated log, feed it the rotated files in
 //! seq order, then the live file, as one stream of lines):
