@@ -157,7 +157,9 @@ fn audit_verify_detects_each_kind_of_tampering_on_a_real_log() {
     let scratch = w.dir.path.join("tamper");
     // Positive control: the untouched copy verifies.
     let intact = tampered(&scratch, &log, "intact", |_| {});
-    let (code, err) = verify(&intact, &[]);
+    // Checked as an operator does: with the host key, found through the daemon's config.
+    let config = w.daemon.config.to_str().unwrap().to_owned();
+    let (code, err) = verify(&intact, &["--config", &config]);
     assert_eq!(code, 0, "{err}");
     let mid = fs::read_to_string(&log)
         .unwrap()
@@ -205,7 +207,7 @@ fn audit_verify_detects_each_kind_of_tampering_on_a_real_log() {
         ),
     ];
     for (kind, copy) in &cases {
-        let (code, err) = verify(copy, &[]);
+        let (code, err) = verify(copy, &["--config", &config]);
         assert_eq!(code, 3, "{kind}: {err}");
         assert!(err.contains(&format!(": {kind}:")), "{kind} not named: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -214,7 +216,7 @@ fn audit_verify_detects_each_kind_of_tampering_on_a_real_log() {
     let torn = tampered(&scratch, &log, "torn", |_| {});
     let text = fs::read(&torn).unwrap();
     fs::write(&torn, &text[..text.len() - 10]).unwrap();
-    let (code, err) = verify(&torn, &[]);
+    let (code, err) = verify(&torn, &["--config", &config]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(": truncated:"), "{err}");
     // Checked with another key, the checkpoints fail.
@@ -249,12 +251,108 @@ fn a_sigkilled_daemon_continues_the_chain() {
         w.daemon.launch();
     }
     w.daemon.stop();
-    let (code, err) = verify(&w.daemon.audit_log, &[]);
+    let (code, err) = verify(&w.daemon.audit_log, &["--config", w.daemon.config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let text = fs::read_to_string(&w.daemon.audit_log).unwrap();
     assert_eq!(text.matches("\"event\":\"daemon_started\"").count(), 3);
     // Both runs' decisions are in the one chain.
     assert_eq!(text.matches("\"dport\":9,").count(), 2);
+}
+
+/// Copies the live log with its `.pub` and `.head` into `dir/name` as they are.
+fn copied(dir: &Path, log: &Path, name: &str) -> std::path::PathBuf {
+    tampered(dir, log, name, |_| {})
+}
+
+fn assert_refused(log: &Path, args: &[&str], kind: &str) {
+    let (code, err) = verify(log, args);
+    assert_eq!(code, 3, "{kind}: {err}");
+    assert!(err.contains(&format!(": {kind}:")), "{kind} not named: {err}");
+}
+
+#[test]
+fn audit_verify_refuses_forgeries_without_the_host_key() {
+    use ztseg::audit::forge;
+    let mut w = world();
+    let ops = ["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002", MARKER];
+    let from = w.daemon.next_seq();
+    assert_eq!(run_agent(&w.daemon, &w.ns, "analyst", None, &ops).0, 0);
+    let records = w.daemon.collect_events(from, is_marker);
+    w.daemon.wait_durable(records.last().unwrap()["seq"].as_u64().unwrap());
+    // Killed, not stopped: the log ends in records after its last checkpoint, vouched for by
+    // the head alone.
+    w.daemon.crash();
+    let log = w.daemon.audit_log.clone();
+    let config = w.daemon.config.to_str().unwrap().to_owned();
+    let trusted = ["--config", config.as_str()];
+    let scratch = w.dir.path.join("forge");
+    let genuine = copied(&scratch, &log, "genuine");
+    let (code, err) = verify(&genuine, &trusted);
+    assert_eq!(code, 0, "the genuine log verifies: {err}");
+    let lines = fs::read_to_string(&log).unwrap().lines().count();
+    let mid = lines / 2;
+
+    // 1. Records removed, checkpoints and head re-signed with the attacker's key, `.pub` replaced.
+    let resigned = copied(&scratch, &log, "resigned");
+    forge::Forger::new().unwrap().remove_and_resign(&resigned, &[mid]).unwrap();
+    assert_refused(&resigned, &trusted, "bad checkpoint signature");
+    // The `.pub` beside the log is never trusted: without a key there is no check at all.
+    let empty_state = w.dir.path.join("no-key");
+    fs::create_dir_all(&empty_state).unwrap();
+    let keyless = w.dir.path.join("keyless.toml");
+    fs::write(&keyless, format!("state_dir = {empty_state:?}\n")).unwrap();
+    let (code, err) = verify(&resigned, &["--config", keyless.to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no trusted key"), "{err}");
+
+    // 2. Records removed, `.pub` and `.head` deleted.
+    let headless = copied(&scratch, &log, "headless");
+    forge::remove_lines(&headless, &[lines - 1], None).unwrap();
+    forge::delete_pub_and_head(&headless).unwrap();
+    assert_refused(&headless, &trusted, "head missing");
+    let (code, err) = verify(&headless, &["--no-signatures"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(": head missing:"), "{err}");
+
+    // 3. With the real host key: every record after the last checkpoint rewritten, head deleted.
+    let rewritten = copied(&scratch, &log, "rewritten");
+    assert!(forge::rewrite_tail(&rewritten).unwrap() > 0, "the crashed log ends unsigned");
+    assert_refused(&rewritten, &trusted, "edited");
+    fs::remove_file(ztseg::audit::head_path(&rewritten)).unwrap();
+    assert_refused(&rewritten, &trusted, "head missing");
+
+    // 4. The whole log replaced by a made-up chain without checkpoints.
+    let fabricated = copied(&scratch, &log, "fabricated");
+    forge::fabricate(&fabricated, 5).unwrap();
+    fs::remove_file(ztseg::audit::head_path(&fabricated)).unwrap();
+    assert_refused(&fabricated, &trusted, "head missing");
+    assert_refused(&fabricated, &["--config", &config, "--allow-missing-head"], "unsigned tail");
+
+    // 5. An older (log, head) pair put back behind an anchor.
+    let older = forge::Snapshot::take(&log).unwrap();
+    w.daemon.launch();
+    let from = w.daemon.next_seq();
+    assert_eq!(run_agent(&w.daemon, &w.ns, "analyst", None, &ops).0, 0);
+    w.daemon.collect_events(from, is_marker);
+    w.daemon.stop();
+    let anchor_file = w.dir.path.join("anchors.jsonl");
+    let out = Command::new(bin("ztseg"))
+        .args(["audit", "anchor"])
+        .arg(&log)
+        .args(["--config", &config, "--out"])
+        .arg(&anchor_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let anchor: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(anchor["file"], "audit.jsonl");
+    let anchored = ["--config", config.as_str(), "--anchor", anchor_file.to_str().unwrap()];
+    let (code, err) = verify(&log, &anchored);
+    assert_eq!(code, 0, "the current log holds its anchor: {err}");
+    older.put_back(&log).unwrap();
+    let (code, err) = verify(&log, &trusted);
+    assert_eq!(code, 0, "alone, the older pair verifies: {err}");
+    assert_refused(&log, &anchored, "rolled back");
 }
 
 /// `ztseg run -- ztseg-probe gated-repeat N OPS...`: returns once the agent is confined and

@@ -490,8 +490,12 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     }
 
     println!("\n[7] the audit log (daemon stopped, log complete)");
-    let out =
-        Command::new(ztseg_bin).args(["audit", "verify"]).arg(dir.join("audit/audit.jsonl")).output()?;
+    // With the host key, found through the daemon's config: `<log>.pub` is never trusted.
+    let out = Command::new(ztseg_bin)
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .arg(dir.join("audit/audit.jsonl"))
+        .output()?;
     println!(
         "    ztseg audit verify: {}",
         String::from_utf8_lossy(&out.stdout).trim().replace('\n', "\n    ")

@@ -205,15 +205,52 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain and the checkpoint signatures.
+    /// Check the hash chain, the checkpoint signatures and the signed head with a trusted key.
     Verify {
         /// The log file(s), oldest rotated file first.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
-        /// Public key (PEM) to check checkpoints with (default: <log>.pub next to the log).
-        #[arg(long, value_name = "PUBKEY")]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// Check the chain only, no signature: anyone who can write the log directory can forge
+        /// a log that passes (not with --key or --config).
+        #[arg(long, conflicts_with_all = ["key", "config"])]
+        no_signatures: bool,
+        /// Accept a live log without <log>.head (records cut from its end, or rewritten after
+        /// its last checkpoint, then go unnoticed).
+        #[arg(long)]
+        allow_missing_head: bool,
+        /// Accept records at the end that no checkpoint or head signature vouches for.
+        #[arg(long)]
+        allow_unsigned_tail: bool,
+        /// An anchor file from `ztseg audit anchor` (repeatable): the chain must hold every
+        /// record it names, or the log was rolled back.
+        #[arg(long = "anchor", value_name = "ANCHOR_FILE")]
+        anchors: Vec<PathBuf>,
     },
+    /// Verify the live log, then print where its chain ends as one JSON line to keep off the host.
+    Anchor {
+        /// The live log (its rotated files are found next to it).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// Also append the anchor line to this file (created if missing).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// The key `audit verify` and `audit anchor` trust: never `<log>.pub`.
+#[derive(Args)]
+struct TrustArgs {
+    /// Ed25519 public key file (SPKI PEM or 64 hex digits) kept off the log's directory.
+    #[arg(long, value_name = "PUBKEY", conflicts_with = "config")]
+    key: Option<PathBuf>,
+    /// Daemon config whose state dir holds the host key (default: /etc/ztseg/ztseg.toml, or the
+    /// built-in defaults when it is absent, as the daemon does).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// How a command failed; decides the exit code.
@@ -435,7 +472,28 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Refused(errors.first().map(ToString::to_string).unwrap_or_default()))
             }
         },
-        Command::Audit(AuditCommand::Verify { files, key }) => audit_verify(&files, key.as_deref()),
+        Command::Audit(AuditCommand::Verify {
+            files,
+            trust,
+            no_signatures,
+            allow_missing_head,
+            allow_unsigned_tail,
+            anchors,
+        }) => {
+            let key = if no_signatures { None } else { Some(trusted_key(&trust)?) };
+            let mut options = audit::VerifyOptions::new(key);
+            options.allow_missing_head = allow_missing_head;
+            options.allow_unsigned_tail = allow_unsigned_tail;
+            for path in &anchors {
+                options
+                    .anchors
+                    .extend(audit::Anchor::read_file(path).map_err(|e| Failure::Runtime(e.into()))?);
+            }
+            audit_verify(&files, &options).and_then(|report| print(&report.to_string()))
+        }
+        Command::Audit(AuditCommand::Anchor { file, trust, out }) => {
+            audit_anchor(&file, &trust, out.as_deref())
+        }
         Command::Uninstall { config } => {
             let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
             let root = CgroupFs::discover()
@@ -512,28 +570,72 @@ fn token_command(command: TokenCommand) -> Result<(), Failure> {
     }
 }
 
-fn audit_verify(files: &[PathBuf], key: Option<&Path>) -> Result<(), Failure> {
-    let key = key
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read key {}: {e}", path.display()))
-                .and_then(|pem| {
-                    audit::parse_verifying_key(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-                })
-        })
-        .transpose()?;
+/// The key from `--key`, or the host key through the daemon's config; never `<log>.pub`.
+fn trusted_key(trust: &TrustArgs) -> Result<audit::TrustedKey, Failure> {
+    if let Some(path) = &trust.key {
+        let key = audit::load_verifying_key(path).map_err(|e| Failure::Runtime(e.into()))?;
+        return Ok(audit::TrustedKey { key, source: audit::KeySource::Given });
+    }
+    let config = Config::load(trust.config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
+    let key_file = config.state_dir.join(audit::HOST_KEY_FILE);
+    match audit::load_host_public_key(&config.state_dir) {
+        Ok(key) => Ok(audit::TrustedKey { key, source: audit::KeySource::HostKey(key_file) }),
+        Err(audit::AuditError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(Failure::Refused(format!(
+                "no trusted key: give --key PUBKEY or --config FILE ({} does not exist; <log>.pub is never trusted)",
+                key_file.display()
+            )))
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::Error::new(e).context(format!(
+            "cannot take the host key from {} (it is root's: run as root, or give --key PUBKEY)",
+            key_file.display()
+        )))),
+    }
+}
+
+fn audit_verify(files: &[PathBuf], options: &audit::VerifyOptions) -> Result<audit::VerifyReport, Failure> {
+    if options.key.is_none() {
+        eprintln!(
+            "ztseg: warning: --no-signatures: no signature is checked; anyone who can write the log directory could have forged a log that passes"
+        );
+    }
     let mut all = Vec::new();
     for file in files {
         all.extend(audit::resolve_files(file).map_err(|e| Failure::Runtime(e.into()))?);
     }
-    match audit::verify(&all, key.as_ref()) {
-        Ok(report) => print(&report.to_string()),
+    match audit::verify(&all, options) {
+        Ok(report) => Ok(report),
         // An unreadable file is a runtime error; anything else is a failed verification.
         Err(damage) if damage.kind == audit::DamageKind::Unreadable => {
             Err(Failure::Runtime(anyhow::anyhow!("{damage}")))
         }
         Err(damage) => Err(Failure::Refused(damage.to_string())),
     }
+}
+
+fn audit_anchor(file: &Path, trust: &TrustArgs, out: Option<&Path>) -> Result<(), Failure> {
+    if audit::live_path_of(file) != file {
+        return Err(Failure::Usage(format!(
+            "{} is a rotated file: anchor the live log it belongs to",
+            file.display()
+        )));
+    }
+    let options = audit::VerifyOptions::new(Some(trusted_key(trust)?));
+    let report = audit_verify(&[file.to_owned()], &options)?;
+    let (Some(seq), Some(hash), Some(key)) = (report.last_seq, report.last_hash, report.key_id) else {
+        return Err(Failure::Refused(format!("{}: the log holds no record to anchor", file.display())));
+    };
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let line = audit::Anchor::new(name, seq, hash, key, std::time::SystemTime::now()).to_line();
+    if let Some(out) = out {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_all()))
+            .with_context(|| format!("cannot append the anchor to {}", out.display()))?;
+    }
+    print(&line)
 }
 
 fn print_agents(agents: &[AgentRow]) -> Result<(), Failure> {

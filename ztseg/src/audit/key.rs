@@ -75,6 +75,12 @@ impl HostKey {
         }
     }
 
+    /// Load an existing `<state_dir>/host-key.pem` (never creating one); refused, like
+    /// [`Self::load_or_create`], if group or others may read it.
+    pub fn load_existing(state_dir: &Path) -> Result<Self, AuditError> {
+        Self::load(&state_dir.join(HOST_KEY_FILE))
+    }
+
     fn load(path: &Path) -> Result<Self, AuditError> {
         let io_err = |source| AuditError::Io { action: "read", path: path.to_owned(), source };
         let meta = fs::metadata(path).map_err(io_err)?;
@@ -129,6 +135,13 @@ pub fn parse_verifying_key(text: &str) -> Result<VerifyingKey, String> {
     let mut raw = [0; 32];
     hex::decode_to_slice(text, &mut raw).map_err(|e| format!("not PEM and not 64 hex digits ({e})"))?;
     VerifyingKey::from_bytes(&raw).map_err(|e| e.to_string())
+}
+
+/// The host's public key, derived from the private key in `<state_dir>/host-key.pem`: what
+/// `ztseg audit verify --config` trusts (never `<log>.pub`, which whoever writes the log
+/// directory can replace).
+pub fn load_host_public_key(state_dir: &Path) -> Result<VerifyingKey, AuditError> {
+    HostKey::load_existing(state_dir).map(|key| key.verifying_key())
 }
 
 /// [`parse_verifying_key`] on a file's content (what `ztseg audit verify --key FILE` reads).

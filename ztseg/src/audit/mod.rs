@@ -30,9 +30,11 @@
 //! the host's Ed25519 public key as 64 hex digits, and `G` is the hex Ed25519 signature over the
 //! checkpoint's canonical bytes without `sig` and `hash`. `hash` is then computed as for every
 //! record (so it covers `sig`). One valid signature vouches for every record before it, through
-//! the chain. The public key is exported next to the log as `<log>.pub` (SPKI PEM); a key given
-//! to `ztseg audit verify --key` out of band is what makes the check trustworthy, since whoever
-//! can rewrite the log can also rewrite `<log>.pub`.
+//! the chain. The public key is exported next to the log as `<log>.pub` (SPKI PEM), but
+//! `ztseg audit verify` never trusts it (whoever can rewrite the log can rewrite `<log>.pub`):
+//! it checks with a key given out of band or the host key found through the daemon's config,
+//! requires the signed head, refuses records no signature vouches for, and checks anchors
+//! ([`Anchor`]) kept off the host against rollback.
 //!
 //! Verifying a log with a few lines of Python (for a rotated log, feed it the rotated files in
 //! seq order, then the live file, as one stream of lines):
@@ -79,8 +81,10 @@
 //! at open (an edited, missing or extra record, a chain shorter than its signed head) is never
 //! healed: `open` fails and nothing is appended until an operator has run `ztseg audit verify`.
 
+mod anchor;
 mod body;
 mod files;
+pub mod forge;
 mod key;
 mod record;
 mod verify;
@@ -91,11 +95,12 @@ mod tests;
 
 use std::{io, path::PathBuf};
 
+pub use anchor::Anchor;
 pub use body::{Body, BodyWriter, Chain};
 pub use files::{head_path, live_path_of, pub_key_path, resolve_files};
-pub use key::{HOST_KEY_FILE, HostKey, load_verifying_key, parse_verifying_key};
+pub use key::{HOST_KEY_FILE, HostKey, load_host_public_key, load_verifying_key, parse_verifying_key};
 pub use record::{ZERO_HASH, canonical_bytes, chain_hash};
-pub use verify::{Damage, DamageKind, KeySource, VerifyReport, verify};
+pub use verify::{Damage, DamageKind, KeySource, TrustedKey, VerifyOptions, VerifyReport, verify};
 pub use writer::{AuditLog, AuditOptions, RecoveryReport, TornTail};
 
 /// What can go wrong opening, appending to or resolving the audit log, or handling its key.
@@ -139,6 +144,8 @@ pub enum AuditError {
     Failed { path: PathBuf, reason: String },
     #[error("{path}: rotating would overwrite {target}, which already exists")]
     RotateTarget { path: PathBuf, target: PathBuf },
+    #[error("{path}: line {line}: not a usable anchor: {reason}")]
+    Anchor { path: PathBuf, line: usize, reason: &'static str },
     #[error("{path}: no audit log here (neither the file nor rotated files of it exist)")]
     NotFound { path: PathBuf },
 }

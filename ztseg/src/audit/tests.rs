@@ -113,8 +113,32 @@ fn copy_log(src: &Path, dir: &Path) -> PathBuf {
     dst
 }
 
+/// What an operator trusts (`--config`): the host key in the state dir beside the log's dir,
+/// never `<log>.pub`.
+fn trusted(log: &Path) -> TrustedKey {
+    let state = log.parent().unwrap().parent().unwrap().join("state");
+    TrustedKey {
+        key: load_host_public_key(&state).unwrap(),
+        source: KeySource::HostKey(state.join(HOST_KEY_FILE)),
+    }
+}
+
+/// Strict verification with the trusted key; the tail limit fits every writer option used here
+/// (checkpoints every 5 or 10 records).
+fn options(log: &Path) -> VerifyOptions {
+    VerifyOptions { checkpoint_every: 10, ..VerifyOptions::new(Some(trusted(log))) }
+}
+
+fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, Damage> {
+    verify(files, &options(&files[0]))
+}
+
 fn verify_log(path: &Path) -> Result<VerifyReport, Damage> {
-    verify(&resolve_files(path).unwrap(), None)
+    verify_files(&resolve_files(path).unwrap())
+}
+
+fn given(key: VerifyingKey) -> VerifyOptions {
+    VerifyOptions::new(Some(TrustedKey { key, source: KeySource::Given }))
 }
 
 fn damage(path: &Path) -> Damage {
@@ -150,11 +174,11 @@ fn appended_log_verifies() {
     let report = verify_log(&path).unwrap();
     assert_eq!((report.records, report.first_seq, report.last_seq), (24, Some(0), Some(23)));
     assert_eq!((report.checkpoints_verified, report.checkpoints_unchecked), (4, 0));
-    assert_eq!(report.key, KeySource::PubFile(pub_key_path(&path)));
+    assert_eq!(report.key, Some(KeySource::HostKey(dir.path().join("state").join(HOST_KEY_FILE))));
     assert_eq!(report.key_id, Some(hex::encode(public.to_bytes())));
-    assert_eq!(report.head_seq, Some(23));
-    let given = verify(std::slice::from_ref(&path), Some(&public)).unwrap();
-    assert_eq!(given.key, KeySource::Given);
+    assert_eq!((report.head_seq, report.head_missing, report.unvouched), (Some(23), false, 0));
+    let given = verify(std::slice::from_ref(&path), &given(public)).unwrap();
+    assert_eq!(given.key, Some(KeySource::Given));
     let lines = read_lines(&path);
     assert_eq!(lines.len(), 24);
     let checkpoint = obj(serde_json::from_str(&lines[5]).unwrap());
@@ -231,7 +255,8 @@ fn rewritten_chain_is_caught_by_the_next_checkpoint() {
     let mut lines = read_lines(&copy);
     rechain(&mut lines);
     assert_eq!(lines, read_lines(&path));
-    verify_log(&copy).unwrap();
+    let headless = VerifyOptions { allow_missing_head: true, ..options(&copy) };
+    verify(std::slice::from_ref(&copy), &headless).unwrap();
 
     lines[7] = lines[7].replace(r#""dport":5432"#, r#""dport":22"#);
     rechain(&mut lines);
@@ -322,9 +347,12 @@ fn records_dropped_from_the_end_are_caught_by_the_head() {
     assert_damage(&d, &copy, DamageKind::Truncated, 22, Some(21));
     assert!(d.detail.contains("seq 23"), "{d}");
     // Without the head, whole records cut from the end are indistinguishable from a shorter log:
-    // the head is what catches it.
+    // the head is what catches it, so a log without one fails unless the caller accepts that.
     fs::remove_file(head_path(&copy)).unwrap();
-    assert_eq!(verify_log(&copy).unwrap().last_seq, Some(20));
+    assert_damage(&damage(&copy), &copy, DamageKind::HeadMissing, 21, Some(20));
+    let headless = VerifyOptions { allow_missing_head: true, ..options(&copy) };
+    let report = verify(std::slice::from_ref(&copy), &headless).unwrap();
+    assert_eq!((report.last_seq, report.head_missing, report.unvouched), (Some(20), true, 3));
 }
 
 #[test]
@@ -348,23 +376,21 @@ fn wrong_key_is_refused() {
     let dir = TempDir::new("wrongkey");
     let (path, public) = standard_log(dir.path());
     let files = resolve_files(&path).unwrap();
-    assert_eq!(verify(&files, Some(&public)).unwrap().key, KeySource::Given);
+    assert_eq!(verify(&files, &given(public)).unwrap().key, Some(KeySource::Given));
     let other = HostKey::generate().unwrap().verifying_key();
-    let d = verify(&files, Some(&other)).unwrap_err();
+    let d = verify(&files, &given(other)).unwrap_err();
     assert_damage(&d, &path, DamageKind::BadCheckpointSignature, 6, Some(5));
     assert!(d.detail.contains(&hex::encode(other.to_bytes())), "{d}");
 }
 
 #[test]
-fn no_key_checks_the_chain_only() {
+fn no_signatures_checks_the_chain_only_and_says_so() {
     let dir = TempDir::new("nokey");
     let (path, _) = standard_log(dir.path());
     fs::remove_file(pub_key_path(&path)).unwrap();
-    let report = verify_log(&path).unwrap();
-    assert_eq!(
-        (report.key, report.checkpoints_verified, report.checkpoints_unchecked),
-        (KeySource::None, 0, 4)
-    );
+    let report = verify(&resolve_files(&path).unwrap(), &VerifyOptions::new(None)).unwrap();
+    assert_eq!((report.key.clone(), report.checkpoints_verified, report.checkpoints_unchecked), (None, 0, 4));
+    assert!(report.to_string().contains("SIGNATURES NOT CHECKED"), "{report}");
 }
 
 #[test]
@@ -391,7 +417,7 @@ fn torn_tail_is_moved_aside_and_recorded() {
     assert_eq!(recovered["event"], "recovered");
     assert_eq!(recovered["torn_bytes"], torn.len());
     assert_eq!(recovered["after_seq"], 23);
-    let report = verify(&resolve_files(&path).unwrap(), Some(&public)).unwrap();
+    let report = verify(&resolve_files(&path).unwrap(), &given(public)).unwrap();
     assert_eq!((report.last_seq, report.head_seq), (Some(27), Some(27)));
 }
 
@@ -493,19 +519,19 @@ fn rotation_carries_the_chain_across_files() {
         }
         expected_first = last_seq + 1;
     }
-    let report = verify(&files, None).unwrap();
+    let report = verify_files(&files).unwrap();
     assert_eq!(report.last_seq, Some(expected_first - 1));
     assert_eq!(report.files, files);
     assert_eq!(report.head_seq, report.last_seq);
     // A rotated file named on its own is verified on its own (its chain starts at seq 0).
-    verify(&resolve_files(&files[0]).unwrap(), None).unwrap();
+    verify_files(&resolve_files(&files[0]).unwrap()).unwrap();
 }
 
 #[test]
 fn missing_rotated_file_is_truncation() {
     let dir = TempDir::new("rotmissing");
     let (path, files) = rotated_log(dir.path());
-    verify(&files, None).unwrap();
+    verify_files(&files).unwrap();
     let gone_first = read_lines(&files[1])[0].clone();
     let gone_first = obj(serde_json::from_str(&gone_first).unwrap())["seq"].as_u64().unwrap();
     fs::remove_file(&files[1]).unwrap();
@@ -528,7 +554,7 @@ fn interrupted_rotation_is_resumed() {
     drop(log);
     let files = resolve_files(&path).unwrap();
     assert_eq!(files, vec![rotated, path.clone()]);
-    assert_eq!(verify(&files, None).unwrap().last_seq, Some(25));
+    assert_eq!(verify_files(&files).unwrap().last_seq, Some(25));
 }
 
 #[test]
@@ -664,7 +690,7 @@ fn failed_rotation_is_postponed_not_lost() {
     let files = resolve_files(&path).unwrap();
     assert!(files.len() >= 2, "rotation resumed later: {files:?}");
     assert_ne!(files[0].file_name(), Some(first_name.as_os_str()));
-    verify(&files, None).unwrap();
+    verify_files(&files).unwrap();
     let bodies = files.iter().flat_map(|f| read_lines(f)).filter(|l| !l.contains(r#""event":"#)).count();
     assert_eq!(bodies, 100);
 }
@@ -673,7 +699,7 @@ fn failed_rotation_is_postponed_not_lost() {
 fn missing_first_rotated_file_is_truncation() {
     let dir = TempDir::new("rotfirst");
     let (path, files) = rotated_log(dir.path());
-    verify(&files, None).unwrap();
+    verify_files(&files).unwrap();
     fs::remove_file(&files[0]).unwrap();
     assert_damage(&verify_log(&path).unwrap_err(), &files[1], DamageKind::Truncated, 1, Some(0));
 }
@@ -689,4 +715,167 @@ fn forged_head_is_refused() {
     head.insert("seq".into(), 40.into());
     fs::write(head_path(&copy), canonical_bytes(&Value::Object(head))).unwrap();
     assert_damage(&damage(&copy), &head_path(&copy), DamageKind::BadCheckpointSignature, 1, Some(40));
+}
+
+// Forgeries by someone who can write the log directory but has no host key (built by
+// `forge`, in the log's own format). Each first shows the genuine log verifies.
+
+/// 22 records with checkpoints at seq 5, 11, 17, 23 and two records (24, 25) after the last:
+/// 26 lines, line k + 1 holds seq k; the head names seq 25.
+fn log_with_tail(dir: &Path) -> PathBuf {
+    let (path, _) = write_log(dir, 22, small());
+    let report = verify_log(&path).unwrap();
+    assert_eq!((report.last_seq, report.head_seq, report.unvouched), (Some(25), Some(25), 0));
+    path
+}
+
+#[test]
+fn forgery_resigned_with_another_key_and_pub_replaced_fails() {
+    let dir = TempDir::new("forge-resign");
+    let path = log_with_tail(dir.path());
+    let attacker = forge::Forger::new().unwrap();
+    attacker.remove_and_resign(&path, &[7, 8]).unwrap();
+    // The forgery is consistent in itself: checked with the key in the replaced `.pub`, it passes.
+    let pub_key = load_verifying_key(&pub_key_path(&path)).unwrap();
+    assert_eq!(pub_key, attacker.key.verifying_key());
+    verify(&resolve_files(&path).unwrap(), &given(pub_key)).unwrap();
+    // With the host key an operator trusts, the first re-signed checkpoint fails.
+    let d = damage(&path);
+    assert_damage(&d, &path, DamageKind::BadCheckpointSignature, 6, Some(5));
+    assert!(d.detail.contains(&attacker.key.key_id()), "{d}");
+}
+
+#[test]
+fn replaced_pub_alone_is_a_key_mismatch() {
+    let dir = TempDir::new("forge-pub");
+    let path = log_with_tail(dir.path());
+    let attacker = forge::Forger::new().unwrap();
+    attacker.replace_pub(&path).unwrap();
+    let d = damage(&path);
+    assert_damage(&d, &pub_key_path(&path), DamageKind::KeyMismatch, 1, None);
+    assert!(d.detail.contains(&attacker.key.key_id()), "{d}");
+}
+
+#[test]
+fn forgery_removed_records_without_pub_and_head_fails() {
+    let dir = TempDir::new("forge-nohead");
+    let path = log_with_tail(dir.path());
+    let genuine = read_lines(&path);
+    // Records cut after the last checkpoint: every checkpoint left is genuine.
+    forge::remove_lines(&path, &[25], None).unwrap();
+    forge::delete_pub_and_head(&path).unwrap();
+    assert_damage(&damage(&path), &path, DamageKind::HeadMissing, 25, Some(24));
+    // Not even a caller who gives up signatures gets an ok without accepting the missing head.
+    let unsigned = VerifyOptions::new(None);
+    let d = verify(&resolve_files(&path).unwrap(), &unsigned).unwrap_err();
+    assert_eq!(d.kind, DamageKind::HeadMissing, "{d}");
+    // Records cut from the middle: the next checkpoint no longer verifies.
+    forge::write_lines(&path, &genuine).unwrap();
+    forge::remove_lines(&path, &[8], None).unwrap();
+    assert_damage(&damage(&path), &path, DamageKind::BadCheckpointSignature, 11, Some(10));
+}
+
+#[test]
+fn forgery_rewritten_tail_fails_with_or_without_the_head() {
+    let dir = TempDir::new("forge-tail");
+    let path = log_with_tail(dir.path());
+    assert_eq!(forge::rewrite_tail(&path).unwrap(), 2);
+    // The genuine head names the genuine record 25.
+    assert_damage(&damage(&path), &path, DamageKind::Edited, 26, Some(25));
+    fs::remove_file(head_path(&path)).unwrap();
+    assert_damage(&damage(&path), &path, DamageKind::HeadMissing, 26, Some(25));
+}
+
+#[test]
+fn forgery_fabricated_chain_without_checkpoints_fails() {
+    let dir = TempDir::new("forge-fab");
+    let path = log_with_tail(dir.path());
+    forge::fabricate(&path, 30).unwrap();
+    forge::delete_pub_and_head(&path).unwrap();
+    assert_damage(&damage(&path), &path, DamageKind::HeadMissing, 30, Some(29));
+    // Accepting a missing head does not make a chain nothing signed acceptable.
+    let headless = VerifyOptions { allow_missing_head: true, ..options(&path) };
+    let files = resolve_files(&path).unwrap();
+    let d = verify(&files, &headless).unwrap_err();
+    assert_damage(&d, &path, DamageKind::UnsignedTail, 1, Some(0));
+    assert!(d.detail.contains("30 records after no checkpoint at all"), "{d}");
+    // A short one, within the checkpoint interval, still has no signature at all.
+    forge::fabricate(&path, 3).unwrap();
+    let d = verify(&files, &headless).unwrap_err();
+    assert_damage(&d, &path, DamageKind::UnsignedTail, 1, Some(0));
+    // With a head the attacker signed: the head's signature fails.
+    let attacker = forge::Forger::new().unwrap();
+    attacker.sign_head(&path).unwrap();
+    assert_damage(&damage(&path), &head_path(&path), DamageKind::BadCheckpointSignature, 1, Some(2));
+}
+
+#[test]
+fn forgery_older_log_and_head_put_back_is_rolled_back() {
+    let dir = TempDir::new("forge-rollback");
+    let path = log_with_tail(dir.path());
+    let older = forge::Snapshot::take(&path).unwrap();
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    for i in 0..8 {
+        log.append(body(i)).unwrap();
+    }
+    drop(log);
+    let report = verify_log(&path).unwrap();
+    let anchor = Anchor::new(
+        "audit.jsonl".to_owned(),
+        report.last_seq.unwrap(),
+        report.last_hash.unwrap(),
+        report.key_id.unwrap(),
+        SystemTime::now(),
+    );
+    let anchor_file = dir.path().join("anchors.jsonl");
+    fs::write(&anchor_file, format!("Dec 02 host ztseg-anchor[7]: {}\n", anchor.to_line())).unwrap();
+    let anchors = Anchor::read_file(&anchor_file).unwrap();
+    assert_eq!((anchors[0].seq, anchors[0].hash), (anchor.seq, anchor.hash));
+    let anchored = VerifyOptions { anchors, ..options(&path) };
+    // Control: the current log holds the anchor.
+    assert_eq!(verify(&resolve_files(&path).unwrap(), &anchored).unwrap().anchors, 1);
+
+    older.put_back(&path).unwrap();
+    // Alone, the older pair is genuine and verifies: nothing in the directory can tell.
+    verify_log(&path).unwrap();
+    let d = verify(&resolve_files(&path).unwrap(), &anchored).unwrap_err();
+    assert_damage(&d, &path, DamageKind::RolledBack, 26, Some(25));
+    assert!(d.detail.contains(&format!("saw seq {}", anchor.seq)), "{d}");
+
+    // Rolled back and continued by the daemon: the anchor's seq holds another record.
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    for i in 0..20 {
+        log.append(body(100 + i)).unwrap();
+    }
+    drop(log);
+    verify_log(&path).unwrap();
+    let d = verify(&resolve_files(&path).unwrap(), &anchored).unwrap_err();
+    assert_eq!((d.kind, d.seq), (DamageKind::RolledBack, Some(anchor.seq)), "{d}");
+}
+
+#[test]
+fn long_unsigned_tail_and_records_after_the_head_fail() {
+    let dir = TempDir::new("unsigned");
+    let no_checkpoints = AuditOptions { checkpoint_every: 0, ..small() };
+    let (path, _) = write_log(dir.path(), 9, no_checkpoints);
+    // The writer of this log never checkpoints; one that checkpoints every 5 records would have.
+    let strict = VerifyOptions { checkpoint_every: 5, ..options(&path) };
+    let files = resolve_files(&path).unwrap();
+    let d = verify(&files, &strict).unwrap_err();
+    assert_damage(&d, &path, DamageKind::UnsignedTail, 1, Some(0));
+    let accepting = VerifyOptions { allow_unsigned_tail: true, ..strict.clone() };
+    assert_eq!(verify(&files, &accepting).unwrap().unvouched, 0, "the head vouches for all");
+
+    // Records chained on after the head (and after the last checkpoint) are vouched for by nothing.
+    let dir = TempDir::new("afterhead");
+    let path = log_with_tail(dir.path());
+    let mut lines = read_lines(&path);
+    lines.push(lines[24].replace(r#""dport":5432"#, r#""dport":22"#));
+    forge::rechain(&mut lines, None).unwrap();
+    forge::write_lines(&path, &lines).unwrap();
+    let d = damage(&path);
+    assert_damage(&d, &path, DamageKind::UnsignedTail, 27, Some(26));
+    assert!(d.detail.contains("after the signed head (seq 25)"), "{d}");
+    let accepting = VerifyOptions { allow_unsigned_tail: true, ..options(&path) };
+    assert_eq!(verify(&resolve_files(&path).unwrap(), &accepting).unwrap().unvouched, 1);
 }

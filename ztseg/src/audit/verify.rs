@@ -1,4 +1,11 @@
 //! `ztseg audit verify`: walk the chain across files and name the first bad record.
+//!
+//! What it trusts: only the key its caller gives it ([`TrustedKey`]: `--key`, or the host key
+//! found through the daemon's config), never `<log>.pub`, which is compared and a mismatch
+//! reported. What vouches for a record: a checkpoint after it whose signature verifies, or the
+//! signed head naming it or a later record. A log without a head, or ending in more records
+//! than the writer ever leaves unsigned, fails unless the caller says it accepts that
+//! ([`VerifyOptions`]).
 
 use std::{
     collections::VecDeque,
@@ -6,12 +13,15 @@ use std::{
     fs::File,
     io::{self, BufRead, BufReader, Seek, SeekFrom},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
 use super::{
+    AuditOptions,
+    anchor::Anchor,
     files::{Head, HeadProblem, file_name, head_path, live_path_of, pub_key_path},
     key::parse_verifying_key,
     record::{
@@ -22,6 +32,17 @@ use super::{
 
 /// How many recent records are remembered to say which earlier line an inserted copy repeats.
 const RECENT: usize = 4096;
+
+/// How many records past its `checkpoint_every` the writer may leave unsigned: the `rotated`
+/// and `recovered` records it writes when it opens the log are counted without triggering a
+/// checkpoint, so a genuine stretch is at most `checkpoint_every + 1` records long.
+const TAIL_SLACK: u64 = 2;
+
+/// When the live log ends in records its head does not name yet (the daemon flushed while the
+/// log was read, and re-signs the head right after), how often and how long apart the head is
+/// read again.
+const HEAD_RETRIES: u32 = 10;
+const HEAD_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// What is wrong with a log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +65,17 @@ pub enum DamageKind {
     Malformed,
     /// A file could not be read.
     Unreadable,
+    /// The live log has no `<log>.head`: records cut from its end or rewritten after its last
+    /// checkpoint could not be noticed.
+    HeadMissing,
+    /// Records at the end that no signature vouches for: more after the last checkpoint than
+    /// the writer ever leaves unsigned, or records after both the last checkpoint and the head.
+    UnsignedTail,
+    /// The chain does not hold a record an anchor saw: the log was put back to an older state
+    /// (or replaced) behind the anchor.
+    RolledBack,
+    /// `<log>.pub` holds another key than the trusted one: it was replaced.
+    KeyMismatch,
 }
 
 impl fmt::Display for DamageKind {
@@ -57,6 +89,10 @@ impl fmt::Display for DamageKind {
             Self::BadCheckpointSignature => "bad checkpoint signature",
             Self::Malformed => "malformed",
             Self::Unreadable => "unreadable",
+            Self::HeadMissing => "head missing",
+            Self::UnsignedTail => "unsigned tail",
+            Self::RolledBack => "rolled back",
+            Self::KeyMismatch => "key mismatch",
         })
     }
 }
@@ -84,23 +120,58 @@ impl fmt::Display for Damage {
 
 impl std::error::Error for Damage {}
 
-/// Which key checkpoint and head signatures were checked with.
+/// Where the trusted key came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeySource {
-    /// The key given by the caller (`--key`): the trustworthy case.
+    /// Given by the caller (`--key`).
     Given,
-    /// The key exported next to the log. Whoever can rewrite the log can rewrite this file too.
-    PubFile(PathBuf),
-    /// No key: signatures were not checked.
-    None,
+    /// Derived from the host's private key file (`--config`: `<state_dir>/host-key.pem`).
+    HostKey(PathBuf),
 }
 
 impl fmt::Display for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Given => f.write_str("the given key"),
-            Self::PubFile(path) => write!(f, "the key in {}", path.display()),
-            Self::None => f.write_str("no key (signatures not checked)"),
+            Self::HostKey(path) => write!(f, "the host key of {}", path.display()),
+        }
+    }
+}
+
+/// A key the caller trusts, and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub key: VerifyingKey,
+    pub source: KeySource,
+}
+
+/// What [`verify`] checks, and what its caller accepts.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// The key checkpoint and head signatures must verify with. `None`: signatures are not
+    /// checked at all, which the caller must have asked for (`--no-signatures`).
+    pub key: Option<TrustedKey>,
+    /// The writer's `checkpoint_every`: a log ending in more unsigned records than that (plus
+    /// the writer's own slack) fails as [`DamageKind::UnsignedTail`]. 0: no limit.
+    pub checkpoint_every: u64,
+    /// Accept a live log without `<log>.head` (`--allow-missing-head`).
+    pub allow_missing_head: bool,
+    /// Accept records at the end that no signature vouches for (`--allow-unsigned-tail`).
+    pub allow_unsigned_tail: bool,
+    /// Records the chain must hold (`--anchor`).
+    pub anchors: Vec<Anchor>,
+}
+
+impl VerifyOptions {
+    /// Check everything with `key`, accepting nothing unvouched, with the daemon's
+    /// `checkpoint_every`.
+    pub fn new(key: Option<TrustedKey>) -> Self {
+        Self {
+            key,
+            checkpoint_every: AuditOptions::default().checkpoint_every,
+            allow_missing_head: false,
+            allow_unsigned_tail: false,
+            anchors: Vec::new(),
         }
     }
 }
@@ -116,11 +187,20 @@ pub struct VerifyReport {
     pub checkpoints_unchecked: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
-    pub key: KeySource,
+    /// The hash of the last record.
+    pub last_hash: Option<[u8; 32]>,
+    /// Where the key came from; `None` when signatures were not checked.
+    pub key: Option<KeySource>,
     /// The key used, as 64 hex digits.
     pub key_id: Option<String>,
     /// The seq of the signed head the chain was checked against, if there was one.
     pub head_seq: Option<u64>,
+    /// The live log had no head and the caller accepted that.
+    pub head_missing: bool,
+    /// Records at the end that no checked signature vouches for (accepted by the caller).
+    pub unvouched: u64,
+    /// Anchors the chain holds.
+    pub anchors: usize,
 }
 
 impl fmt::Display for VerifyReport {
@@ -129,30 +209,39 @@ impl fmt::Display for VerifyReport {
         if let (Some(first), Some(last)) = (self.first_seq, self.last_seq) {
             write!(f, " (seq {first}..={last})")?;
         }
-        write!(
-            f,
-            " in {} file(s); {} checkpoint(s) verified with {}",
-            self.files.len(),
-            self.checkpoints_verified,
-            self.key
-        )?;
-        if let Some(id) = &self.key_id {
-            write!(f, " {id}")?;
-        }
-        if self.checkpoints_unchecked > 0 {
-            write!(f, ", {} unchecked", self.checkpoints_unchecked)?;
+        write!(f, " in {} file(s); ", self.files.len())?;
+        match (&self.key, &self.key_id) {
+            (Some(source), Some(id)) => {
+                write!(f, "{} checkpoint(s) verified with {source} {id}", self.checkpoints_verified)?;
+            }
+            _ => write!(
+                f,
+                "SIGNATURES NOT CHECKED ({} checkpoint(s) unchecked): anyone who can write the log directory could have forged this log",
+                self.checkpoints_unchecked
+            )?,
         }
         match self.head_seq {
-            Some(seq) => write!(f, "; chain reaches its signed head (seq {seq})"),
-            None => write!(f, "; no signed head checked"),
+            Some(seq) => write!(f, "; chain reaches its signed head (seq {seq})")?,
+            None if self.head_missing => write!(
+                f,
+                "; NO SIGNED HEAD: records cut from the end or rewritten after the last checkpoint cannot be detected"
+            )?,
+            None => write!(f, "; no signed head applies (the last file is a rotated one)")?,
         }
+        if self.unvouched > 0 {
+            write!(f, "; THE LAST {} RECORD(S) ARE VOUCHED FOR BY NO SIGNATURE", self.unvouched)?;
+        }
+        if self.anchors > 0 {
+            write!(f, "; holds all {} anchor(s)", self.anchors)?;
+        }
+        Ok(())
     }
 }
 
-/// Check the hash chain across `files` (in chain order, as [`super::resolve_files`] gives them)
-/// and every checkpoint's signature with `key`, or with the key in `<log>.pub` when `key` is
-/// `None`. Returns the first bad record.
-pub fn verify(files: &[PathBuf], key: Option<&VerifyingKey>) -> Result<VerifyReport, Damage> {
+/// Check the hash chain across `files` (in chain order, as [`super::resolve_files`] gives them),
+/// every checkpoint's signature and the signed head with `options.key`, the anchors, and that
+/// every record is vouched for by a signature. Returns the first bad record.
+pub fn verify(files: &[PathBuf], options: &VerifyOptions) -> Result<VerifyReport, Damage> {
     let Some(last_file) = files.last() else {
         return Err(Damage {
             file: PathBuf::new(),
@@ -163,26 +252,63 @@ pub fn verify(files: &[PathBuf], key: Option<&VerifyingKey>) -> Result<VerifyRep
         });
     };
     let live = live_path_of(last_file);
-    let (key, source) = resolve_key(&live, key)?;
-    let (head, head_damage) = load_head(files, &live, key.as_ref());
+    if let Some(anchor) = options.anchors.iter().find(|a| a.file != file_name(&live)) {
+        return Err(Damage {
+            file: anchor.source.clone(),
+            line: 0,
+            seq: Some(anchor.seq),
+            kind: DamageKind::Malformed,
+            detail: format!("the anchor is of log {:?}, not of {:?}", anchor.file, file_name(&live)),
+        });
+    }
+    let key = options.key.as_ref().map(|t| t.key);
+    // The head belongs to the live file: it does not apply when the list stops at a rotated
+    // file while the live file exists.
+    let head_applies = last_file == &live || !live.exists();
+    let (head, head_damage) = if head_applies { load_head(&live, key.as_ref()) } else { (None, None) };
     let mut verifier = Verifier {
         files,
         key,
         head,
+        anchors: &options.anchors,
         last: None,
         recent: VecDeque::with_capacity(RECENT),
         records: 0,
         checkpoints_verified: 0,
         checkpoints_unchecked: 0,
         first_seq: None,
+        last_checkpoint: None,
         lines_in_last_file: 0,
     };
+    let mut cursor = None;
     for idx in 0..files.len() {
-        verifier.scan_file(idx)?;
+        cursor = Some(verifier.scan_file(idx)?);
+    }
+    if head_applies
+        && last_file == &live
+        && let Some(cursor) = cursor.as_mut()
+    {
+        verifier.catch_up_with_head(&live, cursor)?;
     }
     verifier.finish()?;
     if let Some(damage) = head_damage {
         return Err(damage);
+    }
+    verifier.check_anchors_reached()?;
+    let head_missing = head_applies && verifier.head.is_none() && verifier.last.is_some();
+    if head_missing && !options.allow_missing_head {
+        let last = verifier.last.as_ref().map_or(0, |l| l.seq);
+        return Err(verifier.at_end(
+            DamageKind::HeadMissing,
+            format!(
+                "{} does not exist: nothing vouches that the log ends at seq {last}, nor for records after its last checkpoint; restore the head or pass --allow-missing-head to accept that",
+                head_path(&live).display()
+            ),
+        ));
+    }
+    let unvouched = verifier.check_tail(options, head_missing)?;
+    if let Some(trusted) = &options.key {
+        check_pub_file(&live, trusted)?;
     }
     Ok(VerifyReport {
         files: files.to_vec(),
@@ -191,28 +317,45 @@ pub fn verify(files: &[PathBuf], key: Option<&VerifyingKey>) -> Result<VerifyRep
         checkpoints_unchecked: verifier.checkpoints_unchecked,
         first_seq: verifier.first_seq,
         last_seq: verifier.last.as_ref().map(|l| l.seq),
-        key: source,
+        last_hash: verifier.last.as_ref().map(|l| l.hash),
+        key: options.key.as_ref().map(|t| t.source.clone()),
         key_id: key.map(|k| hex::encode(k.to_bytes())),
-        head_seq: verifier.head.map(|h| h.seq),
+        head_seq: verifier.head.as_ref().map(|h| h.seq),
+        head_missing,
+        unvouched,
+        anchors: options.anchors.len(),
     })
 }
 
-fn resolve_key(
-    live: &Path,
-    given: Option<&VerifyingKey>,
-) -> Result<(Option<VerifyingKey>, KeySource), Damage> {
-    if let Some(key) = given {
-        return Ok((Some(*key), KeySource::Given));
-    }
+/// `<log>.pub` is never trusted, but one that holds another key than the trusted one was
+/// replaced (the daemon refuses to start with it).
+fn check_pub_file(live: &Path, trusted: &TrustedKey) -> Result<(), Damage> {
     let path = pub_key_path(live);
-    let damage = |kind, detail| Damage { file: path.clone(), line: 1, seq: None, kind, detail };
-    match fs::read_to_string(&path) {
-        Ok(text) => match parse_verifying_key(&text) {
-            Ok(key) => Ok((Some(key), KeySource::PubFile(path))),
-            Err(e) => Err(damage(DamageKind::Malformed, format!("not an Ed25519 public key: {e}"))),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((None, KeySource::None)),
-        Err(e) => Err(damage(DamageKind::Unreadable, format!("cannot read it: {e}"))),
+    let expected = hex::encode(trusted.key.to_bytes());
+    let found = match fs::read_to_string(&path) {
+        Ok(text) => parse_verifying_key(&text).map(|k| hex::encode(k.to_bytes())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(format!("cannot read it: {e}")),
+    };
+    match found {
+        Ok(found) if found == expected => Ok(()),
+        Ok(found) => Err(Damage {
+            file: path,
+            line: 1,
+            seq: None,
+            kind: DamageKind::KeyMismatch,
+            detail: format!(
+                "it holds key {found}, not the trusted key {expected} ({}): it was replaced",
+                trusted.source
+            ),
+        }),
+        Err(reason) => Err(Damage {
+            file: path,
+            line: 1,
+            seq: None,
+            kind: DamageKind::KeyMismatch,
+            detail: format!("it is not an Ed25519 public key ({reason}); the trusted key is {expected}"),
+        }),
     }
 }
 
@@ -223,17 +366,9 @@ struct HeadTarget {
     time: String,
 }
 
-/// The signed head of the live log, when it applies to this list of files (it does not when
-/// the list stops at a rotated file while the live file exists). A head that is unusable is
-/// reported after the chain itself, which names damage more precisely.
-fn load_head(
-    files: &[PathBuf],
-    live: &Path,
-    key: Option<&VerifyingKey>,
-) -> (Option<HeadTarget>, Option<Damage>) {
-    if files.last().is_some_and(|f| f != live) && live.exists() {
-        return (None, None);
-    }
+/// The signed head of the live log. A head that is unusable is reported after the chain
+/// itself, which names damage more precisely.
+fn load_head(live: &Path, key: Option<&VerifyingKey>) -> (Option<HeadTarget>, Option<Damage>) {
     let path = head_path(live);
     let damage = |kind, seq, detail: &str| Damage {
         file: path.clone(),
@@ -258,6 +393,14 @@ fn load_head(
     }
 }
 
+/// The last file, open where its scan stopped, so records appended since can be read on.
+struct Cursor {
+    idx: usize,
+    reader: BufReader<File>,
+    line_no: usize,
+    offset: u64,
+}
+
 /// A record accepted into the chain.
 #[derive(Clone)]
 struct Accepted {
@@ -280,12 +423,15 @@ struct Verifier<'a> {
     files: &'a [PathBuf],
     key: Option<VerifyingKey>,
     head: Option<HeadTarget>,
+    anchors: &'a [Anchor],
     last: Option<Accepted>,
     recent: VecDeque<Accepted>,
     records: u64,
     checkpoints_verified: u64,
     checkpoints_unchecked: u64,
     first_seq: Option<u64>,
+    /// The seq of the last checkpoint accepted.
+    last_checkpoint: Option<u64>,
     lines_in_last_file: usize,
 }
 
@@ -294,46 +440,49 @@ impl Verifier<'_> {
         Damage { file: self.files[file].clone(), line, seq, kind, detail }
     }
 
-    fn scan_file(&mut self, idx: usize) -> Result<(), Damage> {
-        let path = self.files[idx].clone();
-        let unreadable = |e: io::Error| Damage {
-            file: path.clone(),
-            line: 0,
-            seq: None,
-            kind: DamageKind::Unreadable,
-            detail: format!("cannot read it: {e}"),
-        };
-        let file = File::open(&self.files[idx]).map_err(unreadable)?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+    fn scan_file(&mut self, idx: usize) -> Result<Cursor, Damage> {
+        let file = File::open(&self.files[idx]).map_err(|e| self.unreadable(idx, &e))?;
+        let reader = BufReader::with_capacity(1 << 20, file);
+        let mut cursor = Cursor { idx, reader, line_no: 0, offset: 0 };
+        self.scan_more(&mut cursor)?;
+        Ok(cursor)
+    }
+
+    fn unreadable(&self, idx: usize, e: &io::Error) -> Damage {
+        self.damage(idx, 0, None, DamageKind::Unreadable, format!("cannot read it: {e}"))
+    }
+
+    /// Read `cursor`'s file on to its end.
+    fn scan_more(&mut self, cursor: &mut Cursor) -> Result<(), Damage> {
+        let idx = cursor.idx;
+        let Cursor { reader, line_no, offset, .. } = cursor;
         let mut line = Vec::new();
-        let mut line_no = 0;
-        let mut offset = 0;
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(unreadable)?;
+            let n = reader.read_until(b'\n', &mut line).map_err(|e| self.unreadable(idx, &e))?;
             if n == 0 {
                 break;
             }
-            line_no += 1;
-            offset += n as u64;
+            *line_no += 1;
+            *offset += n as u64;
             if line.last() != Some(&b'\n') {
                 let seq = serde_json::from_slice::<Value>(&line).ok().and_then(|v| v.get("seq")?.as_u64());
                 return Err(self.damage(
                     idx,
-                    line_no,
+                    *line_no,
                     seq,
                     DamageKind::Truncated,
                     "the line is cut short (no trailing newline): a write was torn or the file was cut mid-record"
                         .to_owned(),
                 ));
             }
-            let at_eof = reader.fill_buf().map_err(unreadable)?.is_empty();
+            let at_eof = reader.fill_buf().map_err(|e| self.unreadable(idx, &e))?.is_empty();
             let rec = match parse_record(&line[..n - 1]) {
                 Ok(rec) => rec,
                 Err(LineProblem::NotJson(e)) if at_eof && idx + 1 == self.files.len() => {
                     return Err(self.damage(
                         idx,
-                        line_no,
+                        *line_no,
                         None,
                         DamageKind::Truncated,
                         format!("the last line is not complete JSON ({e}): a write was torn"),
@@ -342,20 +491,20 @@ impl Verifier<'_> {
                 Err(LineProblem::NotJson(e)) => {
                     return Err(self.damage(
                         idx,
-                        line_no,
+                        *line_no,
                         None,
                         DamageKind::Malformed,
                         format!("the line is not JSON ({e})"),
                     ));
                 }
                 Err(LineProblem::Malformed { seq, detail }) => {
-                    return Err(self.damage(idx, line_no, seq, DamageKind::Malformed, detail));
+                    return Err(self.damage(idx, *line_no, seq, DamageKind::Malformed, detail));
                 }
             };
-            self.check(idx, line_no, offset, rec)?;
+            self.check(idx, *line_no, *offset, rec)?;
         }
         if idx + 1 == self.files.len() {
-            self.lines_in_last_file = line_no;
+            self.lines_in_last_file = *line_no;
         }
         Ok(())
     }
@@ -526,6 +675,19 @@ impl Verifier<'_> {
                 }
             }
         }
+        if let Some(anchor) = self.anchors.iter().find(|a| a.seq == s && a.hash != rec.hash) {
+            return Err(at(
+                DamageKind::RolledBack,
+                format!(
+                    "the record differs from the one anchor {} (taken {}) saw at this seq: the log was replaced or rolled back and rewritten behind the anchor",
+                    anchor.source.display(),
+                    anchor.time
+                ),
+            ));
+        }
+        if rec.event() == Some(CHECKPOINT) {
+            self.last_checkpoint = Some(s);
+        }
         if let Some(head) = self.head.as_ref().filter(|h| h.seq == s && h.hash != rec.hash) {
             return Err(at(
                 DamageKind::Edited,
@@ -544,6 +706,125 @@ impl Verifier<'_> {
         self.first_seq.get_or_insert(s);
         self.records += 1;
         Ok(())
+    }
+
+    /// A damage just past the chain's last line.
+    fn at_end(&self, kind: DamageKind, detail: String) -> Damage {
+        let seq = self.last.as_ref().map(|l| l.seq);
+        self.damage(self.files.len() - 1, self.lines_in_last_file, seq, kind, detail)
+    }
+
+    /// The daemon writes and syncs records, then re-signs the head: a live log read while it
+    /// flushes ends in records the head read before does not name yet. Read the head again
+    /// (a few times, briefly apart) and the file on, until the head names the chain's end.
+    fn catch_up_with_head(&mut self, live: &Path, cursor: &mut Cursor) -> Result<(), Damage> {
+        for _ in 0..HEAD_RETRIES {
+            let (Some(last), Some(head)) = (&self.last, &self.head) else { return Ok(()) };
+            if head.seq >= last.seq || self.last_checkpoint == Some(last.seq) {
+                return Ok(());
+            }
+            std::thread::sleep(HEAD_RETRY_PAUSE);
+            let (Some(newer), None) = load_head(live, self.key.as_ref()) else { continue };
+            if newer.seq <= head.seq {
+                continue;
+            }
+            if newer.seq <= last.seq {
+                if let Some(a) = self.recent.iter().find(|a| a.seq == newer.seq)
+                    && a.hash != newer.hash
+                {
+                    return Err(self.damage(
+                        a.file,
+                        a.line,
+                        Some(a.seq),
+                        DamageKind::Edited,
+                        format!(
+                            "the record differs from the one the signed head {} names: the chain was rewritten from here or earlier",
+                            newer.path.display()
+                        ),
+                    ));
+                }
+                self.head = Some(newer);
+            } else {
+                self.head = Some(newer);
+                self.scan_more(cursor)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every anchor's seq is in the chain (a differing record at it was caught on the way).
+    fn check_anchors_reached(&self) -> Result<(), Damage> {
+        let reached = self.last.as_ref().map(|l| l.seq);
+        let Some(anchor) =
+            self.anchors.iter().filter(|a| reached.is_none_or(|r| a.seq > r)).max_by_key(|a| a.seq)
+        else {
+            return Ok(());
+        };
+        Err(self.at_end(
+            DamageKind::RolledBack,
+            format!(
+                "the chain ends {} but anchor {} (taken {}) saw seq {}: the log was rolled back behind the anchor",
+                reached.map_or_else(|| "before its first record".to_owned(), |seq| format!("at seq {seq}")),
+                anchor.source.display(),
+                anchor.time,
+                anchor.seq
+            ),
+        ))
+    }
+
+    /// The records at the end that no signature vouches for: after the last checkpoint and
+    /// after the head. Fails when there are more after the last checkpoint than the writer
+    /// ever leaves unsigned, or when any is vouched for by nothing and the caller did not
+    /// accept that. Returns how many were accepted unvouched.
+    fn check_tail(&self, options: &VerifyOptions, head_missing: bool) -> Result<u64, Damage> {
+        let Some(last) = &self.last else { return Ok(0) };
+        let since_checkpoint = self.last_checkpoint.map_or(last.seq + 1, |c| last.seq - c);
+        let after = self
+            .last_checkpoint
+            .map_or_else(|| "no checkpoint at all".to_owned(), |c| format!("the last checkpoint (seq {c})"));
+        let limit = options.checkpoint_every.saturating_add(TAIL_SLACK);
+        if options.checkpoint_every > 0 && since_checkpoint > limit && !options.allow_unsigned_tail {
+            let first = last.seq + 1 - since_checkpoint;
+            return Err(self.at_record(
+                first,
+                DamageKind::UnsignedTail,
+                format!(
+                    "the chain ends in {since_checkpoint} records after {after}, but the writer signs a checkpoint at least every {} records: they were written without the host key (--allow-unsigned-tail accepts that)",
+                    options.checkpoint_every
+                ),
+            ));
+        }
+        let vouched_to = match (self.last_checkpoint, self.head.as_ref().map(|h| h.seq)) {
+            (Some(c), Some(h)) => Some(c.max(h)),
+            (c, h) => c.or(h),
+        };
+        let unvouched = vouched_to.map_or(last.seq + 1, |v| last.seq.saturating_sub(v));
+        if unvouched == 0 || options.allow_unsigned_tail || (head_missing && vouched_to.is_some()) {
+            return Ok(unvouched);
+        }
+        let first = last.seq + 1 - unvouched;
+        let detail = match (&self.head, head_missing) {
+            (Some(head), _) => format!(
+                "records {first}..={} come after {after} and after the signed head (seq {}): no signature vouches for them (--allow-unsigned-tail accepts that)",
+                last.seq, head.seq
+            ),
+            (None, true) => format!(
+                "the log holds no checkpoint and has no head: no signature vouches for any of its {unvouched} records (--allow-unsigned-tail accepts that)"
+            ),
+            (None, false) => format!(
+                "records {first}..={} come after {after} at the end of a rotated file: no signature vouches for them (--allow-unsigned-tail accepts that)",
+                last.seq
+            ),
+        };
+        Err(self.at_record(first, DamageKind::UnsignedTail, detail))
+    }
+
+    /// A damage at record `seq` if it is among the recent ones, else at the chain's end.
+    fn at_record(&self, seq: u64, kind: DamageKind, detail: String) -> Damage {
+        match self.recent.iter().find(|a| a.seq == seq) {
+            Some(a) => self.damage(a.file, a.line, Some(seq), kind, detail),
+            None => self.at_end(kind, detail),
+        }
     }
 
     /// After the last file: does the chain reach the signed head?
