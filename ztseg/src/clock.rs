@@ -16,6 +16,27 @@ pub fn unix_now_ns() -> u64 {
     clock_ns(ClockId::CLOCK_REALTIME)
 }
 
+/// Both clocks read at (nearly) one instant: (boot ns, Unix ns). A thread preempted between the
+/// two reads would pair readings milliseconds apart and shift every wall-clock time derived from
+/// them; the pair whose boot-clock reads bracket the wall-clock read most tightly of a few tries
+/// is taken.
+pub fn boot_and_unix_now_ns() -> (u64, u64) {
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..4 {
+        let before = boot_now_ns();
+        let unix = unix_now_ns();
+        let after = boot_now_ns();
+        let spread = after.saturating_sub(before);
+        if spread < best.0 {
+            best = (spread, before + spread / 2, unix);
+        }
+        if spread < 2_000 {
+            break;
+        }
+    }
+    (best.1, best.2)
+}
+
 /// Whole seconds since the Unix epoch now (what token claims count in).
 pub fn unix_now_secs() -> u64 {
     unix_now_ns() / 1_000_000_000

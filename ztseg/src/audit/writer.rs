@@ -116,6 +116,8 @@ pub struct AuditLog {
     last_checkpoint_at: SystemTime,
     /// The last record known to be on disk (written and fdatasync'd).
     durable: Option<(u64, [u8; 32])>,
+    /// The last record written to the file and not yet synced.
+    unsynced: Option<(u64, [u8; 32])>,
     /// The seq the head file names.
     head_seq: Option<u64>,
     /// Set when a write or fdatasync failed: the file's tail is unknown, so nothing more is
@@ -242,6 +244,7 @@ impl AuditLog {
             since_checkpoint,
             last_checkpoint_at: SystemTime::now(),
             durable: state,
+            unsynced: None,
             head_seq: head.map(|h| h.seq),
             failed: None,
         };
@@ -497,6 +500,21 @@ impl AuditLog {
 
     /// Write and fdatasync the buffer.
     fn write_out(&mut self) -> Result<(), AuditError> {
+        self.write_buffered()?;
+        let Some(written) = self.unsynced else { return Ok(()) };
+        if let Err(source) = self.file.sync_data() {
+            return Err(self.fail("sync", source));
+        }
+        #[cfg(feature = "fault-injection")]
+        injected_sync_delay();
+        self.unsynced = None;
+        self.durable = Some(written);
+        Ok(())
+    }
+
+    /// Writes the buffered records to the file without syncing it: from then on they survive the
+    /// daemon's death (not the machine's, until the next [`flush`](Self::flush)).
+    pub(crate) fn write_buffered(&mut self) -> Result<(), AuditError> {
         self.usable()?;
         if self.buf.is_empty() {
             return Ok(());
@@ -504,14 +522,9 @@ impl AuditLog {
         if let Err(source) = self.file.write_all(&self.buf) {
             return Err(self.fail("write", source));
         }
-        if let Err(source) = self.file.sync_data() {
-            return Err(self.fail("sync", source));
-        }
-        #[cfg(feature = "fault-injection")]
-        injected_sync_delay();
         self.buf.clear();
         self.pending = 0;
-        self.durable = Some((self.next_seq - 1, self.last_hash));
+        self.unsynced = Some((self.next_seq - 1, self.last_hash));
         Ok(())
     }
 

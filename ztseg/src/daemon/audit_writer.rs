@@ -42,6 +42,13 @@ pub struct Decision {
     pub denied: bool,
 }
 
+/// Where the kernel may take its ring back once a batch is written to the log: everything before
+/// ring position `upto` (see [`super::ring`]).
+pub struct Release {
+    pub consumer: super::ring::Consumer,
+    pub upto: u64,
+}
+
 /// A record as the event stream carries it (with `seq`, without `prev` and `hash`).
 pub struct Line {
     pub agent: Option<Arc<str>>,
@@ -50,7 +57,7 @@ pub struct Line {
 
 enum Msg {
     Record(Map<String, Value>),
-    Decisions(Vec<Decision>, OwnedSemaphorePermit),
+    Decisions(Vec<Decision>, OwnedSemaphorePermit, Option<Release>),
     /// Write a checkpoint and flush, then say so (the daemon's stop).
     Close(mpsc::Sender<()>),
 }
@@ -81,10 +88,17 @@ impl AuditSender {
         }
     }
 
-    /// Hands a batch of decision records over; `permit` is released once they are appended.
-    pub fn send_decisions(&self, records: Vec<Decision>, permit: OwnedSemaphorePermit) {
+    /// Hands a batch of decision records over; `permit` is released once they are appended, and
+    /// `release` done once they are written to the file (not before: a daemon killed in between
+    /// leaves them in the kernel's ring for the next start).
+    pub fn send_decisions(
+        &self,
+        records: Vec<Decision>,
+        permit: OwnedSemaphorePermit,
+        release: Option<Release>,
+    ) {
         self.health.pending.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Msg::Decisions(records, permit)).is_err() {
+        if self.tx.send(Msg::Decisions(records, permit, release)).is_err() {
             error!("the audit writer has stopped; decision records were not logged");
         }
     }
@@ -174,9 +188,22 @@ impl<P: Fn(Line)> Writer<P> {
             }
             match msg {
                 Ok(Msg::Record(record)) => self.append_daemon(&record),
-                Ok(Msg::Decisions(records, permit)) => {
+                Ok(Msg::Decisions(records, permit, release)) => {
                     for decision in records {
                         self.append_decision(decision);
+                    }
+                    // Written (not yet synced) before the kernel gets the ring space back; a log
+                    // that cannot be written keeps the records in the ring, whose filling then
+                    // refuses allows rather than let them through unrecorded.
+                    match self.log.write_buffered() {
+                        Ok(()) => {
+                            if let Some(release) = release {
+                                release.consumer.release(release.upto);
+                            }
+                        }
+                        Err(e) => {
+                            error!(error = %e, "could not write decision records to the audit log; they stay in the kernel's ring")
+                        }
                     }
                     drop(permit);
                 }
@@ -208,13 +235,18 @@ impl<P: Fn(Line)> Writer<P> {
         }
     }
 
-    /// A daemon record: checked (no chain field, no event the log writes itself), appended and
-    /// published.
+    /// A daemon record: checked (no chain field, no event the log writes itself), appended,
+    /// written to the file and published.
     fn append_daemon(&mut self, record: &Map<String, Value>) {
         let agent = record.get("agent").and_then(Value::as_str).map(Arc::from);
         let (body, seq) = match self.log.checked_body(record) {
             Ok(body) => {
                 let seq = self.append(&body);
+                // Written at once (synced with the next flush): a daemon killed a moment later
+                // must not take a grant, a revocation or a reload out of the log with it.
+                if let Err(e) = self.log.write_buffered() {
+                    error!(error = %e, "could not write a daemon record to the audit log");
+                }
                 (body, seq)
             }
             Err(e) => {
@@ -326,7 +358,7 @@ mod tests {
                 denied: v == "deny",
             }
         };
-        audit.send_decisions(vec![decision("allow"), decision("deny")], permit);
+        audit.send_decisions(vec![decision("allow"), decision("deny")], permit, None);
         audit.close();
         // Everything handed over before the close is appended, in order, and published.
         let seqs: Vec<u64> = published.lock().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();

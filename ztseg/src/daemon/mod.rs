@@ -15,6 +15,7 @@ mod directory;
 #[cfg(test)]
 mod fake_kernel;
 mod kernel;
+mod ring;
 mod state;
 
 use std::{
@@ -440,14 +441,12 @@ const EVENT_BATCH: usize = 256;
 /// than into the daemon's memory.
 const BATCHES_IN_FLIGHT: usize = 64;
 
-fn take_batch(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    batch: &mut Vec<ztseg_common::event::Event>,
-) {
-    while let Some(item) = ring.next() {
-        match events::decode(&item) {
+fn take_batch(ring: &mut ring::Ring, batch: &mut Vec<ztseg_common::event::Event>) {
+    let mut bytes = Vec::with_capacity(size_of::<ztseg_common::event::Event>());
+    while ring.next(&mut bytes) {
+        match events::decode(&bytes) {
             Some(event) => batch.push(event),
-            None => warn!(bytes = item.len(), "ring buffer record of unexpected size"),
+            None => warn!(bytes = bytes.len(), "ring buffer record of unexpected size"),
         }
         if batch.len() >= EVENT_BATCH {
             break;
@@ -462,6 +461,21 @@ async fn read_events(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // Read in place (`ring`): records go back to the kernel once written to the log. aya's
+    // reader is kept for its fd's readiness only; it never takes a record.
+    let reader = {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // SAFETY: the ring buffer owns its fd for as long as this function holds it.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+        ring::Ring::new(fd.as_fd(), ztseg_common::maps::EVENTS_BYTES as usize)
+    };
+    let mut reader = match reader {
+        Ok(reader) => reader,
+        Err(e) => {
+            error!(error = %e, "cannot map the events ring buffer; decisions are still enforced but not logged");
+            return;
+        }
+    };
     // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns the ring buffer, and
     // always reports that same fd.
     let registered =
@@ -498,7 +512,7 @@ async fn read_events(
         let mut batch = Vec::new();
         match woken {
             Some(Ok(mut guard)) => {
-                take_batch(guard.get_inner_mut(), &mut batch);
+                take_batch(&mut reader, &mut batch);
                 if batch.len() < EVENT_BATCH {
                     guard.clear_ready();
                 }
@@ -507,7 +521,7 @@ async fn read_events(
                 error!(error = %e, "polling the events ring buffer failed");
                 return;
             }
-            None => take_batch(ring.get_mut(), &mut batch),
+            None => take_batch(&mut reader, &mut batch),
         }
         let drained = batch.len() < EVENT_BATCH;
         let batch_len = batch.len();
@@ -517,7 +531,7 @@ async fn read_events(
             }
             continue;
         }
-        let clocks = (clock::boot_now_ns(), clock::unix_now_ns());
+        let clocks = clock::boot_and_unix_now_ns();
         // Attributed at once (a later directory could name a later token), under the read lock
         // for the lookups only, a few at a time: the control thread's writes never wait for
         // more than a handful of lookups by a thread an agent's load can delay. The records are
@@ -538,7 +552,8 @@ async fn read_events(
             })
             .collect();
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        shared.audit.send_decisions(records, permit);
+        let release = audit_writer::Release { consumer: reader.consumer(), upto: reader.position() };
+        shared.audit.send_decisions(records, permit, Some(release));
         if stopping {
             // What was in the ring at the stop, at most: agents still running keep adding.
             taken_since_stop += batch_len;
