@@ -547,3 +547,164 @@ fn micros(ts: &str) -> i64 {
     );
     ((day * 24 + h) * 60 + m) * 60_000_000 + (s * 1e6).round() as i64
 }
+
+/// A tmpfs of `size` mounted at `path`, detached when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        fs::create_dir_all(path).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0750").as_str()),
+        )
+        .unwrap();
+        Self(path.to_owned())
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        st.blocks_available() * st.fragment_size()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Polls `what` (a daemon's status or counters, which no event announces) until it holds.
+fn eventually(what: &str, mut holds: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !holds() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn status(daemon: &Daemon) -> Value {
+    let (code, out, err) = daemon.ztseg(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn a_full_audit_disk_refuses_allows_instead_of_losing_their_records_and_recovers() {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-events-full");
+    let ns = Netns::new(&["10.77.0.1/32", "fd77::1/128"]);
+    let _server = serve(&ns, &["10.77.0.1:8001", "[fd77::1]:8001"]);
+    // The log on a filesystem of its own that the test fills (big enough, once emptied, for
+    // what the daemon holds meanwhile and the ring's backlog).
+    let disk = Tmpfs::mount(&dir.path.join("audit"), "64m");
+    let mut daemon = Daemon::start_with(&site, &dir.path, "audit.reserve_mib = 0");
+    daemon.write_policy("catalogue.toml", CATALOGUE);
+    daemon.bind_new("analyst", &["--op", "op-events", "--scope", "read:svc"]);
+    assert!(status(&daemon)["audit_unwritable"].is_null());
+    // Leave 16 KiB: the loop's records fill it within a few hundred connects.
+    let filler = dir.path.join("audit/filler");
+    let room = disk.free_bytes();
+    fs::write(&filler, vec![0u8; (room - (16 << 10)) as usize]).unwrap();
+    let agent = run_agent_loop(&daemon, &ns, "analyst", &["tcp-rst:10.77.0.1:8001"]);
+    eventually("the daemon to say the log cannot be written", || {
+        !status(&daemon)["audit_unwritable"].is_null()
+    });
+    let said = status(&daemon)["audit_unwritable"].clone();
+    assert!(said["reason"].as_str().unwrap().contains("No space left"), "{said}");
+    // The records wait in the ring; once it is full, allowed connects are refused (fail
+    // closed), not let through unrecorded.
+    eventually("allowed connects to be refused for want of a record", || {
+        let agents: Value = serde_json::from_str(&daemon.agents()).unwrap();
+        agents[0]["refused_unrecorded"].as_u64().unwrap() > 0
+    });
+    // A crash meanwhile loses nothing: what the daemon held in memory is still in the ring.
+    daemon.crash();
+    daemon.launch();
+    eventually("the new daemon to find the log unwritable", || {
+        !status(&daemon)["audit_unwritable"].is_null()
+    });
+    // Room again: what was held is written, in one chain, and the log says it was unwritable.
+    fs::remove_file(&filler).unwrap();
+    daemon.wait_event("the log's recovery", |r| r["event"] == "audit_resumed");
+    assert!(status(&daemon)["audit_unwritable"].is_null());
+    let counts = loop_counts(&agent.finish());
+    let (allowed, refused, other) = counts["tcp-rst:10.77.0.1:8001"];
+    assert_eq!(other, 0);
+    assert!(refused > 0 && allowed > 0, "{allowed} allowed, {refused} refused");
+    let (code, out, _) = run_agent(&daemon, &ns, "analyst", None, &[ALLOWED_MARKER]);
+    assert_eq!((code, out), (0, vec!["ok".to_owned()]));
+    daemon.wait_event("the marker", |r| r["action"] == "connect" && r["dst"] == "fd77::1");
+    daemon.stop();
+    let log = fs::read_to_string(&daemon.audit_log).unwrap();
+    let (records, repeats) = loop_records(&log);
+    eprintln!("{allowed} allowed connects, {refused} refused; {records} records ({repeats} repeats)");
+    // Every allowed connect of the loop has its record (and the marker's, of another pid). The
+    // crash may repeat what the killed daemon had partly written before the disk filled.
+    assert!(repeats <= 256, "{repeats} repeats");
+    let distinct = records - repeats;
+    assert!(
+        distinct == allowed + 1 || distinct == allowed + 2,
+        "{allowed} allowed connects, {distinct} records"
+    );
+    let resumed: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "audit_resumed")
+        .collect();
+    assert_eq!(resumed.len(), 1);
+    assert!(resumed[0]["reason"].as_str().unwrap().contains("No space left"));
+    let (code, err) = verify(&daemon.audit_log, &["--config", daemon.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    drop(daemon);
+    drop(disk);
+}
+
+#[test]
+fn retention_keeps_the_configured_size_and_the_chain_still_verifies() {
+    let site = Site::new();
+    let dir = TempDir::new("ztseg-events-retention");
+    let ns = Netns::new(&["10.77.0.1/32"]);
+    let _server = serve(&ns, &["10.77.0.1:8001"]);
+    let mut daemon = Daemon::start_with(
+        &site,
+        &dir.path,
+        "audit.rotate_mib = 1\naudit.keep_mib = 2\naudit.reserve_mib = 0",
+    );
+    daemon.write_policy("catalogue.toml", CATALOGUE);
+    daemon.bind_new("analyst", &["--op", "op-events", "--scope", "read:svc"]);
+    let rotated = |daemon: &Daemon| ztseg::audit::resolve_files(&daemon.audit_log).unwrap().len() - 1;
+    let agent = run_agent_loop(&daemon, &ns, "analyst", &["tcp-rst:10.77.0.1:8001"]);
+    // About 2,500 records a MiB: wait for five rotations.
+    let mut seen = 0;
+    while rotated(&daemon) < 5 {
+        let seq = daemon.next_seq() + 2_500;
+        daemon.wait_event("more of the loop's records", move |r| r["seq"].as_u64().is_some_and(|s| s >= seq));
+        seen += 1;
+        assert!(seen < 100, "the log did not rotate");
+    }
+    drop(agent.finish());
+    // Retention runs at start (and every 10 s): a restart applies it now.
+    daemon.stop();
+    daemon.launch();
+    daemon.stop();
+    let files = ztseg::audit::resolve_files(&daemon.audit_log).unwrap();
+    let kept: u64 = files[..files.len() - 1].iter().map(|f| fs::metadata(f).unwrap().len()).sum();
+    assert!(kept <= 2 << 20, "{kept} bytes of rotated files kept");
+    assert!(files.len() >= 2, "{files:?}");
+    let first: Value =
+        serde_json::from_str(fs::read_to_string(&files[0]).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["seq"].as_u64().unwrap() > 0, "the oldest files are gone");
+    let log = files.iter().map(|f| fs::read_to_string(f).unwrap()).collect::<String>();
+    assert!(log.lines().any(|l| l.contains(r#""event":"pruned""#) && l.contains(r#""reason":"size""#)));
+    let (code, err) = verify(&daemon.audit_log, &["--config", daemon.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // Positive control: the oldest kept file deleted by hand no longer verifies.
+    fs::remove_file(&files[0]).unwrap();
+    let (code, err) = verify(&daemon.audit_log, &["--config", daemon.config.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not by the daemon's retention"), "{err}");
+}

@@ -46,6 +46,8 @@ pub struct Config {
     /// Trusted token issuers.
     pub issuers: Vec<Issuer>,
     pub risk: Risk,
+    /// Rotation, retention and the disk reserve of the audit log.
+    pub audit: Audit,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             agent_uids: UidRange { first: 61184, last: 65519 },
             issuers: Vec::new(),
             risk: Risk::default(),
+            audit: Audit::default(),
         }
     }
 }
@@ -130,6 +133,43 @@ pub struct Risk {
 impl Default for Risk {
     fn default() -> Self {
         Self { pause_at: 70, suspend_at: 90 }
+    }
+}
+
+/// `[audit]`: sizes in MiB, ages in days.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Audit {
+    /// The live file is rotated once it passes this size.
+    pub rotate_mib: u64,
+    /// Rotated files kept, in total; the oldest beyond it are deleted (each deletion recorded in
+    /// the chain). 0: no size limit.
+    pub keep_mib: u64,
+    /// Rotated files last written longer ago than this are deleted likewise. 0: no age limit.
+    pub keep_days: u64,
+    /// Free space the log leaves on its filesystem; a write that would leave less is not made,
+    /// and allowed decisions are refused once the kernel's ring fills, until there is room.
+    /// 0: no reserve.
+    pub reserve_mib: u64,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self { rotate_mib: 64, keep_mib: 4096, keep_days: 0, reserve_mib: 256 }
+    }
+}
+
+impl Audit {
+    /// The audit log's options for these settings.
+    pub fn options(&self) -> crate::audit::AuditOptions {
+        const DAY: u64 = 24 * 60 * 60;
+        crate::audit::AuditOptions {
+            rotate_bytes: self.rotate_mib << 20,
+            keep_bytes: self.keep_mib << 20,
+            keep_age: (self.keep_days > 0).then(|| std::time::Duration::from_secs(self.keep_days * DAY)),
+            reserve_bytes: self.reserve_mib << 20,
+            ..crate::audit::AuditOptions::default()
+        }
     }
 }
 
@@ -253,6 +293,19 @@ impl Config {
                 return invalid(&key("algorithms"), format!("has {bad:?}; supported: EdDSA, ES256, RS256"));
             }
         }
+        let Audit { rotate_mib, keep_mib, keep_days, reserve_mib } = self.audit;
+        if !(1..=1 << 20).contains(&rotate_mib) {
+            return invalid("audit.rotate_mib", format!("must be 1-1048576 (MiB), got {rotate_mib}"));
+        }
+        if keep_mib != 0 && keep_mib < rotate_mib {
+            return invalid(
+                "audit.keep_mib",
+                format!("must be 0 (no limit) or at least audit.rotate_mib ({rotate_mib}), got {keep_mib}"),
+            );
+        }
+        if keep_mib > 1 << 40 || reserve_mib > 1 << 40 || keep_days > 365_000 {
+            return invalid("audit", "has a size or age beyond any disk or lifetime".to_owned());
+        }
         let Risk { pause_at, suspend_at } = self.risk;
         if !(1..=100).contains(&pause_at) || !(1..=100).contains(&suspend_at) || pause_at > suspend_at {
             return invalid(
@@ -331,6 +384,9 @@ suspend_at = 90
             ("agent_uids = \"100000-4294967295\"", "agent_uids"),
             ("max_ttl_seconds = 0", "max_ttl_seconds"),
             ("[risk]\npause_at = 95\nsuspend_at = 90", "risk"),
+            ("[audit]\nrotate_mib = 0", "audit.rotate_mib"),
+            ("[audit]\nrotate_mib = 64\nkeep_mib = 10", "audit.keep_mib"),
+            ("[audit]\nreserve_mib = 9223372036854775807", "audit"),
             ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),
             (
                 "[[issuers]]\niss = \"a\"\nkey = \"/k\"\n[[issuers]]\niss = \"a\"\nkey = \"/k\"",
@@ -344,6 +400,16 @@ suspend_at = 90
         assert!(parse("max_ttl_seconds = \"long\"").unwrap_err().to_string().starts_with("ztseg.toml:1:19:"));
         let err = parse("agent_uids = \"lots\"").unwrap_err().to_string();
         assert!(err.starts_with("ztseg.toml:1:14:") && err.contains("not a uid range"), "{err}");
+    }
+
+    #[test]
+    fn audit_settings_become_log_options() {
+        let config = parse("[audit]\nrotate_mib = 8\nkeep_mib = 0\nkeep_days = 30\nreserve_mib = 1").unwrap();
+        let options = config.audit.options();
+        assert_eq!((options.rotate_bytes, options.keep_bytes, options.reserve_bytes), (8 << 20, 0, 1 << 20));
+        assert_eq!(options.keep_age, Some(std::time::Duration::from_secs(30 * 86400)));
+        assert_eq!(Config::default().audit.options().keep_age, None);
+        assert!(parse("[audit]\nkeep_bytes = 1").unwrap_err().to_string().contains("unknown field"));
     }
 
     #[test]

@@ -399,6 +399,8 @@ pub struct Status {
     pub audit_log: PathBuf,
     /// The `seq` the next audit record gets.
     pub audit_next_seq: u64,
+    /// Why the audit log cannot be written now, and since when; `null` when it can.
+    pub audit_unwritable: Option<AuditUnwritable>,
     pub cgroup_root: PathBuf,
     /// Records lost to a full ring, per CPU.
     pub events_dropped_per_cpu: Vec<u64>,
@@ -410,6 +412,15 @@ pub struct Status {
     pub revoked_tokens: usize,
     pub unregistered: Option<Counters>,
     pub version: String,
+}
+
+/// The audit log cannot be written: decisions wait in the kernel's ring, and once it is full
+/// allowed decisions are refused.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditUnwritable {
+    pub reason: String,
+    /// RFC 3339, UTC.
+    pub since: String,
 }
 
 /// The first line of an `events` stream.
@@ -793,6 +804,10 @@ mod tests {
             agents: 1,
             audit_log: "/var/log/ztseg/audit.jsonl".into(),
             audit_next_seq: 42,
+            audit_unwritable: Some(AuditUnwritable {
+                reason: "cannot write it: No space left on device (os error 28)".into(),
+                since: "2026-12-04T18:51:30.658260Z".into(),
+            }),
             cgroup_root: "ztseg.slice".into(),
             events_dropped_per_cpu: vec![0, 1],
             events_written: 7,

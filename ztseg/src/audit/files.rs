@@ -57,6 +57,13 @@ fn rotated_range(log_name: &str, name: &str) -> Option<(u64, u64)> {
     Some((number(first)?, number(last)?))
 }
 
+/// The seq range a rotated file's name spells (`<log>.<first>-<last>`).
+pub(crate) fn rotated_range_of(path: &Path) -> Option<(u64, u64)> {
+    let name = file_name(path);
+    let (stem, _) = name.rsplit_once('.')?;
+    rotated_range(stem, &name)
+}
+
 /// The live log a file belongs to: itself, or `<log>` for a rotated `<log>.<first>-<last>`.
 pub fn live_path_of(path: &Path) -> PathBuf {
     let name = file_name(path);

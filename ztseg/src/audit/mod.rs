@@ -142,6 +142,8 @@ pub enum AuditError {
         "{path}: an earlier write failed ({reason}); reopen the log, which recovers its tail, before appending"
     )]
     Failed { path: PathBuf, reason: String },
+    #[error("{path}: {reason}; records are kept in memory and written once it can be written again")]
+    Unwritable { path: PathBuf, reason: String },
     #[error("{path}: rotating would overwrite {target}, which already exists")]
     RotateTarget { path: PathBuf, target: PathBuf },
     #[error("{path}: line {line}: not a usable anchor: {reason}")]

@@ -13,6 +13,7 @@ pub const ZERO_HASH: [u8; 32] = [0; 32];
 pub(crate) const CHECKPOINT: &str = "checkpoint";
 pub(crate) const ROTATED: &str = "rotated";
 pub(crate) const RECOVERED: &str = "recovered";
+pub(crate) const PRUNED: &str = "pruned";
 
 /// Compact JSON with every object's keys sorted: the bytes that are hashed and signed.
 pub fn canonical_bytes(value: &Value) -> Vec<u8> {

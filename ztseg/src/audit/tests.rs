@@ -62,6 +62,7 @@ fn small() -> AuditOptions {
         checkpoint_interval: Duration::from_secs(3600),
         rotate_bytes: 0,
         flush_every: 4,
+        ..AuditOptions::default()
     }
 }
 
@@ -406,7 +407,7 @@ fn torn_tail_is_moved_aside_and_recorded() {
     let (mut log, report) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
     let tail = report.torn.clone().unwrap();
     assert_eq!((tail.line, tail.bytes, tail.after_seq), (25, torn.len() as u64, Some(23)));
-    assert_eq!(fs::read(&tail.moved_to).unwrap(), torn);
+    assert_eq!(fs::read(tail.moved_to.as_ref().unwrap()).unwrap(), torn);
     assert_eq!(report.next_seq, 25);
     for i in 0..3 {
         log.append(body(i)).unwrap();
@@ -538,6 +539,128 @@ fn missing_rotated_file_is_truncation() {
     let d = verify_log(&path).unwrap_err();
     assert_damage(&d, &files[2], DamageKind::Truncated, 1, Some(gone_first));
     assert!(d.detail.contains(files[1].file_name().unwrap().to_str().unwrap()), "{d}");
+}
+
+/// What the log's records with `event` say, in order.
+fn events_of(files: &[PathBuf], event: &str) -> Vec<Map<String, Value>> {
+    files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| obj(serde_json::from_str(&l).unwrap()))
+        .filter(|r| r.get("event").and_then(Value::as_str) == Some(event))
+        .collect()
+}
+
+#[test]
+fn retention_deletes_the_oldest_files_and_says_so_in_the_chain() {
+    let dir = TempDir::new("prune");
+    let (path, before) = rotated_log(dir.path());
+    assert!(before.len() >= 4, "{before:?}");
+    let key = host_key(dir.path());
+    // Keep about two rotated files' worth.
+    let sizes: Vec<u64> = before.iter().map(|f| fs::metadata(f).unwrap().len()).collect();
+    let keep = sizes[before.len() - 3] + sizes[before.len() - 2];
+    let options = AuditOptions { rotate_bytes: 3000, checkpoint_every: 10, keep_bytes: keep, ..small() };
+    let (mut log, _) = AuditLog::open(&path, key, options).unwrap();
+    let pruned = log.prune(SystemTime::now()).unwrap();
+    log.checkpoint().unwrap();
+    drop(log);
+    let after = resolve_files(&path).unwrap();
+    assert_eq!(pruned.len(), before.len() - 3, "{pruned:?}");
+    assert_eq!(after, before[before.len() - 3..].to_vec());
+    // Each deletion is a record of the chain, naming the file, its range and its last hash.
+    let said = events_of(&after, "pruned");
+    assert_eq!(said.len(), pruned.len());
+    for (record, gone) in said.iter().zip(&pruned) {
+        assert_eq!(record["file"], gone.file.file_name().unwrap().to_str().unwrap());
+        assert_eq!(
+            (record["first_seq"].as_u64(), record["last_seq"].as_u64()),
+            (Some(gone.first_seq), Some(gone.last_seq))
+        );
+        assert_eq!(record["reason"], "size");
+    }
+    let report = verify_log(&path).unwrap();
+    let first_kept = obj(serde_json::from_str(&read_lines(&after[0])[0]).unwrap())["seq"].as_u64().unwrap();
+    assert_eq!(report.first_seq, Some(first_kept));
+    assert_eq!(report.pruned.map(|p| p.1), Some(first_kept));
+    assert!(report.to_string().contains("deleted by retention"), "{report}");
+    // Without retention nothing goes.
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), small()).unwrap();
+    assert_eq!(log.prune(SystemTime::now()).unwrap(), vec![]);
+}
+
+#[test]
+fn retention_by_age_spares_recent_files() {
+    let dir = TempDir::new("pruneage");
+    let (path, before) = rotated_log(dir.path());
+    let options = AuditOptions { keep_age: Some(Duration::from_secs(3600)), ..small() };
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), options).unwrap();
+    assert_eq!(log.prune(SystemTime::now()).unwrap(), vec![], "every file is minutes old");
+    let later = SystemTime::now() + Duration::from_secs(7200);
+    let pruned = log.prune(later).unwrap();
+    assert_eq!(pruned.len(), before.len() - 1);
+    assert!(pruned.iter().all(|p| p.reason == "age"));
+    log.checkpoint().unwrap();
+    drop(log);
+    assert_eq!(resolve_files(&path).unwrap(), vec![path.clone()]);
+    verify_log(&path).unwrap();
+}
+
+#[test]
+fn files_deleted_outside_retention_do_not_verify() {
+    let dir = TempDir::new("prunefake");
+    let (path, files) = rotated_log(dir.path());
+    // Positive control: the whole log verifies.
+    verify_files(&files).unwrap();
+    // The oldest files deleted by hand: the chain starts later and nothing in it says why.
+    fs::remove_file(&files[0]).unwrap();
+    fs::remove_file(&files[1]).unwrap();
+    let d = verify_log(&path).unwrap_err();
+    assert_damage(&d, &files[2], DamageKind::Truncated, 1, Some(0));
+    assert!(d.detail.contains("not by the daemon's retention"), "{d}");
+}
+
+#[test]
+fn a_file_deleted_after_a_retention_does_not_verify() {
+    let dir = TempDir::new("prunemore");
+    let (path, files) = rotated_log(dir.path());
+    assert!(files.len() >= 4, "{files:?}");
+    // Retention takes the two oldest files.
+    let keep: u64 = files[2..files.len() - 1].iter().map(|f| fs::metadata(f).unwrap().len()).sum();
+    let options = AuditOptions { keep_bytes: keep, ..small() };
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), options).unwrap();
+    assert_eq!(log.prune(SystemTime::now()).unwrap().len(), 2);
+    log.checkpoint().unwrap();
+    drop(log);
+    verify_log(&path).unwrap();
+    // Then someone deletes the next one: no record names it.
+    fs::remove_file(&files[2]).unwrap();
+    let d = verify_log(&path).unwrap_err();
+    assert_damage(&d, &files[3], DamageKind::Truncated, 1, Some(0));
+}
+
+#[test]
+fn an_unwritable_log_keeps_its_records_and_writes_them_once_it_can() {
+    let dir = TempDir::new("unwritable");
+    let (path, _) = write_log(dir.path(), 3, small());
+    let lines = read_lines(&path).len();
+    // A reserve no filesystem has: no write is made.
+    let options = AuditOptions { reserve_bytes: u64::MAX / 2, ..small() };
+    let (mut log, _) = AuditLog::open(&path, host_key(dir.path()), options).unwrap();
+    for i in 0..10 {
+        log.append(body(i)).unwrap();
+    }
+    assert!(log.unwritable().is_some_and(|r| r.contains("reserve")), "{:?}", log.unwritable());
+    assert!(matches!(log.flush(), Err(AuditError::Unwritable { .. })));
+    assert_eq!(read_lines(&path).len(), lines, "nothing was written");
+    // Room again: everything appended meanwhile is written, in one chain.
+    log.set_reserve_bytes(0);
+    log.flush().unwrap();
+    assert_eq!(log.unwritable(), None);
+    drop(log);
+    let report = verify_log(&path).unwrap();
+    assert_eq!(report.records, read_lines(&path).len() as u64);
+    assert!(read_lines(&path).len() >= lines + 10);
 }
 
 #[test]

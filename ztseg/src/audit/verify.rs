@@ -25,8 +25,8 @@ use super::{
     files::{Head, HeadProblem, file_name, head_path, live_path_of, pub_key_path},
     key::parse_verifying_key,
     record::{
-        CHECKPOINT, CheckpointProblem, LineProblem, ROTATED, Record, ZERO_HASH, check_checkpoint, parse_hash,
-        parse_record,
+        CHECKPOINT, CheckpointProblem, LineProblem, PRUNED, ROTATED, Record, ZERO_HASH, check_checkpoint,
+        parse_hash, parse_record,
     },
 };
 
@@ -201,6 +201,9 @@ pub struct VerifyReport {
     pub unvouched: u64,
     /// Anchors the chain holds.
     pub anchors: usize,
+    /// The chain starts after records deleted by the daemon's retention: (the seq of the
+    /// `pruned` record that names them, the first seq kept).
+    pub pruned: Option<(u64, u64)>,
 }
 
 impl fmt::Display for VerifyReport {
@@ -233,6 +236,9 @@ impl fmt::Display for VerifyReport {
         }
         if self.anchors > 0 {
             write!(f, "; holds all {} anchor(s)", self.anchors)?;
+        }
+        if let Some((by, first)) = self.pruned {
+            write!(f, "; records before seq {first} were deleted by retention (record {by} says so)")?;
         }
         Ok(())
     }
@@ -279,6 +285,8 @@ pub fn verify(files: &[PathBuf], options: &VerifyOptions) -> Result<VerifyReport
         first_seq: None,
         last_checkpoint: None,
         lines_in_last_file: 0,
+        start: None,
+        start_pruned_by: None,
     };
     let mut cursor = None;
     for idx in 0..files.len() {
@@ -291,6 +299,7 @@ pub fn verify(files: &[PathBuf], options: &VerifyOptions) -> Result<VerifyReport
         verifier.catch_up_with_head(&live, cursor)?;
     }
     verifier.finish()?;
+    verifier.check_start()?;
     if let Some(damage) = head_damage {
         return Err(damage);
     }
@@ -324,6 +333,7 @@ pub fn verify(files: &[PathBuf], options: &VerifyOptions) -> Result<VerifyReport
         head_missing,
         unvouched,
         anchors: options.anchors.len(),
+        pruned: verifier.start_pruned_by.zip(verifier.start.map(|s| s.seq)),
     })
 }
 
@@ -433,9 +443,41 @@ struct Verifier<'a> {
     /// The seq of the last checkpoint accepted.
     last_checkpoint: Option<u64>,
     lines_in_last_file: usize,
+    /// The chain's first record when it is not seq 0: the `rotated` record that began a file
+    /// whose predecessors retention deleted.
+    start: Option<Start>,
+    /// The `pruned` record that names the records before `start`.
+    start_pruned_by: Option<u64>,
+}
+
+#[derive(Clone, Copy)]
+struct Start {
+    seq: u64,
+    prev: [u8; 32],
+    file: usize,
+    line: usize,
 }
 
 impl Verifier<'_> {
+    /// A chain that starts after seq 0 must say, in a record of its own, that the daemon's
+    /// retention deleted what came before: anyone else's deletion does not verify.
+    fn check_start(&self) -> Result<(), Damage> {
+        match self.start {
+            Some(start) if self.start_pruned_by.is_none() => Err(self.damage(
+                start.file,
+                start.line,
+                Some(0),
+                DamageKind::Truncated,
+                format!(
+                    "the chain starts at seq {}, not 0, and no `pruned` record in it names records 0..={} (with the hash this record links to): earlier files were deleted, not by the daemon's retention",
+                    start.seq,
+                    start.seq - 1
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn damage(&self, file: usize, line: usize, seq: Option<u64>, kind: DamageKind, detail: String) -> Damage {
         Damage { file: self.files[file].clone(), line, seq, kind, detail }
     }
@@ -536,6 +578,12 @@ impl Verifier<'_> {
         }
 
         let Some(last) = self.last.clone() else {
+            if s != 0 && rec.event() == Some(ROTATED) {
+                // The first file kept after retention deleted older ones; a `pruned` record
+                // later in the chain must name what came before ([`Self::check_start`]).
+                self.start = Some(Start { seq: s, prev: rec.prev, file: idx, line });
+                return self.accept(idx, line, rec);
+            }
             if s != 0 {
                 let what = rec.map.get("previous_file").and_then(Value::as_str).map_or_else(
                     || "earlier records are missing".to_owned(),
@@ -687,6 +735,13 @@ impl Verifier<'_> {
         }
         if rec.event() == Some(CHECKPOINT) {
             self.last_checkpoint = Some(s);
+        }
+        if rec.event() == Some(PRUNED)
+            && let Some(start) = self.start
+            && rec.map.get("last_seq").and_then(Value::as_u64) == Some(start.seq - 1)
+            && rec.map.get("last_hash").and_then(Value::as_str) == Some(hex::encode(start.prev).as_str())
+        {
+            self.start_pruned_by = Some(s);
         }
         if let Some(head) = self.head.as_ref().filter(|h| h.seq == s && h.hash != rec.hash) {
             return Err(at(

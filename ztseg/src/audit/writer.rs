@@ -24,7 +24,7 @@ use super::{
     },
     key::parse_verifying_key,
     record::{
-        CHECKPOINT, CheckpointProblem, LineProblem, RECOVERED, ROTATED, ZERO_HASH, canonical_object,
+        CHECKPOINT, CheckpointProblem, LineProblem, PRUNED, RECOVERED, ROTATED, ZERO_HASH, canonical_object,
         chain_hash, check_checkpoint, parse_record, rfc3339,
     },
 };
@@ -39,8 +39,17 @@ pub struct AuditOptions {
     pub checkpoint_interval: Duration,
     /// Rotate the live file once it grows past this many bytes (default 64 MiB).
     pub rotate_bytes: u64,
-    /// `append` flushes (write + fdatasync) by itself after this many records (default 256).
+    /// `append` flushes (write + fdatasync) by itself after this many records (default 2048).
     pub flush_every: u64,
+    /// Free space the log leaves on its filesystem: a write that would leave less is not made
+    /// (the log is unwritable until there is room again). 0: no reserve.
+    pub reserve_bytes: u64,
+    /// Rotated files kept, in total bytes: [`AuditLog::prune`] deletes the oldest beyond it.
+    /// 0: no size limit.
+    pub keep_bytes: u64,
+    /// Rotated files older than this (by the time they were last written) are deleted by
+    /// [`AuditLog::prune`]. `None`: no age limit.
+    pub keep_age: Option<Duration>,
 }
 
 impl Default for AuditOptions {
@@ -50,6 +59,9 @@ impl Default for AuditOptions {
             checkpoint_interval: Duration::from_secs(10),
             rotate_bytes: 64 << 20,
             flush_every: 2048,
+            reserve_bytes: 0,
+            keep_bytes: 0,
+            keep_age: None,
         }
     }
 }
@@ -88,8 +100,10 @@ pub struct TornTail {
     pub bytes: u64,
     /// The chain's last complete record before it (None if the chain was empty).
     pub after_seq: Option<u64>,
-    /// Where its bytes were moved.
-    pub moved_to: PathBuf,
+    /// Where its bytes were moved, or why they could not be kept (a full disk): they are cut
+    /// off either way, and their SHA-256 recorded.
+    pub moved_to: Result<PathBuf, String>,
+    pub sha256: [u8; 32],
 }
 
 /// The one writer of the audit log.
@@ -100,9 +114,15 @@ pub struct AuditLog {
     key: HostKey,
     key_id: String,
     options: AuditOptions,
+    /// Every line appended since the last successful sync: a write or sync that fails is done
+    /// again from here.
     buf: Vec<u8>,
+    /// Bytes of `buf` written to the file.
+    written: usize,
     /// Records in `buf`.
     pending: u64,
+    /// The live file's length at the last successful sync.
+    synced_len: u64,
     next_seq: u64,
     last_hash: [u8; 32],
     /// Seq of the live file's first record, once it has one.
@@ -120,9 +140,23 @@ pub struct AuditLog {
     unsynced: Option<(u64, [u8; 32])>,
     /// The seq the head file names.
     head_seq: Option<u64>,
-    /// Set when a write or fdatasync failed: the file's tail is unknown, so nothing more is
-    /// appended until the log is reopened (which recovers the tail).
+    /// Set when a write or fdatasync failed, or the reserve would be broken: records are still
+    /// appended (to `buf`), and each write first cuts the file back to `synced_len`.
+    unwritable: Option<String>,
+    /// Set when rotation failed half-way: nothing more is appended until the log is reopened
+    /// (which recovers the tail and resumes the rotation).
     failed: Option<String>,
+}
+
+/// A rotated file [`AuditLog::prune`] deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pruned {
+    pub file: PathBuf,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+    /// `size` or `age`.
+    pub reason: &'static str,
 }
 
 /// What scanning one file at open found.
@@ -203,8 +237,9 @@ impl AuditLog {
         }
 
         if let Some((line, offset, len)) = live.torn {
-            let moved_to = move_torn_tail(path, offset, len)?;
-            report.torn = Some(TornTail { line, bytes: len, after_seq: state.map(|(s, _)| s), moved_to });
+            let (moved_to, sha256) = move_torn_tail(path, offset, len)?;
+            report.torn =
+                Some(TornTail { line, bytes: len, after_seq: state.map(|(s, _)| s), moved_to, sha256 });
         }
 
         let file = fs::OpenOptions::new()
@@ -235,7 +270,9 @@ impl AuditLog {
             key_id,
             options,
             buf: Vec::with_capacity(64 << 10),
+            written: 0,
             pending: 0,
+            synced_len: file_bytes,
             next_seq,
             last_hash,
             file_first_seq: live.first_seq,
@@ -246,6 +283,7 @@ impl AuditLog {
             durable: state,
             unsynced: None,
             head_seq: head.map(|h| h.seq),
+            unwritable: None,
             failed: None,
         };
         if let Some(previous) = &report.resumed_rotation {
@@ -257,11 +295,23 @@ impl AuditLog {
             rec.insert("ts".to_owned(), rfc3339(SystemTime::now()).into());
             rec.insert("torn_bytes".to_owned(), torn.bytes.into());
             rec.insert("after_seq".to_owned(), torn.after_seq.map_or(Value::Null, Value::from));
-            rec.insert("torn_file".to_owned(), file_name(&torn.moved_to).into());
+            match &torn.moved_to {
+                Ok(moved_to) => rec.insert("torn_file".to_owned(), file_name(moved_to).into()),
+                Err(why) => {
+                    rec.insert("torn_file".to_owned(), Value::Null);
+                    rec.insert("torn_not_kept".to_owned(), why.clone().into())
+                }
+            };
+            rec.insert("torn_sha256".to_owned(), hex::encode(torn.sha256).into());
             log.push(rec)?;
             log.since_checkpoint += 1;
         }
-        log.flush()?;
+        match log.flush() {
+            // A full disk does not keep the log from opening: it is unwritable
+            // ([`Self::unwritable`]) and writes once it can.
+            Ok(()) | Err(AuditError::Unwritable { .. }) => {}
+            Err(e) => return Err(e),
+        }
         report.next_seq = log.next_seq;
         Ok((log, report))
     }
@@ -285,6 +335,20 @@ impl AuditLog {
     pub(crate) fn append_body(&mut self, body: &Body) -> Result<u64, AuditError> {
         let seq = self.push_body(body)?;
         self.since_checkpoint += 1;
+        if self.unwritable.is_some() {
+            // Nothing can be written: no checkpoint, rotation or flush until it can.
+            return Ok(seq);
+        }
+        match self.after_append() {
+            // The record is in the chain and kept; the log says it cannot write
+            // ([`Self::unwritable`]) and writes it once it can.
+            Ok(()) | Err(AuditError::Unwritable { .. }) => Ok(seq),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The checkpoint, rotation or flush an append may call for.
+    fn after_append(&mut self) -> Result<(), AuditError> {
         if self.options.checkpoint_every > 0 && self.since_checkpoint >= self.options.checkpoint_every {
             self.checkpoint()?;
         }
@@ -293,7 +357,12 @@ impl AuditLog {
         } else if self.options.flush_every > 0 && self.pending >= self.options.flush_every {
             self.flush()?;
         }
-        Ok(seq)
+        Ok(())
+    }
+
+    /// Changes the free space the log leaves on its filesystem.
+    pub fn set_reserve_bytes(&mut self, bytes: u64) {
+        self.options.reserve_bytes = bytes;
     }
 
     /// Write buffered records, fdatasync, and re-sign the head. Records appended before a
@@ -410,6 +479,7 @@ impl AuditLog {
         self.file = file?;
         self.file_first_seq = None;
         self.file_bytes = 0;
+        self.synced_len = 0;
         self.rotate_at = self.options.rotate_bytes;
         self.push_rotated(&target)?;
         self.flush()
@@ -433,7 +503,7 @@ impl AuditLog {
             }
         }
         if let Some(event) = body.get("event").and_then(Value::as_str)
-            && [CHECKPOINT, ROTATED, RECOVERED].contains(&event)
+            && [CHECKPOINT, ROTATED, RECOVERED, PRUNED].contains(&event)
         {
             return Err(AuditError::ReservedEvent { path: self.path.clone(), event: event.to_owned() });
         }
@@ -503,29 +573,152 @@ impl AuditLog {
         self.write_buffered()?;
         let Some(written) = self.unsynced else { return Ok(()) };
         if let Err(source) = self.file.sync_data() {
-            return Err(self.fail("sync", source));
+            return Err(self.cannot_write("sync", &source));
         }
         #[cfg(feature = "fault-injection")]
         injected_sync_delay();
+        self.synced_len += self.buf.len() as u64;
+        self.buf.clear();
+        self.written = 0;
+        self.pending = 0;
         self.unsynced = None;
         self.durable = Some(written);
         Ok(())
     }
 
     /// Writes the buffered records to the file without syncing it: from then on they survive the
-    /// daemon's death (not the machine's, until the next [`flush`](Self::flush)).
+    /// daemon's death (not the machine's, until the next [`flush`](Self::flush)). After a failed
+    /// write or sync, the file is first cut back to its last synced length and everything since
+    /// written again.
     pub(crate) fn write_buffered(&mut self) -> Result<(), AuditError> {
         self.usable()?;
-        if self.buf.is_empty() {
+        if self.written == self.buf.len() && self.unwritable.is_none() {
             return Ok(());
         }
-        if let Err(source) = self.file.write_all(&self.buf) {
-            return Err(self.fail("write", source));
+        self.check_reserve()?;
+        if self.unwritable.is_some() {
+            if let Err(source) = self.file.set_len(self.synced_len) {
+                return Err(self.cannot_write("truncate", &source));
+            }
+            self.written = 0;
         }
-        self.buf.clear();
-        self.pending = 0;
-        self.unsynced = Some((self.next_seq - 1, self.last_hash));
+        if let Err(source) = self.file.write_all(&self.buf[self.written..]) {
+            return Err(self.cannot_write("write", &source));
+        }
+        self.written = self.buf.len();
+        if self.next_seq > 0 && !self.buf.is_empty() {
+            self.unsynced = Some((self.next_seq - 1, self.last_hash));
+        }
+        self.unwritable = None;
         Ok(())
+    }
+
+    /// Why nothing more can be appended until the log is reopened (a rotation failed half-way),
+    /// if so.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Why the log cannot be written now, if it cannot (records are kept in memory meanwhile).
+    pub fn unwritable(&self) -> Option<&str> {
+        self.unwritable.as_deref()
+    }
+
+    /// A write would leave less than the reserve free on the log's filesystem: the log is
+    /// unwritable until there is room.
+    fn check_reserve(&mut self) -> Result<(), AuditError> {
+        if self.options.reserve_bytes == 0 {
+            return Ok(());
+        }
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let free = match nix::sys::statvfs::statvfs(dir) {
+            Ok(st) => st.blocks_available().saturating_mul(st.fragment_size()),
+            Err(errno) => return Err(self.cannot_write("check the free space of", &errno.into())),
+        };
+        let needed = (self.buf.len() - self.written) as u64;
+        if free < self.options.reserve_bytes.saturating_add(needed) {
+            let reason = format!(
+                "its filesystem has {} MiB free, and writing would leave less than the reserve of {} MiB",
+                free >> 20,
+                self.options.reserve_bytes >> 20
+            );
+            self.unwritable = Some(reason.clone());
+            return Err(AuditError::Unwritable { path: self.path.clone(), reason });
+        }
+        Ok(())
+    }
+
+    fn cannot_write(&mut self, action: &'static str, source: &std::io::Error) -> AuditError {
+        let reason = format!("cannot {action} it: {source}");
+        self.unwritable = Some(reason.clone());
+        AuditError::Unwritable { path: self.path.clone(), reason }
+    }
+
+    /// Deletes the oldest rotated files beyond `keep_bytes` or older than `keep_age`, each after
+    /// a `pruned` record naming it (its seq range and its last record's hash, which the next
+    /// file's first record links to) is in the chain and synced, so `audit verify` can tell
+    /// retention from deletion. Nothing is deleted while the log is unwritable.
+    pub fn prune(&mut self, now: SystemTime) -> Result<Vec<Pruned>, AuditError> {
+        let mut pruned = Vec::new();
+        if (self.options.keep_bytes == 0 && self.options.keep_age.is_none()) || self.unwritable.is_some() {
+            return Ok(pruned);
+        }
+        self.usable()?;
+        let mut files = Vec::new();
+        for path in rotated_files(&self.path)? {
+            let Some((first, last)) = super::files::rotated_range_of(&path) else { continue };
+            let meta = fs::metadata(&path).map_err(|source| AuditError::Io {
+                action: "stat",
+                path: path.clone(),
+                source,
+            })?;
+            files.push((path, first, last, meta.len(), meta.modified().unwrap_or(now)));
+        }
+        let mut total: u64 = files.iter().map(|f| f.3).sum();
+        for (path, first_seq, last_seq, bytes, modified) in files {
+            let reason = if self.options.keep_bytes > 0 && total > self.options.keep_bytes {
+                "size"
+            } else if self
+                .options
+                .keep_age
+                .is_some_and(|age| now.duration_since(modified).is_ok_and(|d| d > age))
+            {
+                "age"
+            } else {
+                break;
+            };
+            let mut rec = Map::new();
+            rec.insert("event".to_owned(), PRUNED.into());
+            rec.insert("ts".to_owned(), rfc3339(now).into());
+            rec.insert("file".to_owned(), file_name(&path).into());
+            rec.insert("first_seq".to_owned(), first_seq.into());
+            rec.insert("last_seq".to_owned(), last_seq.into());
+            rec.insert(
+                "last_hash".to_owned(),
+                last_hash_of(&path, last_seq).map_or(Value::Null, Value::from),
+            );
+            rec.insert("bytes".to_owned(), bytes.into());
+            rec.insert("reason".to_owned(), reason.into());
+            self.push(rec)?;
+            self.since_checkpoint += 1;
+            // On disk before the file goes: a crash in between leaves the file and its record
+            // (the next prune records it again).
+            self.flush()?;
+            fs::remove_file(&path).map_err(|source| AuditError::Io {
+                action: "delete",
+                path: path.clone(),
+                source,
+            })?;
+            total -= bytes;
+            pruned.push(Pruned { file: path, first_seq, last_seq, bytes, reason });
+        }
+        if !pruned.is_empty() {
+            sync_dir(&self.path)?;
+        }
+        Ok(pruned)
     }
 
     fn fail(&mut self, action: &'static str, source: std::io::Error) -> AuditError {
@@ -710,14 +903,43 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
     move |source| AuditError::Io { action, path: path.to_owned(), source }
 }
 
+/// The `hash` of the last line of a rotated file, if that line is record `last_seq`.
+fn last_hash_of(path: &Path, last_seq: u64) -> Option<String> {
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let tail = len.min(64 << 10);
+    file.seek(SeekFrom::Start(len - tail)).ok()?;
+    let mut bytes = Vec::with_capacity(tail as usize);
+    file.read_to_end(&mut bytes).ok()?;
+    let line = bytes.strip_suffix(b"\n")?.rsplit(|&b| b == b'\n').next()?;
+    let rec: Value = serde_json::from_slice(line).ok()?;
+    (rec.get("seq")?.as_u64()? == last_seq).then(|| rec.get("hash")?.as_str().map(str::to_owned))?
+}
+
 /// Copy the torn bytes at `offset..offset+len` to `<log>.torn-<unix-seconds>` and cut them off
 /// the live file. Returns where they went.
-fn move_torn_tail(path: &Path, offset: u64, len: u64) -> Result<PathBuf, AuditError> {
+fn move_torn_tail(
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<(Result<PathBuf, String>, [u8; 32]), AuditError> {
     let mut file = fs::OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path))?;
     let mut torn = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.seek(SeekFrom::Start(offset)).map_err(io_err("read", path))?;
     (&mut file).take(len).read_to_end(&mut torn).map_err(io_err("read", path))?;
+    let sha256: [u8; 32] = Sha256::digest(&torn).into();
+    // Kept beside the log if the disk has room; a full disk (what tears a line, often) must
+    // not keep the daemon from starting: the bytes are then cut off with only their hash kept.
+    let moved_to = keep_aside(path, &torn).map_err(|e| {
+        tracing::error!(error = %e, bytes = len, "the torn last line of the audit log could not be kept aside; it is cut off, its SHA-256 recorded");
+        e.to_string()
+    });
+    file.set_len(offset).and_then(|()| file.sync_all()).map_err(io_err("truncate", path))?;
+    Ok((moved_to, sha256))
+}
 
+/// Writes `torn` to a new `<log>.torn-<unix-seconds>[.N]`; removes a partial one.
+fn keep_aside(path: &Path, torn: &[u8]) -> Result<PathBuf, AuditError> {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut attempt = 0;
     let (mut aside, target) = loop {
@@ -729,9 +951,11 @@ fn move_torn_tail(path: &Path, offset: u64, len: u64) -> Result<PathBuf, AuditEr
             Err(source) => return Err(AuditError::Io { action: "create", path: target, source }),
         }
     };
-    aside.write_all(&torn).and_then(|()| aside.sync_all()).map_err(io_err("write", &target))?;
+    if let Err(source) = aside.write_all(torn).and_then(|()| aside.sync_all()) {
+        let _ = fs::remove_file(&target);
+        return Err(AuditError::Io { action: "write", path: target, source });
+    }
     sync_dir(&target)?;
-    file.set_len(offset).and_then(|()| file.sync_all()).map_err(io_err("truncate", path))?;
     Ok(target)
 }
 

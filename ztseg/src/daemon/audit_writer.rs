@@ -72,11 +72,20 @@ pub struct AuditSender {
 }
 
 /// Whether the writer keeps up: messages handed over and not yet taken, and when it last took
-/// one (boot-clock ns).
+/// one (boot-clock ns); and why the log cannot be written, since when, if it cannot.
 #[derive(Default)]
 struct Health {
     pending: AtomicU64,
     progress_ns: AtomicU64,
+    unwritable: std::sync::Mutex<Option<Unwritable>>,
+}
+
+/// The audit log cannot be written: records wait in memory, their ring space is not handed
+/// back, and once the ring is full allowed decisions are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unwritable {
+    pub reason: String,
+    pub since: SystemTime,
 }
 
 impl AuditSender {
@@ -117,6 +126,11 @@ impl AuditSender {
         self.health.pending.load(Ordering::Relaxed) > 0 && u128::from(idle) > limit.as_nanos()
     }
 
+    /// Why the log cannot be written, if it cannot.
+    pub fn unwritable(&self) -> Option<Unwritable> {
+        self.health.unwritable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Decision records appended so far.
     pub fn decisions_written(&self) -> u64 {
         self.decisions_written.load(Ordering::Relaxed)
@@ -143,6 +157,7 @@ pub fn start(log: AuditLog, publish: impl Fn(Line) + Send + 'static) -> std::io:
     let health = Arc::new(Health {
         pending: AtomicU64::new(0),
         progress_ns: AtomicU64::new(crate::clock::boot_now_ns()),
+        unwritable: std::sync::Mutex::new(None),
     });
     let sender = AuditSender {
         tx,
@@ -153,7 +168,16 @@ pub fn start(log: AuditLog, publish: impl Fn(Line) + Send + 'static) -> std::io:
     thread::Builder::new().name("ztseg-audit".into()).spawn(move || {
         super::lower_priority();
         let denials = Denials { since: Instant::now(), logged: 0, unlogged: 0 };
-        let writer = Writer { log, publish, next_seq, decisions_written, health, denials };
+        let writer = Writer {
+            log,
+            publish,
+            next_seq,
+            decisions_written,
+            health,
+            denials,
+            held: Vec::new(),
+            unwritable_said: None,
+        };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(&rx))).is_err() {
             error!("the audit writer panicked; stopping the daemon (enforcement stays pinned)");
             std::process::abort();
@@ -169,7 +193,17 @@ struct Writer<P> {
     decisions_written: Arc<AtomicU64>,
     health: Arc<Health>,
     denials: Denials,
+    /// Batches appended and not yet written: their permits (the reader waits once all are
+    /// held) and ring positions (handed back once written).
+    held: Vec<(OwnedSemaphorePermit, Option<Release>)>,
+    /// When the log was last said to be unwritable.
+    unwritable_said: Option<Instant>,
 }
+
+/// How often an unwritable log is said again.
+const UNWRITABLE_SAID_EVERY: Duration = Duration::from_secs(10);
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Denied decisions logged and not logged in the current second.
 struct Denials {
@@ -181,6 +215,8 @@ struct Denials {
 impl<P: Fn(Line)> Writer<P> {
     fn run(mut self, rx: &mpsc::Receiver<Msg>) {
         let (mut flushed, mut checked) = (Instant::now(), Instant::now());
+        self.prune();
+        let mut pruned = Instant::now();
         loop {
             let msg = rx.recv_timeout(FLUSH_EVERY.saturating_sub(flushed.elapsed()));
             if msg.is_ok() {
@@ -193,19 +229,12 @@ impl<P: Fn(Line)> Writer<P> {
                         self.append_decision(decision);
                     }
                     // Written (not yet synced) before the kernel gets the ring space back; a log
-                    // that cannot be written keeps the records in the ring, whose filling then
-                    // refuses allows rather than let them through unrecorded.
-                    match self.log.write_buffered() {
-                        Ok(()) => {
-                            if let Some(release) = release {
-                                release.consumer.release(release.upto);
-                            }
-                        }
-                        Err(e) => {
-                            error!(error = %e, "could not write decision records to the audit log; they stay in the kernel's ring")
-                        }
-                    }
-                    drop(permit);
+                    // that cannot be written keeps the records in memory and their space in
+                    // the ring, whose filling then refuses allows rather than let them through
+                    // unrecorded.
+                    self.held.push((permit, release));
+                    let written = self.log.write_buffered();
+                    self.after_write(written);
                 }
                 Ok(Msg::Close(done)) => {
                     if let Err(e) = self.log.checkpoint() {
@@ -232,6 +261,10 @@ impl<P: Fn(Line)> Writer<P> {
                 }
                 checked = Instant::now();
             }
+            if pruned.elapsed() >= PRUNE_EVERY {
+                self.prune();
+                pruned = Instant::now();
+            }
         }
     }
 
@@ -244,9 +277,8 @@ impl<P: Fn(Line)> Writer<P> {
                 let seq = self.append(&body);
                 // Written at once (synced with the next flush): a daemon killed a moment later
                 // must not take a grant, a revocation or a reload out of the log with it.
-                if let Err(e) = self.log.write_buffered() {
-                    error!(error = %e, "could not write a daemon record to the audit log");
-                }
+                let written = self.log.write_buffered();
+                self.after_write(written);
                 (body, seq)
             }
             Err(e) => {
@@ -313,8 +345,72 @@ impl<P: Fn(Line)> Writer<P> {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = self.log.flush() {
-            error!(error = %e, "could not flush the audit log");
+        let flushed = self.log.flush();
+        self.after_write(flushed);
+    }
+
+    /// After a write of the buffer: hands written batches' ring space back, or says (now, then
+    /// every 10 s) that the log cannot be written; says when it can be again, in the log too.
+    fn after_write(&mut self, outcome: Result<(), crate::audit::AuditError>) {
+        let problem = self.log.unwritable().or(self.log.failure()).map(str::to_owned);
+        if problem.is_none() {
+            // Every appended record is in the file (an error here was the head's or a
+            // checkpoint's, said below): the kernel may have the ring space back.
+            for (permit, release) in self.held.drain(..) {
+                if let Some(release) = release {
+                    release.consumer.release(release.upto);
+                }
+                drop(permit);
+            }
+        }
+        if let Err(e) = &outcome
+            && problem.is_none()
+        {
+            error!(error = %e, "could not write the audit log's head or checkpoint");
+        }
+        let mut health = self.health.unwritable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (problem, health.as_mut()) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                let Some(was) = health.take() else { return };
+                drop(health);
+                self.unwritable_said = None;
+                let secs = SystemTime::now().duration_since(was.since).unwrap_or_default().as_secs();
+                info!(
+                    unwritable_for_s = secs,
+                    "the audit log can be written again; what was held is written"
+                );
+                let mut record = Map::new();
+                record.insert("event".to_owned(), "audit_resumed".into());
+                record.insert("ts".to_owned(), crate::events::rfc3339(SystemTime::now()).into());
+                record.insert("unwritable_since".to_owned(), crate::events::rfc3339(was.since).into());
+                record.insert("reason".to_owned(), was.reason.into());
+                self.append_daemon(&record);
+            }
+            (Some(reason), was) => {
+                match was {
+                    Some(was) => was.reason.clone_from(&reason),
+                    None => *health = Some(Unwritable { reason: reason.clone(), since: SystemTime::now() }),
+                }
+                drop(health);
+                if self.unwritable_said.is_none_or(|t| t.elapsed() >= UNWRITABLE_SAID_EVERY) {
+                    self.unwritable_said = Some(Instant::now());
+                    error!(reason = %reason, held_batches = self.held.len(), "the audit log cannot be written; decisions wait in the kernel's ring, and once it is full allowed connects are refused (reason `unrecorded`) until the log can be written");
+                }
+            }
+        }
+    }
+
+    /// Retention: the oldest rotated files beyond `[audit] keep_mib` / `keep_days` go, each
+    /// named in the chain first.
+    fn prune(&mut self) {
+        match self.log.prune(SystemTime::now()) {
+            Ok(pruned) => {
+                for p in pruned {
+                    info!(file = %p.file.display(), first_seq = p.first_seq, last_seq = p.last_seq, bytes = p.bytes, reason = p.reason, "deleted a rotated audit file (retention); a `pruned` record in the chain names it");
+                }
+            }
+            Err(e) => error!(error = %e, "audit log retention failed"),
         }
     }
 }

@@ -41,7 +41,7 @@ use tracing::{debug, error, info, warn};
 pub use self::state::{Refusal, Source, State};
 use crate::{
     agent_id::AgentId,
-    audit::{AuditLog, AuditOptions, HostKey},
+    audit::{AuditLog, HostKey},
     cgroup::{self, CgroupFs},
     clock,
     config::Config,
@@ -285,7 +285,7 @@ async fn serve(config: Config) -> Result<()> {
         .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
     let revoked = ztseg_revocations(&config)?;
     let key = HostKey::load_or_create(&config.state_dir)?;
-    let (log, recovery) = AuditLog::open(&config.audit_log, key, AuditOptions::default())?;
+    let (log, recovery) = AuditLog::open(&config.audit_log, key, config.audit.options())?;
     let (stream, _) = broadcast::channel(4096);
     let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)));
     let audit = {
@@ -858,6 +858,10 @@ fn status(state: &State) -> Status {
         agents: state.agents.len(),
         audit_log: state.config.audit_log.clone(),
         audit_next_seq: state.audit.next_seq(),
+        audit_unwritable: state
+            .audit
+            .unwritable()
+            .map(|u| crate::control::AuditUnwritable { reason: u.reason, since: events::rfc3339(u.since) }),
         cgroup_root: state.config.cgroup_root.clone(),
         events_dropped_per_cpu: state.kernel.drops_per_cpu().unwrap_or_default(),
         events_written: state.audit.decisions_written(),
