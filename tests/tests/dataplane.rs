@@ -489,6 +489,8 @@ fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentStats) {
             dropped: field(v, "dropped"),
             emitted: field(v, "emitted"),
             unrecorded: field(v, "unrecorded"),
+            summarised: field(v, "summarised"),
+            ..AgentStats::default()
         })
         .collect();
     (each.len(), AgentStats::total(&each))
@@ -506,7 +508,7 @@ fn a_stats_array_pinned_by_an_older_version_is_replaced_and_counts_again() {
     let pin = site.pin_dir.join("stats");
     {
         let mut old = Array::<MapData, AgentStats>::create(MAX_AGENTS + 1, 0).unwrap();
-        let stale = AgentStats { decisions: 1000, denied: 1000, dropped: 0, emitted: 1000, unrecorded: 0 };
+        let stale = AgentStats { decisions: 1000, denied: 1000, emitted: 1000, ..AgentStats::default() };
         old.set(UNREGISTERED_SLOT, stale, 0).unwrap();
         old.pin(&pin).unwrap();
     }
@@ -612,7 +614,10 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(report.links_detached, ztseg::dataplane::program_names().count());
     assert_eq!(report.links_detached, 8, "connect4/6, sendmsg4/6, sock_create, packets_in/out, setsockopt");
     assert_eq!(report.maps_unpinned, ztseg::dataplane::pins::PINNED_MAPS.len());
-    assert_eq!(report.maps_unpinned, 7, "agents, rules4/6, events, drops, stats, replies");
+    assert_eq!(
+        report.maps_unpinned, 9,
+        "agents, rules4/6, events, drops, stats, replies, summaries, summary_epoch"
+    );
     assert!(!site.pin_dir.exists());
     // The cgroup was empty, so it is gone too; a process in a fresh cgroup there is unconfined.
     assert!(!agent.exists());

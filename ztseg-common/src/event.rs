@@ -75,9 +75,17 @@ pub struct AgentStats {
     /// Events the programs tried to write (written + dropped + unrecorded). Allowed socket
     /// creations are neither counted nor reported.
     pub emitted: u64,
-    /// Allows refused because their record could not be written (the ring was full): reason
-    /// `unrecorded`, counted in `denied` too.
+    /// Allows refused because their record could not be written (the ring was full, or the
+    /// agent was over its record budget and the summaries map was full): reason `unrecorded`,
+    /// counted in `denied` too.
     pub unrecorded: u64,
+    /// Decisions counted in a summary (the agent was over its record budget on this CPU)
+    /// instead of each written to the ring.
+    pub summarised: u64,
+    /// Not a counter: when this CPU's current record-budget window began (boot ns).
+    pub budget_start_ns: u64,
+    /// Not a counter: records written to the ring in that window.
+    pub budget_used: u64,
 }
 
 impl AgentStats {
@@ -91,8 +99,51 @@ impl AgentStats {
             dropped: sum.dropped.wrapping_add(cpu.dropped),
             emitted: sum.emitted.wrapping_add(cpu.emitted),
             unrecorded: sum.unrecorded.wrapping_add(cpu.unrecorded),
+            summarised: sum.summarised.wrapping_add(cpu.summarised),
+            budget_start_ns: 0,
+            budget_used: 0,
         })
     }
+}
+
+/// Records an agent may write to the ring per CPU per budget window; its further decisions in
+/// the window are counted in summaries ([`SummaryKey`]). One agent's flood then costs the ring
+/// at most this many records per CPU per window, and the ring stays free for the others.
+pub const RECORDS_PER_WINDOW: u64 = 2048;
+/// The record budget's window.
+pub const BUDGET_WINDOW_NS: u64 = 1_000_000_000;
+
+/// What repeated decisions have in common to be counted together: the agent (cgroup), the rule
+/// table and rule, the action, protocol, verdict and reason, and for allows the destination
+/// (address, port, family); a denial's key has a zero destination (denials are summarised
+/// harder: a scan is one summary per reason, with its first decision's destination). `epoch`
+/// is the summaries epoch the programs counted in (the daemon drains the other). 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SummaryKey {
+    pub cgroup_id: u64,
+    pub addr: [u32; 4],
+    pub rule_id: u32,
+    pub table: u32,
+    pub port: [u8; 2],
+    pub family: u8,
+    pub proto: u8,
+    pub action: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub epoch: u8,
+}
+
+/// One CPU's count of the decisions of a [`SummaryKey`], with the first of them in full. The
+/// `summaries` map is per-CPU: a CPU that finds the key inserted by another starts its own
+/// copy (`count` 0) by writing `first`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub first: Event,
+    pub count: u64,
+    /// Boot ns of the last decision counted.
+    pub last_ns: u64,
 }
 
 /// Stats index of decisions about processes in no registered agent.
@@ -104,6 +155,10 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AgentStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SummaryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Summary {}
 }
 
 #[cfg(test)]
@@ -125,7 +180,11 @@ mod tests {
         assert_eq!(offset_of!(Event, reason), 78);
         // Ring buffer records are 8-byte aligned.
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<AgentStats>(), 40);
+        assert_eq!(size_of::<AgentStats>(), 64);
+        assert_eq!(size_of::<SummaryKey>(), 40);
+        assert_eq!(offset_of!(SummaryKey, port), 32);
+        assert_eq!(offset_of!(SummaryKey, epoch), 39);
+        assert_eq!(size_of::<Summary>(), 96);
         // Per-CPU map values are laid out 8-byte aligned per CPU; no rounding hides a field.
         assert_eq!(size_of::<AgentStats>() % 8, 0);
     }
@@ -133,13 +192,30 @@ mod tests {
     #[test]
     fn per_cpu_copies_sum_field_by_field() {
         let cpus = [
-            AgentStats { decisions: 3, denied: 1, dropped: 0, emitted: 3, unrecorded: 0 },
+            AgentStats { decisions: 3, denied: 1, emitted: 3, budget_used: 3, ..AgentStats::default() },
             AgentStats::default(),
-            AgentStats { decisions: 5, denied: 2, dropped: 1, emitted: 4, unrecorded: 1 },
+            AgentStats {
+                decisions: 5,
+                denied: 2,
+                dropped: 1,
+                emitted: 4,
+                unrecorded: 1,
+                summarised: 2,
+                budget_start_ns: 9,
+                budget_used: 4,
+            },
         ];
         assert_eq!(
             AgentStats::total(&cpus),
-            AgentStats { decisions: 8, denied: 3, dropped: 1, emitted: 7, unrecorded: 1 }
+            AgentStats {
+                decisions: 8,
+                denied: 3,
+                dropped: 1,
+                emitted: 7,
+                unrecorded: 1,
+                summarised: 2,
+                ..AgentStats::default()
+            }
         );
         assert_eq!(AgentStats::total(&[]), AgentStats::default());
     }

@@ -29,6 +29,15 @@ pub const RCU_BARRIER_INNER: &str = "rcu_barrier_in";
 /// Registered agents at most (also the size of the per-agent stats array, whose
 /// `(MAX_AGENTS + 1) * 32` bytes, 512 KiB, are allocated once per possible CPU).
 pub const MAX_AGENTS: u32 = 16_384;
+
+/// Per-CPU counts of repeated decisions of agents over their record budget, drained by the
+/// daemon into summary records (`event::SummaryKey`, `event::Summary`).
+pub const SUMMARIES: &str = "summaries";
+/// One `u32`: the epoch the programs count summaries in (the daemon drains the other).
+pub const SUMMARY_EPOCH: &str = "summary_epoch";
+/// Distinct summaries per epoch (about a second); an agent over budget whose decision finds
+/// the map full is treated as if the ring were full (its allow refused, its denial shed).
+pub const MAX_SUMMARIES: u32 = 16_384;
 /// Rule entries per address family at most, across all agents, including a replacement table
 /// being written while the old one is still in force.
 pub const MAX_RULES: u32 = 1 << 22;

@@ -18,8 +18,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
-    bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage, lpm_trie::Key},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
         generated::{
@@ -34,10 +36,11 @@ use ztseg_common::{
     agent::AgentState,
     decision::{Decision, NO_MATCH, NO_RULE_ID, combine_found, gate, reason},
     event::{
-        ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats, Event,
-        FAMILY_V4, FAMILY_V6, UNREGISTERED_SLOT,
+        ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats,
+        BUDGET_WINDOW_NS, Event, FAMILY_V4, FAMILY_V6, RECORDS_PER_WINDOW, Summary, SummaryKey,
+        UNREGISTERED_SLOT,
     },
-    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, SHED_DENIALS_AT, wake_reader},
+    maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, MAX_SUMMARIES, SHED_DENIALS_AT, wake_reader},
     packet::{self, Arrival, Headers, Peer, Peers, REPLY_PEERS, STATE_ESTABLISHED},
     rule::{
         ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
@@ -71,6 +74,29 @@ static DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map(name = "stats")]
 static STATS: PerCpuArray<AgentStats, { MAX_AGENTS as usize + 1 }> = PerCpuArray::new();
+
+/// Repeated decisions of agents over their record budget, counted per CPU (see `summarise`).
+#[btf_map(name = "summaries")]
+static SUMMARIES: PerCpuHashMap<
+    SummaryKey,
+    Summary,
+    { MAX_SUMMARIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+#[btf_map(name = "summary_epoch")]
+static SUMMARY_EPOCH: Array<u32, 1> = Array::new();
+
+/// Where `summarise` builds a key and a first value: in map memory, written field by field (a
+/// struct built on the stack would be zeroed and copied with `memset`/`memcpy`; see `Dest`).
+#[repr(C)]
+struct Scratch {
+    key: SummaryKey,
+    value: Summary,
+}
+
+#[btf_map(name = "summary_scratch")]
+static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 #[btf_map(name = "replies")]
 static REPLIES: SkStorage<Peers> = SkStorage::new();
@@ -326,9 +352,16 @@ struct Task {
     now: u64,
     /// Copied out at once: the daemon may replace the entry while we run.
     agent: Option<AgentState>,
+    /// The agent's rule table and stats slot (0 and `UNREGISTERED_SLOT` without one), read
+    /// from the entry itself: a `None`'s payload is undefined, and LLVM may spill it, which the
+    /// verifier refuses (an uninitialised register).
+    table: u32,
+    slot: u32,
     /// For an incoming packet: no task of the agent is running, the record carries the socket
-    /// owner's uid (read from this skb only when a record is written) and no pid or comm.
-    packet: Option<*mut __sk_buff>,
+    /// owner's uid (read from this skb only when a record is written) and no pid or comm. Null
+    /// for a task (not an `Option`: LLVM may spill a `None`'s undefined payload, and the
+    /// verifier refuses reading an uninitialised register).
+    packet: *mut __sk_buff,
 }
 
 impl Task {
@@ -338,8 +371,9 @@ impl Task {
         // SAFETY: plain helper calls without arguments.
         let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
         // SAFETY: the reference is only read here, never kept.
-        let agent = unsafe { AGENTS.get(cgroup_id).copied() };
-        Self { cgroup_id, now, agent, packet: None }
+        let found = unsafe { AGENTS.get(cgroup_id) };
+        let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
+        Self { cgroup_id, now, agent: found.copied(), table, slot, packet: core::ptr::null_mut() }
     }
 
     /// The agent whose socket an incoming packet reached (the socket's cgroup).
@@ -348,8 +382,9 @@ impl Task {
         // SAFETY: the kernel hands cgroup_skb programs a valid skb; the helpers only read it.
         let (cgroup_id, now) = unsafe { (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns()) };
         // SAFETY: as in `current`.
-        let agent = unsafe { AGENTS.get(cgroup_id).copied() };
-        Self { cgroup_id, now, agent, packet: Some(ctx.skb.skb) }
+        let found = unsafe { AGENTS.get(cgroup_id) };
+        let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
+        Self { cgroup_id, now, agent: found.copied(), table, slot, packet: ctx.skb.skb }
     }
 
     #[inline(always)]
@@ -359,98 +394,207 @@ impl Task {
 
     #[inline(always)]
     fn table(&self) -> u32 {
-        self.agent.as_ref().map_or(0, |a| a.table)
+        self.table
     }
 
     #[inline(always)]
     fn slot(&self) -> u32 {
-        self.agent.as_ref().map_or(UNREGISTERED_SLOT, |a| a.slot)
+        self.slot
     }
 
     /// Writes the event (when `emit`), counts the decision, and returns the program's verdict.
-    /// Nothing is allowed unrecorded: an allow whose record cannot be written (the ring is full)
-    /// is refused (`unrecorded`). A denial's record gives way instead: past half the ring, or
-    /// when it is full, the denial is counted (`dropped`) and not recorded, so denials can
-    /// never crowd out allows.
+    ///
+    /// A decision is recorded in one of two ways: its own record in the ring, or a count in its
+    /// summary (a pinned map the daemon drains every second into a record with the count). It
+    /// goes to the ring unless its agent is past its record budget on this CPU, or it is a
+    /// denial and the ring is more than half full (the rest is kept for allows); a decision
+    /// whose ring record cannot be reserved (the ring is full) is summarised instead. Nothing is
+    /// allowed unrecorded: an allow that neither way can record (the summaries map is full too)
+    /// is refused (`unrecorded`); such a denial is counted (`dropped`).
     #[inline(always)]
     fn report(&self, action: u8, dest: Dest, decision: &Decision, emit: bool) -> i32 {
         if !emit {
             self.count(decision, None);
             return verdict(decision);
         }
-        if !decision.allowed() && ring_unread() >= SHED_DENIALS_AT {
-            self.count(decision, Some(false));
-            return DENY;
+        let to_ring = !self.over_budget() && (decision.allowed() || ring_unread() < SHED_DENIALS_AT);
+        if to_ring && let Some(mut entry) = EVENTS.reserve(0) {
+            // SAFETY: the reserved, writable record (see `fill`).
+            unsafe { self.fill(entry.as_mut_ptr(), action, &dest, decision) };
+            // Waking the reader per record would cost more than the decision: wake it once per
+            // window of backlog; it also drains on a timer.
+            let wake = if wake_reader(ring_unread()) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+            entry.submit(wake.into());
+            self.count(decision, Some(true));
+            return verdict(decision);
         }
-        let written = match EVENTS.reserve(0) {
-            Some(mut entry) => {
-                let event = entry.as_mut_ptr();
-                // SAFETY: `event` points to the reserved, writable record; every field is written
-                // before submit (the comm helper fills all 16 bytes, NUL-padded, or zeroes them).
-                unsafe {
-                    (*event).ts_boot_ns = self.now;
-                    (*event).cgroup_id = self.cgroup_id;
-                    (*event).rule_id = decision.rule_id;
-                    (*event).table = self.table();
-                    match self.packet {
-                        None => {
-                            (*event).pid_tgid = bpf_get_current_pid_tgid();
-                            (*event).uid_gid = bpf_get_current_uid_gid();
-                            bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
-                        }
-                        Some(skb) => {
-                            (*event).pid_tgid = 0;
-                            (*event).uid_gid = u64::from(bpf_get_socket_uid(skb));
-                            let comm = (&raw mut (*event).comm).cast::<u64>();
-                            comm.write_volatile(0);
-                            comm.add(1).write_volatile(0);
-                        }
-                    }
-                    // Volatile: for socket events these are constant zeros, which LLVM would
-                    // merge into a `memset` call (see `Dest`).
-                    let addr = (&raw mut (*event).addr).cast::<u32>();
-                    addr.write_volatile(dest.addr[0]);
-                    addr.add(1).write_volatile(dest.addr[1]);
-                    addr.add(2).write_volatile(dest.addr[2]);
-                    addr.add(3).write_volatile(dest.addr[3]);
-                    (&raw mut (*event).port).write_volatile(dest.port);
-                    (*event).family = dest.family;
-                    (*event).proto = dest.proto;
-                    (*event).action = action;
-                    (*event).verdict = decision.verdict;
-                    (*event).reason = decision.reason;
-                    (*event)._pad = 0;
-                }
-                // Waking the reader per record would cost more than the decision: wake it once
-                // per window of backlog; it also drains on a timer.
-                let wake = if wake_reader(ring_unread()) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-                entry.submit(wake.into());
-                true
-            }
-            None => {
-                if let Some(drops) = DROPS.get_ptr_mut(0) {
-                    // SAFETY: this CPU's slot of the map value (see `count`).
-                    unsafe { count(drops) };
-                }
-                false
-            }
-        };
-        if !written && decision.allowed() {
-            // Logged before delivered, or not delivered.
-            let refused =
-                Decision { verdict: VERDICT_DENY, reason: reason::UNRECORDED, rule_id: decision.rule_id };
-            self.count(&refused, None);
-            if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
-                // SAFETY: this CPU's copy of a valid array element (see `count`).
-                unsafe {
-                    count(&raw mut (*stats).emitted);
-                    count(&raw mut (*stats).unrecorded);
-                }
-            }
-            return DENY;
+        if to_ring && let Some(drops) = DROPS.get_ptr_mut(0) {
+            // A full ring. SAFETY: this CPU's slot of the map value (see `count`).
+            unsafe { count(drops) };
         }
-        self.count(decision, Some(written));
-        verdict(decision)
+        if self.summarise(action, &dest, decision) {
+            self.count_summarised(decision);
+            return verdict(decision);
+        }
+        if decision.allowed() {
+            return self.refuse_unrecorded(decision);
+        }
+        self.count(decision, Some(false));
+        DENY
+    }
+
+    /// Logged before delivered, or not delivered: an allow whose record cannot be made is
+    /// refused with reason `unrecorded`.
+    #[inline(always)]
+    fn refuse_unrecorded(&self, decision: &Decision) -> i32 {
+        let refused =
+            Decision { verdict: VERDICT_DENY, reason: reason::UNRECORDED, rule_id: decision.rule_id };
+        self.count(&refused, None);
+        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
+            // SAFETY: this CPU's copy of a valid array element (see `count`).
+            unsafe {
+                count(&raw mut (*stats).emitted);
+                count(&raw mut (*stats).unrecorded);
+            }
+        }
+        DENY
+    }
+
+    /// Writes the whole record of this decision at `event`.
+    ///
+    /// # Safety
+    /// `event` points to writable memory for one `Event` (a reserved ring record or a map value).
+    #[inline(always)]
+    unsafe fn fill(&self, event: *mut Event, action: u8, dest: &Dest, decision: &Decision) {
+        // SAFETY: every field is written (the comm helper fills all 16 bytes, NUL-padded, or
+        // zeroes them).
+        unsafe {
+            (*event).ts_boot_ns = self.now;
+            (*event).cgroup_id = self.cgroup_id;
+            (*event).rule_id = decision.rule_id;
+            (*event).table = self.table();
+            if self.packet.is_null() {
+                (*event).pid_tgid = bpf_get_current_pid_tgid();
+                (*event).uid_gid = bpf_get_current_uid_gid();
+                bpf_get_current_comm((&raw mut (*event).comm).cast(), 16);
+            } else {
+                (*event).pid_tgid = 0;
+                (*event).uid_gid = u64::from(bpf_get_socket_uid(self.packet));
+                let comm = (&raw mut (*event).comm).cast::<u64>();
+                comm.write_volatile(0);
+                comm.add(1).write_volatile(0);
+            }
+            // Volatile: for socket events these are constant zeros, which LLVM would
+            // merge into a `memset` call (see `Dest`).
+            let addr = (&raw mut (*event).addr).cast::<u32>();
+            addr.write_volatile(dest.addr[0]);
+            addr.add(1).write_volatile(dest.addr[1]);
+            addr.add(2).write_volatile(dest.addr[2]);
+            addr.add(3).write_volatile(dest.addr[3]);
+            (&raw mut (*event).port).write_volatile(dest.port);
+            (*event).family = dest.family;
+            (*event).proto = dest.proto;
+            (*event).action = action;
+            (*event).verdict = decision.verdict;
+            (*event).reason = decision.reason;
+            (*event)._pad = 0;
+        }
+    }
+
+    /// Whether this agent has used up its record budget on this CPU for the current window
+    /// (`RECORDS_PER_WINDOW` per `BUDGET_WINDOW_NS`); takes one record of it if not.
+    #[inline(always)]
+    fn over_budget(&self) -> bool {
+        let Some(stats) = STATS.get_ptr_mut(self.slot()) else { return false };
+        // SAFETY: this CPU's copy of a valid array element. A program that preempts this one
+        // on the same CPU may interleave its update: the budget is then off by one, no count
+        // is (counts go through `count`).
+        unsafe {
+            if self.now.wrapping_sub((*stats).budget_start_ns) >= BUDGET_WINDOW_NS {
+                (*stats).budget_start_ns = self.now;
+                (*stats).budget_used = 0;
+            }
+            if (*stats).budget_used >= RECORDS_PER_WINDOW {
+                return true;
+            }
+            (*stats).budget_used += 1;
+        }
+        false
+    }
+
+    /// Counts the decision in its summary (this CPU's copy; the first one in full); false when
+    /// the summaries map is full. An allow is counted by its destination; a denial only by its
+    /// reason (its key's destination is zero, its first record names one).
+    #[inline(always)]
+    fn summarise(&self, action: u8, dest: &Dest, decision: &Decision) -> bool {
+        let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
+        let epoch = SUMMARY_EPOCH.get(0).map_or(0, |e| *e as u8);
+        let exact = decision.allowed();
+        // SAFETY: this CPU's scratch value, written field by field before it is used as a key
+        // or a value; summary values are this CPU's copies (counted with `count`).
+        unsafe {
+            let key = &raw mut (*scratch).key;
+            (*key).cgroup_id = self.cgroup_id;
+            let addr = (&raw mut (*key).addr).cast::<u32>();
+            addr.write_volatile(if exact { dest.addr[0] } else { 0 });
+            addr.add(1).write_volatile(if exact { dest.addr[1] } else { 0 });
+            addr.add(2).write_volatile(if exact { dest.addr[2] } else { 0 });
+            addr.add(3).write_volatile(if exact { dest.addr[3] } else { 0 });
+            (*key).rule_id = decision.rule_id;
+            (*key).table = self.table();
+            (&raw mut (*key).port).write_volatile(if exact { dest.port } else { [0, 0] });
+            (*key).family = dest.family;
+            (*key).proto = dest.proto;
+            (*key).action = action;
+            (*key).verdict = decision.verdict;
+            (*key).reason = decision.reason;
+            (*key).epoch = epoch;
+            if let Some(summary) = SUMMARIES.get_ptr_mut(&*key) {
+                self.add_to(summary, action, dest, decision);
+                return true;
+            }
+            let value = &raw mut (*scratch).value;
+            self.fill(&raw mut (*value).first, action, dest, decision);
+            (*value).count = 1;
+            (*value).last_ns = self.now;
+            if SUMMARIES.insert(&*key, &*value, BPF_NOEXIST.into()).is_ok() {
+                return true;
+            }
+            // Another CPU inserted the key meanwhile (or the map is full).
+            match SUMMARIES.get_ptr_mut(&*key) {
+                Some(summary) => {
+                    self.add_to(summary, action, dest, decision);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    /// Adds this decision to this CPU's copy of a summary, starting the copy if it is new.
+    ///
+    /// # Safety
+    /// `summary` is this CPU's copy of a `summaries` value.
+    #[inline(always)]
+    unsafe fn add_to(&self, summary: *mut Summary, action: u8, dest: &Dest, decision: &Decision) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            if (*summary).count == 0 {
+                self.fill(&raw mut (*summary).first, action, dest, decision);
+            }
+            count(&raw mut (*summary).count);
+            (*summary).last_ns = self.now;
+        }
+    }
+
+    /// Counts a decision that went into a summary.
+    #[inline(always)]
+    fn count_summarised(&self, decision: &Decision) {
+        self.count(decision, None);
+        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
+            // SAFETY: this CPU's copy of a valid array element (see `count`).
+            unsafe { count(&raw mut (*stats).summarised) };
+        }
     }
 
     /// Counts a decision; `written` is whether its event was written (None: not reported).

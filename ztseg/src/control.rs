@@ -300,6 +300,9 @@ pub struct AgentRow {
     pub rules: usize,
     pub scope: Option<Vec<String>>,
     pub state: AgentState,
+    /// Decisions counted in summaries (the agent was past its record budget) instead of
+    /// recorded one by one.
+    pub summarised: u64,
     pub tools: Option<Vec<String>>,
     pub uid: u32,
 }
@@ -794,6 +797,7 @@ mod tests {
             rules: 3,
             scope: Some(vec!["read:data.sales_q1_2026".into()]),
             state: AgentState::Expired,
+            summarised: 5,
             tools: Some(vec![]),
             uid: 61184,
         }

@@ -147,25 +147,75 @@ pub struct Attribution {
 /// `receive`) name the sender in `src` and the agent's own port in `dport`, with `dst` null;
 /// they have no task, so `pid` is 0 and `comm` empty.
 pub fn decision_body(event: &Event, who: &Attribution, ts: u64, timestamps: &mut Timestamps) -> Body {
+    body_of(event, who, ts, None, timestamps)
+}
+
+/// How many decisions a summary record stands for, and the wall-clock ns of the last one.
+#[derive(Clone, Copy, Debug)]
+pub struct Counted {
+    pub count: u64,
+    pub last_ns: u64,
+}
+
+/// The record of a summary: the first decision's record (its `ts`) with `count` and `last_ts`.
+/// A denials summary counts every destination (`dst` null, `dport` 0), an allows summary one.
+pub fn summary_body(
+    first: &Event,
+    counted: Counted,
+    who: &Attribution,
+    ts: u64,
+    timestamps: &mut Timestamps,
+) -> Body {
+    body_of(first, who, ts, Some(counted), timestamps)
+}
+
+/// [`summary_body`] with the times mapped as [`decision_body_at`] does.
+pub fn summary_body_at(
+    first: &Event,
+    count: u64,
+    last_boot_ns: u64,
+    who: &Attribution,
+    (boot_now_ns, unix_now_ns): (u64, u64),
+    timestamps: &mut Timestamps,
+) -> Body {
+    let counted = Counted { count, last_ns: wall_ns(last_boot_ns, boot_now_ns, unix_now_ns) };
+    summary_body(first, counted, who, wall_ns(first.ts_boot_ns, boot_now_ns, unix_now_ns), timestamps)
+}
+
+fn body_of(
+    event: &Event,
+    who: &Attribution,
+    ts: u64,
+    counted: Option<Counted>,
+    timestamps: &mut Timestamps,
+) -> Body {
     let comm_len = event.comm.iter().position(|&b| b == 0).unwrap_or(event.comm.len());
     let table = who.table.as_deref();
     let rule = rule_id(event).and_then(|id| table?.origins.get(id as usize));
     let inbound = inbound(event.action);
+    // A denials summary stands for every destination it counted.
+    let any_destination = counted.is_some() && event.verdict != VERDICT_ALLOW;
     let mut body = BodyWriter::new();
     body.str("action", action_name(event.action))
         .opt_str("agent", who.agent.as_deref())
         .u64("cgroup_id", event.cgroup_id)
-        .str("comm", &String::from_utf8_lossy(&event.comm[..comm_len]))
-        .u64("dport", u64::from(u16::from_be_bytes(event.port)))
-        .ip("dst", if inbound { None } else { address(event) })
-        .opt_str("jti", table.map(|t| t.jti.as_str()))
-        .opt_str("op", table.and_then(|t| t.op.as_deref()))
+        .str("comm", &String::from_utf8_lossy(&event.comm[..comm_len]));
+    if let Some(counted) = counted {
+        body.u64("count", counted.count);
+    }
+    body.u64("dport", if any_destination { 0 } else { u64::from(u16::from_be_bytes(event.port)) })
+        .ip("dst", if inbound || any_destination { None } else { address(event) })
+        .opt_str("jti", table.map(|t| t.jti.as_str()));
+    if let Some(counted) = counted {
+        body.raw("last_ts", |out| timestamps.write(counted.last_ns, out));
+    }
+    body.opt_str("op", table.and_then(|t| t.op.as_deref()))
         .u64("pid", event.pid_tgid >> 32)
         .str("proto", &proto_name(event.proto))
         .str("reason", reason_name(event.reason))
         .opt_str("rule", rule.map(String::as_str));
     if inbound {
-        body.ip("src", address(event));
+        body.ip("src", if any_destination { None } else { address(event) });
     }
     body.raw("ts", |out| timestamps.write(ts, out))
         .u64("uid", u64::from(event.uid_gid as u32))

@@ -42,11 +42,24 @@ pub struct Decision {
     pub denied: bool,
 }
 
-/// Where the kernel may take its ring back once a batch is written to the log: everything before
-/// ring position `upto` (see [`super::ring`]).
-pub struct Release {
-    pub consumer: super::ring::Consumer,
-    pub upto: u64,
+/// What to do once a batch is written to the log file.
+pub enum Release {
+    /// The kernel may take its ring back: everything before ring position `upto` (see
+    /// [`super::ring`]).
+    Ring { consumer: super::ring::Consumer, upto: u64 },
+    /// Tell the sender (the summaries drain, which then deletes what the batch summarised).
+    Notify(mpsc::Sender<()>),
+}
+
+impl Release {
+    fn done(self) {
+        match self {
+            Self::Ring { consumer, upto } => consumer.release(upto),
+            Self::Notify(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
 }
 
 /// A record as the event stream carries it (with `seq`, without `prev` and `hash`).
@@ -57,7 +70,7 @@ pub struct Line {
 
 enum Msg {
     Record(Map<String, Value>),
-    Decisions(Vec<Decision>, OwnedSemaphorePermit, Option<Release>),
+    Decisions(Vec<Decision>, Option<OwnedSemaphorePermit>, Option<Release>),
     /// Write a checkpoint and flush, then say so (the daemon's stop).
     Close(mpsc::Sender<()>),
 }
@@ -103,7 +116,7 @@ impl AuditSender {
     pub fn send_decisions(
         &self,
         records: Vec<Decision>,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
         release: Option<Release>,
     ) {
         self.health.pending.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +208,7 @@ struct Writer<P> {
     denials: Denials,
     /// Batches appended and not yet written: their permits (the reader waits once all are
     /// held) and ring positions (handed back once written).
-    held: Vec<(OwnedSemaphorePermit, Option<Release>)>,
+    held: Vec<(Option<OwnedSemaphorePermit>, Option<Release>)>,
     /// When the log was last said to be unwritable.
     unwritable_said: Option<Instant>,
 }
@@ -358,7 +371,7 @@ impl<P: Fn(Line)> Writer<P> {
             // checkpoint's, said below): the kernel may have the ring space back.
             for (permit, release) in self.held.drain(..) {
                 if let Some(release) = release {
-                    release.consumer.release(release.upto);
+                    release.done();
                 }
                 drop(permit);
             }
@@ -454,7 +467,7 @@ mod tests {
                 denied: v == "deny",
             }
         };
-        audit.send_decisions(vec![decision("allow"), decision("deny")], permit, None);
+        audit.send_decisions(vec![decision("allow"), decision("deny")], Some(permit), None);
         audit.close();
         // Everything handed over before the close is appended, in order, and published.
         let seqs: Vec<u64> = published.lock().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()).collect();

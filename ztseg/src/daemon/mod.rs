@@ -281,6 +281,7 @@ async fn serve(config: Config) -> Result<()> {
     let verifier = Verifier::from_config(&config)?;
     let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
     let ring = dataplane.take_events().context("the events ring buffer was already taken")?;
+    let summaries = dataplane.take_summaries().context("the summaries map was already taken")?;
     let replay = ReplayCache::load(&config.state_dir.join("replay.json"))
         .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
     let revoked = ztseg_revocations(&config)?;
@@ -363,6 +364,19 @@ async fn serve(config: Config) -> Result<()> {
         }
         done_rx
     };
+    let (stop_summaries, summaries_stop) = std::sync::mpsc::channel::<()>();
+    let summaries_task = {
+        let (shared, (done_tx, done_rx)) = (shared.clone(), tokio::sync::oneshot::channel::<()>());
+        let spawned = std::thread::Builder::new().name("ztseg-summaries".into()).spawn(move || {
+            lower_priority();
+            drain_summaries(&shared, summaries, &summaries_stop);
+            let _ = done_tx.send(());
+        });
+        if let Err(e) = spawned {
+            error!(error = %e, "cannot start the summaries thread; decisions past an agent's record budget are counted in the kernel but not logged");
+        }
+        done_rx
+    };
     tokio::spawn(housekeeping(shared.clone()));
     control_thread(shared.clone(), listener)?;
 
@@ -377,11 +391,16 @@ async fn serve(config: Config) -> Result<()> {
     drop(watcher);
     // Every decision made so far goes into the log before the closing checkpoint.
     let _ = stop_events.send(true);
+    let _ = stop_summaries.send(());
     // Shorter than the unit's TimeoutStopSec (10 s), so the closing checkpoint is written before
     // systemd would kill the daemon.
-    if tokio::time::timeout(Duration::from_secs(5), events_task).await.is_err() {
+    let drained = async {
+        let _ = events_task.await;
+        let _ = summaries_task.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drained).await.is_err() {
         warn!(
-            "the event reader did not finish draining in 10 s; the rest stays in the pinned ring for the next start"
+            "the event reader or the summaries drain did not finish in 5 s; the rest stays in the pinned ring and summaries for the next start"
         );
     }
     // Held to the end: no control request changes anything after the last record.
@@ -423,6 +442,73 @@ async fn watch_policy(shared: Arc<Shared>, mut changes: mpsc::Receiver<()>) {
         if let Ok(summary) = done {
             debug!(%summary, "policy dir changed");
         }
+    }
+}
+
+/// How often the summaries of agents past their record budget are drained into records.
+const SUMMARIES_EVERY: Duration = Duration::from_secs(1);
+
+/// Drains the summaries every second (and once more at the stop): each becomes one record,
+/// attributed like a decision, and is deleted from the map once written. At start, what an
+/// earlier daemon read and did not delete comes first.
+fn drain_summaries(
+    shared: &Shared,
+    mut summaries: crate::dataplane::Summaries,
+    stop: &std::sync::mpsc::Receiver<()>,
+) {
+    let mut timestamps = events::Timestamps::default();
+    let mut drained = summaries.idle();
+    loop {
+        match drained {
+            Ok(drained) if drained.is_empty() => {}
+            Ok(drained) => write_summaries(shared, &mut summaries, &drained, &mut timestamps),
+            Err(e) => error!(error = %e, "cannot read the decision summaries; they stay in the kernel"),
+        }
+        let stopping =
+            !matches!(stop.recv_timeout(SUMMARIES_EVERY), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+        drained = summaries.switch();
+        if stopping {
+            match drained {
+                Ok(drained) if !drained.is_empty() => {
+                    write_summaries(shared, &mut summaries, &drained, &mut timestamps);
+                }
+                Ok(_) => {}
+                Err(e) => error!(error = %e, "cannot read the decision summaries; they stay in the kernel"),
+            }
+            return;
+        }
+    }
+}
+
+/// Hands the summaries' records to the audit writer and deletes them once they are written.
+fn write_summaries(
+    shared: &Shared,
+    summaries: &mut crate::dataplane::Summaries,
+    drained: &[crate::dataplane::Drained],
+    timestamps: &mut events::Timestamps,
+) {
+    let clocks = clock::boot_and_unix_now_ns();
+    let mut records = Vec::with_capacity(drained.len());
+    for chunk in drained.chunks(ATTRIBUTED_PER_LOCK) {
+        let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let who: Vec<_> = chunk.iter().map(|d| directory.who(&d.first)).collect();
+        drop(directory);
+        for (d, (who, written)) in chunk.iter().zip(who) {
+            records.push(audit_writer::Decision {
+                body: events::summary_body_at(&d.first, d.count, d.last_ns, &who, clocks, timestamps),
+                agent: who.agent,
+                written,
+                denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
+            });
+        }
+    }
+    let (tx, written) = std::sync::mpsc::channel();
+    shared.audit.send_decisions(records, None, Some(audit_writer::Release::Notify(tx)));
+    // Deleted once written: a daemon killed before then finds them again at its next start.
+    if written.recv().is_ok()
+        && let Err(e) = summaries.delete(drained.iter().map(|d| &d.key))
+    {
+        error!(error = %e, "cannot delete drained decision summaries; they will be logged again");
     }
 }
 
@@ -552,8 +638,8 @@ async fn read_events(
             })
             .collect();
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        let release = audit_writer::Release { consumer: reader.consumer(), upto: reader.position() };
-        shared.audit.send_decisions(records, permit, Some(release));
+        let release = audit_writer::Release::Ring { consumer: reader.consumer(), upto: reader.position() };
+        shared.audit.send_decisions(records, Some(permit), Some(release));
         if stopping {
             // What was in the ring at the stop, at most: agents still running keep adding.
             taken_since_stop += batch_len;

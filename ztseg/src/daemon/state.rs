@@ -1148,6 +1148,7 @@ impl<K: Kernel> State<K> {
                     rules: a.active.as_ref().map_or(0, |g| g.entries),
                     scope: a.active.as_ref().map(|g| g.claims.scope.clone()),
                     state,
+                    summarised: stats.summarised,
                     tools: a.active.as_ref().map(|g| g.claims.tools.clone()),
                     uid: a.uid,
                 }

@@ -12,6 +12,7 @@
 
 mod bpf_sys;
 pub mod pins;
+mod summaries;
 pub mod table;
 
 use std::{
@@ -40,7 +41,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 use ztseg_common::{
     agent::{AgentState, FLAG_KILLED, FLAG_PAUSED},
-    event::AgentStats,
+    event::{AgentStats, Summary, SummaryKey},
     maps,
     packet::Peers,
     rule::{ANY_PORT, Rule4, Rule6, RuleValue, TABLE_NO_EVERY_PORT},
@@ -48,6 +49,7 @@ use ztseg_common::{
 
 pub use self::{
     pins::PinPaths,
+    summaries::{Drained, Summaries},
     table::{Entry, Verdict},
 };
 use crate::cgroup::{self, CgroupError};
@@ -250,6 +252,8 @@ pub struct Dataplane {
     rules_v6: LpmTrie<MapData, Rule6, RuleValue>,
     /// Handed to the event reader once (`take_events`).
     events: Option<RingBuf<MapData>>,
+    /// Handed to the summaries drain once (`take_summaries`).
+    summaries: Option<Summaries>,
     drops: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, AgentStats>,
     /// The RCU barrier's map-in-map and the inner map stored into it.
@@ -333,7 +337,7 @@ impl std::fmt::Display for Shape {
 }
 
 /// Every pinned map and the shape these programs expect of it.
-fn expected_shapes() -> [(&'static str, Shape); 7] {
+fn expected_shapes() -> [(&'static str, Shape); 9] {
     [
         (
             maps::AGENTS,
@@ -354,6 +358,16 @@ fn expected_shapes() -> [(&'static str, Shape); 7] {
             Shape::new(MapType::PerCpuArray, size_of::<u32>(), size_of::<AgentStats>(), maps::MAX_AGENTS + 1),
         ),
         (maps::REPLIES, Shape::new(MapType::SkStorage, size_of::<i32>(), size_of::<Peers>(), 0)),
+        (
+            maps::SUMMARIES,
+            Shape::new(
+                MapType::PerCpuHash,
+                size_of::<SummaryKey>(),
+                size_of::<Summary>(),
+                maps::MAX_SUMMARIES,
+            ),
+        ),
+        (maps::SUMMARY_EPOCH, Shape::new(MapType::Array, size_of::<u32>(), size_of::<u32>(), 1)),
     ]
 }
 
@@ -450,6 +464,7 @@ impl Dataplane {
             rules_v4: take_map(&mut ebpf, maps::RULES_V4)?,
             rules_v6: take_map(&mut ebpf, maps::RULES_V6)?,
             events: Some(take_map(&mut ebpf, maps::EVENTS)?),
+            summaries: None,
             drops: take_map(&mut ebpf, maps::DROPS)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
             barrier: Arc::new(BarrierFds {
@@ -466,6 +481,11 @@ impl Dataplane {
             _lock: lock,
         };
         // The maps are made consistent with these programs before the programs are swapped in.
+        dataplane.summaries = Some(Summaries::new(
+            take_map(&mut ebpf, maps::SUMMARIES)?,
+            take_map(&mut ebpf, maps::SUMMARY_EPOCH)?,
+            dataplane.barrier.clone(),
+        ));
         let (agents, orphans) = dataplane.adopt()?;
         report.agents_adopted = agents;
         report.orphans_removed = orphans;
@@ -714,6 +734,11 @@ impl Dataplane {
     /// The decision events ring buffer, for the one reader that drains it.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The summaries and their epoch, for the one task that drains them.
+    pub fn take_summaries(&mut self) -> Option<Summaries> {
+        self.summaries.take()
     }
 
     /// Events lost to a full ring buffer, per CPU, since the maps were created.
@@ -1039,10 +1064,10 @@ mod tests {
     #[test]
     fn a_shape_reads_as_type_and_sizes() {
         let stats = shape_of(maps::STATS);
-        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 40 B, 16385 entries");
+        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 64 B, 16385 entries");
         assert_eq!(
             Shape { map_type: None, ..stats }.to_string(),
-            "unknown type, key 4 B, value 40 B, 16385 entries"
+            "unknown type, key 4 B, value 64 B, 16385 entries"
         );
     }
 }

@@ -8,6 +8,8 @@
 //! <pin dir>/drops              per-CPU count of events lost to a full ring buffer
 //! <pin dir>/stats              per-agent decisions, denials and lost events, per CPU
 //! <pin dir>/replies            per-socket peers of unconnected UDP sends (socket storage)
+//! <pin dir>/summaries          per-CPU counts of repeated decisions of agents past their budget
+//! <pin dir>/summary_epoch      the summaries epoch the programs count in
 //! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
 //! ```
 
@@ -16,13 +18,23 @@ use std::path::{Path, PathBuf};
 use ztseg_common::maps;
 
 /// Maps that the programs use and that must outlive the daemon.
-pub const PINNED_MAPS: [&str; 7] =
-    [maps::AGENTS, maps::RULES_V4, maps::RULES_V6, maps::EVENTS, maps::DROPS, maps::STATS, maps::REPLIES];
+pub const PINNED_MAPS: [&str; 9] = [
+    maps::AGENTS,
+    maps::RULES_V4,
+    maps::RULES_V6,
+    maps::EVENTS,
+    maps::DROPS,
+    maps::STATS,
+    maps::REPLIES,
+    maps::SUMMARIES,
+    maps::SUMMARY_EPOCH,
+];
 
 /// Pinned maps that hold only counters: nothing enforced depends on them, so a daemon that finds
 /// one pinned in another shape (an older version's) replaces it and its counts restart at zero,
 /// where a pinned enforcement map of another shape is refused.
-pub const COUNTER_MAPS: [&str; 2] = [maps::DROPS, maps::STATS];
+/// (The summaries are counts too: one of another shape is replaced, its pending counts lost.)
+pub const COUNTER_MAPS: [&str; 4] = [maps::DROPS, maps::STATS, maps::SUMMARIES, maps::SUMMARY_EPOCH];
 
 #[derive(Clone, Debug)]
 pub struct PinPaths {
