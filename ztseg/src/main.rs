@@ -322,16 +322,6 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ZTSEG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Under systemd, stderr goes to the journal, which adds its own timestamps.
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false);
-    if under_systemd { builder.without_time().init() } else { builder.init() }
-}
-
 fn read_arg_or_stdin(value: &str, what: &str) -> Result<String, Failure> {
     if value != "-" {
         return Ok(value.trim().to_owned());
@@ -384,7 +374,7 @@ fn print_json(value: &impl serde::Serialize, pretty: bool) -> Result<(), Failure
 fn try_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Daemon { config } => {
-            init_tracing();
+            ztseg::logging::init();
             let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
             ztseg::daemon::run(config).map_err(start_failure)
         }
