@@ -15,6 +15,9 @@ use std::{
 
 use ztseg::cgroup::CgroupFs;
 
+mod journal;
+pub use journal::{Entry, FakeJournal};
+
 /// The probe binary cargo built next to the test binaries (`target/<profile>/ztseg-probe`; test
 /// binaries live in `target/<profile>/deps`).
 pub fn probe_bin() -> PathBuf {
@@ -272,6 +275,21 @@ impl Drop for Site {
     }
 }
 
+/// Whether `ready` came true within a minute while `child` ran.
+fn wait_until(child: &mut Child, ready: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 /// A binary cargo built next to the test binaries (`ztseg` is built by `cargo xtask test`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -317,6 +335,25 @@ pub struct Daemon {
     pub ztseg_for_others: PathBuf,
     child: Option<Child>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Where stderr went, when a file (then [`Daemon::log`] reads it).
+    log_file: Option<PathBuf>,
+}
+
+/// What the daemon logs once it serves: the harness waits for it.
+pub const READY_LINE: &str = "ztseg daemon ready";
+
+/// Where a launched daemon's stderr goes.
+#[derive(Clone, Copy)]
+pub enum LogTo<'a> {
+    /// A pipe the harness reads (what [`Daemon::launch`] does).
+    Pipe,
+    /// A file, created or emptied first.
+    File(&'a Path),
+    /// A pseudo-terminal, whose other end the harness reads.
+    Terminal,
+    /// The journal's stream (`JOURNAL_STREAM` set to the journal's stderr file) with the
+    /// journal's socket this fake one, in a mount namespace of the daemon's own.
+    Journal(&'a FakeJournal),
 }
 
 impl Daemon {
@@ -332,6 +369,14 @@ impl Daemon {
 
     /// The same, with `extra` top-level config keys (e.g. `control_group = "nogroup"`).
     pub fn start_with(site: &Site, dir: &Path, extra: &str) -> Self {
+        let mut daemon = Self::configure(site, dir, extra);
+        daemon.launch();
+        daemon
+    }
+
+    /// Writes the config and the issuer key as [`Daemon::start_with`] does, without starting the
+    /// daemon ([`Daemon::launch_logging_to`] starts it).
+    pub fn configure(site: &Site, dir: &Path, extra: &str) -> Self {
         let policy_dir = dir.join("policies");
         let keys = dir.join("keys");
         fs::create_dir_all(&policy_dir).unwrap();
@@ -366,7 +411,7 @@ impl Daemon {
             fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
             fs::set_permissions(&ztseg_for_others, fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut daemon = Self {
+        Self {
             probe,
             ztseg_for_others,
             dir: dir.to_owned(),
@@ -378,29 +423,75 @@ impl Daemon {
             issuer,
             child: None,
             log: Default::default(),
-        };
-        daemon.launch();
-        daemon
+            log_file: None,
+        }
     }
 
     /// Starts the daemon process and returns once it says it is ready.
     pub fn launch(&mut self) {
+        self.launch_logging_to(LogTo::Pipe, &[]);
+    }
+
+    /// Starts the daemon process with its stderr on `to` and `env` added to its environment;
+    /// returns once its log says it is ready. [`Daemon::log`] then has what it wrote there.
+    pub fn launch_logging_to(&mut self, to: LogTo<'_>, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "daemon already running");
-        let mut child = Command::new(bin("ztseg"))
-            .args(["daemon", "--config"])
-            .arg(&self.config)
-            .env("ZTSEG_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut command = Command::new(bin("ztseg"));
+        command.args(["daemon", "--config"]).arg(&self.config).env("ZTSEG_LOG", "info").stdout(Stdio::null());
+        command.envs(env.iter().copied());
+        self.log_file = None;
+        let mut terminal = None;
+        match to {
+            LogTo::Pipe => {
+                command.stderr(Stdio::piped());
+            }
+            LogTo::File(path) => {
+                command.stderr(fs::File::create(path).unwrap());
+                self.log_file = Some(path.to_owned());
+            }
+            LogTo::Terminal => {
+                let pty = nix::pty::openpty(None, None).unwrap();
+                command.stderr(pty.slave);
+                terminal = Some(fs::File::from(pty.master));
+            }
+            LogTo::Journal(journal) => {
+                command.stderr(fs::OpenOptions::new().append(true).open(journal.stderr()).unwrap());
+                command.env("JOURNAL_STREAM", journal.stream());
+                // SAFETY: the closure makes system calls only, on strings made before the fork.
+                unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, journal.enter()) };
+                self.log_file = Some(journal.stderr());
+            }
+        }
+        let mut child = command.spawn().unwrap();
+        // Our copy of a terminal's daemon end: closed, so that reading ends when the daemon exits.
+        drop(command);
+        let stderr: Option<Box<dyn std::io::Read + Send>> = match (terminal, child.stderr.take()) {
+            (Some(terminal), _) => Some(Box::new(terminal)),
+            (None, Some(pipe)) => Some(Box::new(pipe)),
+            (None, None) => None,
+        };
+        let up = match (stderr, to) {
+            (Some(stderr), _) => self.read_log(stderr),
+            // In the journal, or on stderr should the daemon find no journal.
+            (None, LogTo::Journal(journal)) => wait_until(&mut child, || {
+                journal.entries().iter().any(|e| e.get("MESSAGE").is_some_and(|m| m.contains(READY_LINE)))
+                    || self.log().contains(READY_LINE)
+            }),
+            (None, _) => wait_until(&mut child, || self.log().contains(READY_LINE)),
+        };
+        self.child = Some(child);
+        assert!(up, "daemon did not become ready:\n{}", self.log());
+    }
+
+    /// Collects the lines of `stderr` into the log; whether the ready line came within a minute.
+    fn read_log(&self, stderr: Box<dyn std::io::Read + Send>) -> bool {
         let log = self.log.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut ready = Some(ready_tx);
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("ztseg daemon ready")
+            // A terminal's reads end in EIO once the daemon closes its end.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(READY_LINE)
                     && let Some(tx) = ready.take()
                 {
                     let _ = tx.send(());
@@ -408,9 +499,7 @@ impl Daemon {
                 log.lock().unwrap().push(line);
             }
         });
-        let up = ready_rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok();
-        self.child = Some(child);
-        assert!(up, "daemon did not become ready:\n{}", self.log());
+        ready_rx.recv_timeout(std::time::Duration::from_secs(60)).is_ok()
     }
 
     /// SIGKILLs the daemon (a crash), leaving pins and state as they are.
@@ -501,8 +590,13 @@ impl Daemon {
         }
     }
 
+    /// What the daemon logged: every line since it was made, or the log file of its last
+    /// [`LogTo::File`] launch, whole.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        match &self.log_file {
+            Some(path) => String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned(),
+            None => self.log.lock().unwrap().join("\n"),
+        }
     }
 
     /// Runs `ztseg ARGS` against this daemon; returns (exit code, stdout, stderr).

@@ -13,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod events;
+pub mod logging;
 pub mod policy;
 pub mod run;
 pub mod sandbox;

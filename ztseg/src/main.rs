@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use ztseg::{
     agent_id::AgentId,
     audit,
@@ -120,6 +120,17 @@ enum Command {
         /// Daemon config naming the pin dir and agents' root (default: /etc/ztseg/ztseg.toml).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Print a shell completion script for ztseg.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page ztseg(1) in roff, or write it and one page per subcommand to DIR.
+    Man {
+        /// Write ztseg.1 and ztseg-SUBCOMMAND.1 pages here (created if missing) instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -322,16 +333,6 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ZTSEG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Under systemd, stderr goes to the journal, which adds its own timestamps.
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false);
-    if under_systemd { builder.without_time().init() } else { builder.init() }
-}
-
 fn read_arg_or_stdin(value: &str, what: &str) -> Result<String, Failure> {
     if value != "-" {
         return Ok(value.trim().to_owned());
@@ -384,7 +385,7 @@ fn print_json(value: &impl serde::Serialize, pretty: bool) -> Result<(), Failure
 fn try_main(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Daemon { config } => {
-            init_tracing();
+            ztseg::logging::init();
             let config = Config::load(config.as_deref()).map_err(|e| Failure::Runtime(e.into()))?;
             ztseg::daemon::run(config).map_err(start_failure)
         }
@@ -515,7 +516,51 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 config.pin_dir.display()
             ))
         }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ztseg", &mut script);
+            write_stdout(&script)
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            man_page(manual_command()).render(&mut page).context("cannot render the manual page")?;
+            write_stdout(&page)
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            write_man_pages(manual_command(), &dir)
+                .with_context(|| format!("cannot write the manual pages to {}", dir.display()))?;
+            print(&format!("wrote the manual pages to {}", dir.display()))
+        }
     }
+}
+
+/// The command line as the manual pages show it, built (each subcommand's display name is then
+/// `ztseg-token-issue` and so on) and without `help`, which has no page of its own.
+fn manual_command() -> clap::Command {
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    command
+}
+
+/// The page of `command`, footed `ztseg VERSION` like the top page (clap gives subcommands no
+/// version).
+fn man_page(command: clap::Command) -> clap_mangen::Man {
+    clap_mangen::Man::new(command).source(format!("ztseg {}", env!("CARGO_PKG_VERSION")))
+}
+
+/// Writes the page of `command` and of each of its subcommands, recursively, into `dir`.
+fn write_man_pages(command: clap::Command, dir: &Path) -> io::Result<()> {
+    for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+        write_man_pages(sub.clone(), dir)?;
+    }
+    man_page(command).generate_to(dir).map(drop)
+}
+
+/// Writes `bytes` to stdout as they are (a generated script or page).
+fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    out.write_all(bytes).and_then(|()| out.flush()).map_err(|e| Failure::Runtime(e.into()))
 }
 
 fn token_command(command: TokenCommand) -> Result<(), Failure> {

@@ -20,8 +20,9 @@ use std::{
 
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
+use super::decision_log;
 use crate::audit::{AuditLog, Body, Chain};
 
 /// How often the writer flushes what it appended.
@@ -316,7 +317,7 @@ impl<P: Fn(Line)> Writer<P> {
         if decision.denied {
             self.log_denial(&decision.body);
         } else {
-            debug!(target: "ztseg::decision", "{}", String::from_utf8_lossy(&decision.body.to_vec(Chain::default())));
+            decision_log::allowed(&decision.body);
         }
         self.publish(&decision.body, decision.agent, seq);
     }
@@ -345,7 +346,7 @@ impl<P: Fn(Line)> Writer<P> {
         }
         if self.denials.logged < DENIALS_LOGGED_PER_SECOND {
             self.denials.logged += 1;
-            info!(target: "ztseg::decision", "{}", String::from_utf8_lossy(&body.to_vec(Chain::default())));
+            decision_log::denied(body);
         } else {
             self.denials.unlogged += 1;
         }

@@ -11,6 +11,7 @@
 //! audit writer -> subscribers.
 
 mod audit_writer;
+mod decision_log;
 mod directory;
 #[cfg(test)]
 mod fake_kernel;
