@@ -139,8 +139,13 @@ fn start_worker(
     ns: &Netns,
     ready: &str,
 ) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
-    let mut child =
-        Command::new(bench).args(args).arg(cgroup).arg(ns.path()).stdout(Stdio::piped()).spawn()?;
+    let mut child = Command::new(bench)
+        .args(args)
+        .arg(cgroup)
+        .arg(ns.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
@@ -199,6 +204,91 @@ fn read_ns(child: &mut Child, out: &mut BufReader<std::process::ChildStdout>) ->
     out.read_line(&mut line)?;
     child.wait()?;
     line.trim().parse().with_context(|| format!("spinner said {line:?}"))
+}
+
+/// A UDP flood from the probe agent (two processes, as fast as they can send): decisions/s,
+/// records and log bytes it cost, and `sendmsg4`'s cost per decision when summarised against
+/// its cost when each decision is a ring record (a send within the record budget).
+#[allow(clippy::too_many_arguments)]
+fn flood_figures(
+    fig: &mut Figures,
+    bench: &Path,
+    socket: &Path,
+    probe_cgroup: &Path,
+    ns: &Netns,
+    pin_dir: &Path,
+    log: &Path,
+    issue: &dyn Fn(&str, &[&str]) -> Result<String>,
+) -> Result<()> {
+    const TARGET: &str = "127.0.0.2:9003";
+    call(socket, &Request::TokenApply { agent: "probe".into(), token: issue("probe", &["s", "u"])? })?;
+    let sendmsg4 = pin_dir.join("links/sendmsg4");
+    let flood = |count: u64, processes: usize| -> Result<(u64, f64, f64)> {
+        let mut workers = Vec::new();
+        for _ in 0..processes {
+            workers.push(start_worker(
+                bench,
+                &["udp-flood", &count.to_string(), TARGET],
+                probe_cgroup,
+                ns,
+                "ready",
+            )?);
+        }
+        let (rt0, n0) = crate::stats::prog_counters(&sendmsg4)?;
+        let t0 = Instant::now();
+        for (child, _) in &mut workers {
+            writeln!(child.stdin.as_mut().context("stdin")?)?;
+        }
+        let mut sent = 0;
+        for (mut child, mut out) in workers {
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            sent += line.trim().parse::<u64>().unwrap_or(0);
+            child.wait()?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let (rt1, n1) = crate::stats::prog_counters(&sendmsg4)?;
+        Ok((sent, secs, (rt1 - rt0) as f64 / (n1 - n0).max(1) as f64))
+    };
+    let log_size = || fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+    let lines = || fs::read(log).map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64).unwrap_or(0);
+    // Settles once the log has not grown for 1.5 s (the summaries are drained every second).
+    let settle = || {
+        let mut size = log_size();
+        loop {
+            std::thread::sleep(Duration::from_millis(1500));
+            let now = log_size();
+            if now == size {
+                return;
+            }
+            size = now;
+        }
+    };
+    let stats_were_on = crate::set_bpf_stats(true)?;
+    settle();
+    let (bytes0, lines0) = (log_size(), lines());
+    let (sent, secs, flood_ns) = flood(400_000, 2)?;
+    settle();
+    let (bytes, records) = (log_size() - bytes0, lines() - lines0);
+    fig.add(
+        "UDP flood, one agent, 2 processes: decisions/s; records and log bytes it cost",
+        format!(
+            "{:.0} decisions/s ({sent} in {secs:.2} s); {records} records ({:.0}/s of flood), {:.1} MB of log ({:.2} MB/s of flood)",
+            sent as f64 / secs,
+            records as f64 / secs,
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / secs
+        ),
+    );
+    // Past its budget's window: 1,000 sends are each a ring record.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_, _, record_ns) = flood(1_000, 1)?;
+    crate::set_bpf_stats(stats_were_on)?;
+    fig.add(
+        "sendmsg4 per decision (bpf_stats): in a flood (mostly summarised) vs each a ring record (within the budget)",
+        format!("{flood_ns:.0} ns vs {record_ns:.0} ns"),
+    );
+    Ok(())
 }
 
 /// The daemon under test and where its flooding agent runs.
@@ -366,7 +456,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     let _pins = PinsGuard(PathBuf::from(&pin_dir), root.clone());
     let socket = dir.join("ztseg.sock");
     let mut catalogue = String::from(
-        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000, 9001, 9002], proto = \"tcp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
+        "[scopes.s]\nallow = [{ to = \"127.0.0.2/32\", ports = [9000, 9001, 9002], proto = \"tcp\" }]\n[scopes.u]\nallow = [{ to = \"127.0.0.2/32\", ports = [9003], proto = \"udp\" }]\n[scopes.none]\nallow = []\n[scopes.big]\nallow = [\n",
     );
     for i in 0..16 {
         let _ =
@@ -472,29 +562,49 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
         format!("p50 {:.0} µs, p99 {:.0} µs", percentile(&closed, 50.0), percentile(&closed, 99.0)),
     );
 
+    flood_figures(
+        &mut fig,
+        bench,
+        &socket,
+        &probe_cgroup,
+        ns,
+        Path::new(&pin_dir),
+        &dir.join("audit/audit.jsonl"),
+        &issue,
+    )?;
+
     // Event pipeline: a backlog of decisions made while the daemon is stopped, then drained.
     // Progress is read from `status` (a few counters), not `agents` (10,000 rows), so the
-    // measuring does not compete with what it measures.
+    // measuring does not compete with what it measures. The backlog comes from 20 agents, each
+    // within its record budget (2048 records per CPU per second), so every decision is a ring
+    // record (one agent's 40,000 would mostly be counted in summaries).
     let written = |socket: &Path| -> Result<u64> {
         let status = call(socket, &Request::Status {})?;
         status["events_written"].as_u64().context("status without events_written")
     };
-    let mut burst = Command::new(bench)
-        .args(["burst", &PIPELINE_BACKLOG.to_string(), ALLOWED])
-        .arg(&probe_cgroup)
-        .arg(ns.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut out = BufReader::new(burst.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
+    let backlog_agents = 20;
+    let mut bursts = Vec::new();
+    for i in 0..backlog_agents {
+        let mut burst = Command::new(bench)
+            .args(["burst", &(PIPELINE_BACKLOG / backlog_agents).to_string(), ALLOWED])
+            .arg(root.join(format!("bench-{i}")))
+            .arg(ns.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(burst.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        bursts.push((burst, out));
+    }
     let before = written(&socket)?;
     daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    writeln!(burst.stdin.take().context("stdin")?, "go")?;
-    line.clear();
-    out.read_line(&mut line)?;
-    burst.wait()?;
+    for (burst, out) in &mut bursts {
+        writeln!(burst.stdin.take().context("stdin")?, "go")?;
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        burst.wait()?;
+    }
     let t0 = Instant::now();
     daemon.signal(nix::sys::signal::Signal::SIGCONT);
     let target = before + PIPELINE_BACKLOG;

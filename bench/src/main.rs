@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Some("burst") => worker::burst(&args[1..]),
         Some("flow") => worker::flow(&args[1..]),
         Some("bulk") => worker::bulk(&args[1..]),
+        Some("udp-flood") => worker::udp_flood(&args[1..]),
         _ => run(&args),
     };
     match result {
@@ -464,7 +465,7 @@ fn sweep_stale(fs_: &CgroupFs) {
     }
 }
 
-fn set_bpf_stats(on: bool) -> Result<bool> {
+pub(crate) fn set_bpf_stats(on: bool) -> Result<bool> {
     let path = "/proc/sys/kernel/bpf_stats_enabled";
     let before = fs::read_to_string(path)?.trim() == "1";
     fs::write(path, if on { "1" } else { "0" })?;

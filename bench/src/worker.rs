@@ -277,3 +277,28 @@ pub fn set_fifo() -> Result<()> {
     }
     Ok(())
 }
+
+/// `ztseg-bench udp-flood COUNT ADDR CGROUP NETNS`: prints "ready", waits for a line on stdin,
+/// then sends COUNT datagrams to ADDR from one unconnected socket (each a `sendmsg4` decision) as
+/// fast as it can and prints how many were sent.
+pub fn udp_flood(args: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let [count, addr, cgroup, netns] = args else {
+        bail!("usage: ztseg-bench udp-flood COUNT ADDR CGROUP NETNS");
+    };
+    let (count, addr): (u64, SocketAddr) = (count.parse()?, addr.parse()?);
+    set_nice(0);
+    join(cgroup, netns)?;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    println!("ready");
+    io::stdout().flush()?;
+    io::stdin().lock().lines().next();
+    let mut sent = 0u64;
+    for _ in 0..count {
+        if socket.send_to(b"x", addr).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("{sent}");
+    Ok(())
+}
