@@ -52,6 +52,12 @@ pub const PROGRAMS: &[Program] = &[
     Program { name: "nsenter", path: "/usr/bin/nsenter", package: "util-linux", why: "the bench" },
     Program { name: "nft", path: "/usr/sbin/nft", package: "nftables", why: "the bench's baseline" },
     Program {
+        name: "bash",
+        path: "/bin/bash",
+        package: "bash",
+        why: "the shell-completion test loads the script",
+    },
+    Program {
         name: "systemd-analyze",
         path: "/usr/bin/systemd-analyze",
         package: "systemd",
