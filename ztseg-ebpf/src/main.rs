@@ -95,8 +95,18 @@ struct Scratch {
     value: Summary,
 }
 
+/// One scratch slot per nesting level of programs on a CPU: a task's program can be preempted by
+/// another task's and interrupted by a softirq's `packets_in`, and one slot shared between them
+/// would let the inner one overwrite the outer one's half-built key (counting its decision under
+/// another key, or another agent).
+const SCRATCH_LEVELS: u64 = 4;
+
 #[btf_map(name = "summary_scratch")]
-static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+static SCRATCH: PerCpuArray<Scratch, { SCRATCH_LEVELS as usize }> = PerCpuArray::new();
+
+/// This CPU's nesting level in `summarise` (the scratch slot the next program takes).
+#[btf_map(name = "summary_nest")]
+static NEST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map(name = "replies")]
 static REPLIES: SkStorage<Peers> = SkStorage::new();
@@ -417,7 +427,8 @@ impl Task {
             self.count(decision, None);
             return verdict(decision);
         }
-        let to_ring = !self.over_budget() && (decision.allowed() || ring_unread() < SHED_DENIALS_AT);
+        // A denial shed past half the ring takes no record of the budget.
+        let to_ring = (decision.allowed() || ring_unread() < SHED_DENIALS_AT) && !self.over_budget();
         if to_ring && let Some(mut entry) = EVENTS.reserve(0) {
             // SAFETY: the reserved, writable record (see `fill`).
             unsafe { self.fill(entry.as_mut_ptr(), action, &dest, decision) };
@@ -527,7 +538,27 @@ impl Task {
     /// reason (its key's destination is zero, its first record names one).
     #[inline(always)]
     fn summarise(&self, action: u8, dest: &Dest, decision: &Decision) -> bool {
-        let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return false };
+        let Some(nest) = NEST.get_ptr_mut(0) else { return false };
+        // SAFETY: this CPU's counter. Nesting on a CPU is last in, first out: a program that
+        // interrupts between the read and the write below runs to its end (restoring the level)
+        // before this one touches its slot, so no two running programs share a slot. Volatile:
+        // the compiler must not move the accesses across the slot's use.
+        let level = unsafe { nest.read_volatile() };
+        if level >= SCRATCH_LEVELS {
+            return false;
+        }
+        // SAFETY: as above.
+        unsafe { nest.write_volatile(level + 1) };
+        let counted = self.summarise_in(level as u32, action, dest, decision);
+        // SAFETY: as above.
+        unsafe { nest.write_volatile(level) };
+        counted
+    }
+
+    /// `summarise` with scratch slot `level`, which no other running program uses.
+    #[inline(always)]
+    fn summarise_in(&self, level: u32, action: u8, dest: &Dest, decision: &Decision) -> bool {
+        let Some(scratch) = SCRATCH.get_ptr_mut(level) else { return false };
         let epoch = SUMMARY_EPOCH.get(0).map_or(0, |e| *e as u8);
         let exact = decision.allowed();
         // SAFETY: this CPU's scratch value, written field by field before it is used as a key
