@@ -75,7 +75,7 @@ pub fn live_path_of(path: &Path) -> PathBuf {
     path.to_owned()
 }
 
-fn parent(path: &Path) -> &Path {
+pub(crate) fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -143,10 +143,15 @@ pub struct AuditLog {
     /// Set when a write or fdatasync failed, or the reserve would be broken: records are still
     /// appended (to `buf`), and each write first cuts the file back to `synced_len`.
     unwritable: Option<String>,
+    /// The free space of the log's filesystem when last read, less what was written since.
+    free_seen: Option<(std::time::Instant, u64)>,
     /// Set when rotation failed half-way: nothing more is appended until the log is reopened
     /// (which recovers the tail and resumes the rotation).
     failed: Option<String>,
 }
+
+/// How long a reading of the free space stands for the reserve check.
+const RESERVE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A rotated file [`AuditLog::prune`] deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,6 +289,7 @@ impl AuditLog {
             unsynced: None,
             head_seq: head.map(|h| h.seq),
             unwritable: None,
+            free_seen: None,
             failed: None,
         };
         if let Some(previous) = &report.resumed_rotation {
@@ -605,6 +611,9 @@ impl AuditLog {
         if let Err(source) = self.file.write_all(&self.buf[self.written..]) {
             return Err(self.cannot_write("write", &source));
         }
+        if let Some((_, free)) = &mut self.free_seen {
+            *free = free.saturating_sub((self.buf.len() - self.written) as u64);
+        }
         self.written = self.buf.len();
         if self.next_seq > 0 && !self.buf.is_empty() {
             self.unsynced = Some((self.next_seq - 1, self.last_hash));
@@ -630,16 +639,22 @@ impl AuditLog {
         if self.options.reserve_bytes == 0 {
             return Ok(());
         }
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let free = match nix::sys::statvfs::statvfs(dir) {
+        let needed = (self.buf.len() - self.written) as u64;
+        let wanted = self.options.reserve_bytes.saturating_add(needed);
+        // A write per batch would cost a statfs each; the last reading, less what was written
+        // since, stands for up to a second while it leaves room.
+        if let Some((at, free)) = self.free_seen
+            && at.elapsed() < RESERVE_RECHECK
+            && free >= wanted
+        {
+            return Ok(());
+        }
+        let free = match nix::sys::statvfs::statvfs(super::files::parent(&self.path)) {
             Ok(st) => st.blocks_available().saturating_mul(st.fragment_size()),
             Err(errno) => return Err(self.cannot_write("check the free space of", &errno.into())),
         };
-        let needed = (self.buf.len() - self.written) as u64;
-        if free < self.options.reserve_bytes.saturating_add(needed) {
+        self.free_seen = Some((std::time::Instant::now(), free));
+        if free < wanted {
             let reason = format!(
                 "its filesystem has {} MiB free, and writing would leave less than the reserve of {} MiB",
                 free >> 20,

@@ -489,20 +489,17 @@ fn write_summaries(
     timestamps: &mut events::Timestamps,
 ) {
     let clocks = clock::boot_and_unix_now_ns();
-    let mut records = Vec::with_capacity(drained.len());
-    for chunk in drained.chunks(ATTRIBUTED_PER_LOCK) {
-        let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let who: Vec<_> = chunk.iter().map(|d| directory.who(&d.first)).collect();
-        drop(directory);
-        for (d, (who, written)) in chunk.iter().zip(who) {
-            records.push(audit_writer::Decision {
-                body: events::summary_body_at(&d.first, d.count, d.last_ns, &who, clocks, timestamps),
-                agent: who.agent,
-                written,
-                denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
-            });
-        }
-    }
+    let firsts: Vec<ztseg_common::event::Event> = drained.iter().map(|d| d.first).collect();
+    let records = drained
+        .iter()
+        .zip(attribute(shared, &firsts))
+        .map(|(d, (who, written))| audit_writer::Decision {
+            body: events::summary_body_at(&d.first, d.count, d.last_ns, &who, clocks, timestamps),
+            agent: who.agent,
+            written,
+            denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
+        })
+        .collect();
     let (tx, written) = std::sync::mpsc::channel();
     shared.audit.send_decisions(records, None, Some(audit_writer::Release::Notify(tx)));
     // Deleted once written: a daemon killed before then finds them again at its next start.
@@ -511,6 +508,20 @@ fn write_summaries(
     {
         error!(error = %e, "cannot delete drained decision summaries; they will be logged again");
     }
+}
+
+/// Who made each of `events`: looked up under the directory's read lock a few at a time, so the
+/// control thread's writes never wait for more than a handful of lookups.
+fn attribute(
+    shared: &Shared,
+    events: &[ztseg_common::event::Event],
+) -> Vec<(events::Attribution, Option<Arc<std::sync::atomic::AtomicU64>>)> {
+    let mut who = Vec::with_capacity(events.len());
+    for chunk in events.chunks(ATTRIBUTED_PER_LOCK) {
+        let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        who.extend(chunk.iter().map(|event| directory.who(event)));
+    }
+    who
 }
 
 /// Records the ring holds at most.
@@ -623,11 +634,7 @@ async fn read_events(
         // for the lookups only, a few at a time: the control thread's writes never wait for
         // more than a handful of lookups by a thread an agent's load can delay. The records are
         // written after.
-        let mut who = Vec::with_capacity(batch.len());
-        for events in batch.chunks(ATTRIBUTED_PER_LOCK) {
-            let directory = shared.directory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            who.extend(events.iter().map(|event| directory.who(event)));
-        }
+        let who = attribute(&shared, &batch);
         let records = batch
             .iter()
             .zip(who)
