@@ -380,6 +380,90 @@ impl Flood<'_> {
     }
 }
 
+/// Records per second the daemon writes when it drains a backlog of decisions made while it
+/// was stopped. Progress is read from `status` (a few counters), not `agents` (10,000 rows), so
+/// the measuring does not compete with what it measures. The backlog comes from 20 agents, each
+/// within its record budget (2048 records per CPU per second), so every decision is a ring
+/// record (one agent's 40,000 would mostly be counted in summaries).
+fn pipeline_rate(bench: &Path, daemon: &Daemon, socket: &Path, root: &Path, ns: &Netns) -> Result<f64> {
+    let written = |socket: &Path| -> Result<u64> {
+        let status = call(socket, &Request::Status {})?;
+        status["events_written"].as_u64().context("status without events_written")
+    };
+    let backlog_agents = 20;
+    let mut bursts = Vec::new();
+    for i in 0..backlog_agents {
+        let mut burst = Command::new(bench)
+            .args(["burst", &(PIPELINE_BACKLOG / backlog_agents).to_string(), ALLOWED])
+            .arg(root.join(format!("bench-{i}")))
+            .arg(ns.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(burst.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        bursts.push((burst, out));
+    }
+    let before = written(socket)?;
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    for (burst, out) in &mut bursts {
+        writeln!(burst.stdin.take().context("stdin")?, "go")?;
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        burst.wait()?;
+    }
+    let t0 = Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+    let target = before + PIPELINE_BACKLOG;
+    while written(socket)? < target && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(PIPELINE_BACKLOG as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The risk engine's cost per record, alone: 20 agents' decisions (allows to a few granted
+/// destinations, routine denials, one agent scanning), fed as the audit writer feeds them.
+fn scoring_cost() -> (f64, usize) {
+    use std::{net::IpAddr, sync::Arc};
+
+    use ztseg::risk::{Engine, Observation, Params};
+    use ztseg_common::{decision::reason, event::ACTION_CONNECT};
+    let agents: Vec<Arc<str>> = (0..20).map(|i| Arc::from(format!("bench-{i}"))).collect();
+    let events = 1_000_000usize;
+    let t0 = 1_800_000_000_000_000u64;
+    let observations: Vec<Observation> = (0..events)
+        .map(|i| {
+            let agent = agents[i % agents.len()].clone();
+            let (allowed, why, host, port) = match i % 10 {
+                0 => (false, reason::NO_RULE, 7, 5432),
+                1 if i % 20 == 1 => (false, reason::NO_RULE, 5, (i / 20 % 1000) as u16),
+                _ => (true, reason::RULE, (i % 4) as u8, 443),
+            };
+            Observation {
+                agent,
+                seq: i as u64,
+                ts_us: t0 + i as u64 * 3,
+                action: ACTION_CONNECT,
+                allowed,
+                reason: why,
+                dst: Some(IpAddr::from([10, 0, 0, host])),
+                dport: port,
+                count: 1,
+            }
+        })
+        .collect();
+    let mut engine = Engine::new(Params::default());
+    let started = Instant::now();
+    let mut changes = 0usize;
+    for o in &observations {
+        changes += engine.observe(o).len();
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(changes);
+    (elapsed.as_nanos() as f64 / events as f64, events)
+}
+
 pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Result<Figures> {
     let mut fig = Figures { lines: Vec::new() };
     let id = std::process::id();
@@ -573,52 +657,26 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
         &issue,
     )?;
 
-    // Event pipeline: a backlog of decisions made while the daemon is stopped, then drained.
-    // Progress is read from `status` (a few counters), not `agents` (10,000 rows), so the
-    // measuring does not compete with what it measures. The backlog comes from 20 agents, each
-    // within its record budget (2048 records per CPU per second), so every decision is a ring
-    // record (one agent's 40,000 would mostly be counted in summaries).
-    let written = |socket: &Path| -> Result<u64> {
-        let status = call(socket, &Request::Status {})?;
-        status["events_written"].as_u64().context("status without events_written")
-    };
-    let backlog_agents = 20;
-    let mut bursts = Vec::new();
-    for i in 0..backlog_agents {
-        let mut burst = Command::new(bench)
-            .args(["burst", &(PIPELINE_BACKLOG / backlog_agents).to_string(), ALLOWED])
-            .arg(root.join(format!("bench-{i}")))
-            .arg(ns.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut out = BufReader::new(burst.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        bursts.push((burst, out));
-    }
-    let before = written(&socket)?;
-    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
-    for (burst, out) in &mut bursts {
-        writeln!(burst.stdin.take().context("stdin")?, "go")?;
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        burst.wait()?;
-    }
-    let t0 = Instant::now();
-    daemon.signal(nix::sys::signal::Signal::SIGCONT);
-    let target = before + PIPELINE_BACKLOG;
-    while written(&socket)? < target && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let drained = t0.elapsed().as_secs_f64();
+    // Event pipeline: a backlog of decisions made while the daemon is stopped, then drained;
+    // with the risk engine scoring every record (as deployed), then without.
+    let scored = pipeline_rate(bench, &daemon, &socket, &root, ns)?;
     fig.add(
-        "event pipeline: ring -> attribution -> audit append -> stream",
-        format!(
-            "{:.0} events/s (a {PIPELINE_BACKLOG}-event backlog drained in {:.3} s)",
-            PIPELINE_BACKLOG as f64 / drained,
-            drained
-        ),
+        "event pipeline: ring -> attribution -> audit append -> risk scoring -> stream",
+        format!("{scored:.0} events/s (a {PIPELINE_BACKLOG}-event backlog)"),
+    );
+    drop(daemon);
+    let unscored_config = dir.join("ztseg-unscored.toml");
+    fs::write(&unscored_config, format!("{}\n[risk]\nenabled = false\n", fs::read_to_string(&config_path)?))?;
+    let daemon = Daemon::start(daemon_bin, &unscored_config)?;
+    let unscored = pipeline_rate(bench, &daemon, &socket, &root, ns)?;
+    fig.add(
+        "event pipeline without risk scoring ([risk] enabled = false)",
+        format!("{unscored:.0} events/s; with scoring {:.1}% of that", 100.0 * scored / unscored),
+    );
+    let (per_event, events) = scoring_cost();
+    fig.add(
+        "risk scoring cost per decision record (engine alone, one thread)",
+        format!("{per_event:.0} ns ({events} records of 20 agents: allows, denials, a scan)"),
     );
 
     // The flood figures again while the audit disk is slow: every fdatasync of the log takes

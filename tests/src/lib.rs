@@ -220,6 +220,16 @@ pub fn serve(netns: &Netns, addrs: &[&str]) -> Proc {
     proc
 }
 
+/// Starts the probe's echo server on `addr` inside `netns` (TCP and UDP; it also sends a byte of
+/// its own every 10 ms to each peer); returns once it listens.
+pub fn echo(netns: &Netns, addr: &str) -> Proc {
+    let mut command = Command::new(probe_bin());
+    command.arg("--netns").arg(netns.path()).args(["echo", addr]);
+    let mut proc = Proc::spawn(command);
+    assert_eq!(proc.line(), "ready");
+    proc
+}
+
 /// A pin dir and an agents' root cgroup of this test's own; on drop the programs are detached,
 /// the pins removed, the processes left in its cgroups killed and the cgroups removed.
 pub struct Site {
@@ -770,6 +780,14 @@ pub fn spawn_agent(
         .envs(env.iter().copied())
         .env(ztseg::control::SOCKET_ENV, &daemon.socket);
     Proc::spawn(command)
+}
+
+/// Waits for the wall clock to pass `iat`, so the next token issued is strictly newer than one
+/// issued at `iat` (a revocation refuses tokens issued up to the revoked one's second).
+pub fn after_second(iat: u64) {
+    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() <= iat {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The claims of a token, decoded without verification (test bookkeeping only).

@@ -7,7 +7,9 @@
 use std::{ffi::OsStr, fs, process::Command};
 
 use serde_json::Value;
-use ztseg_integration::{At, Daemon, Netns, Proc, Site, TempDir, probe, run_agent, spawn_agent};
+use ztseg_integration::{
+    At, Daemon, Netns, Proc, Site, TempDir, after_second, probe, run_agent, spawn_agent,
+};
 
 const CATALOGUE: &str = r#"
 [scopes."stream"]
@@ -30,13 +32,7 @@ fn world(ttl: &str) -> World {
     let site = Site::new();
     let dir = TempDir::new("ztseg-boundary");
     let ns = Netns::new(&["10.77.0.1/32"]);
-    let echo = {
-        let mut command = Command::new(ztseg_integration::probe_bin());
-        command.arg("--netns").arg(ns.path()).args(["echo", "10.77.0.1:8003"]);
-        let mut echo = Proc::spawn(command);
-        assert_eq!(echo.line(), "ready");
-        echo
-    };
+    let echo = ztseg_integration::echo(&ns, "10.77.0.1:8003");
     let daemon = Daemon::start(&site, &dir.path);
     daemon.write_policy("catalogue.toml", CATALOGUE);
     daemon.bind_new("alpha", &["--scope", "stream", "--ttl", ttl]);
@@ -215,13 +211,6 @@ fn a_routing_header_cannot_take_a_packet_past_the_judged_destination() {
 /// The `iat` of a token.
 fn iat_of(token: &str) -> u64 {
     ztseg_integration::claims(token)["iat"].as_u64().unwrap()
-}
-
-/// Waits for the wall clock to pass `iat`, so the next token issued is strictly newer.
-fn after_second(iat: u64) {
-    while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() <= iat {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -2,8 +2,12 @@
 
 /// The agent's kill switch is on: every decision is a deny.
 pub const FLAG_KILLED: u32 = 1 << 0;
-/// The agent is paused: new connections and sends are refused; reserved for the risk engine.
+/// The agent is paused by the risk engine: new connections, sends and inbound traffic are
+/// refused and its established connections held (no packet passes) until a person resumes it.
 pub const FLAG_PAUSED: u32 = 1 << 1;
+/// The agent is suspended by the risk engine: as killed (its sockets are also closed, its token
+/// revoked, its processes frozen), until a person resumes it.
+pub const FLAG_SUSPENDED: u32 = 1 << 2;
 
 /// Value of the agents map, keyed by the agent's cgroup id (`u64`, the cgroup2 inode number).
 ///
@@ -33,6 +37,10 @@ impl AgentState {
 
     pub const fn paused(&self) -> bool {
         self.flags & FLAG_PAUSED != 0
+    }
+
+    pub const fn suspended(&self) -> bool {
+        self.flags & FLAG_SUSPENDED != 0
     }
 }
 

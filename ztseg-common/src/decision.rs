@@ -31,6 +31,8 @@ pub mod reason {
     /// An operation the rules allow whose record could not be written (the events ring was
     /// full): refused, since nothing is allowed unrecorded.
     pub const UNRECORDED: u8 = 11;
+    /// The agent is suspended (risk score at `suspend_at`).
+    pub const SUSPENDED: u8 = 12;
 }
 
 /// Marks "no rule" in [`Decision::rule_id`].
@@ -61,14 +63,19 @@ impl Decision {
     }
 }
 
-/// The agent-level checks that come before any rule: registration, kill switch, token deadline,
-/// pause. Returns the rule table to consult, or the deny that ends the decision.
+/// The agent-level checks that come before any rule: registration, kill switch, suspension,
+/// token deadline, pause. Returns the rule table to consult, or the deny that ends the decision.
 pub const fn gate(agent: Option<&AgentState>, now_boot_ns: u64) -> Result<u32, Decision> {
+    // Written out rather than through `gate_rules`: composed, LLVM spills the `None` payload
+    // of the agent and the verifier refuses the read of an uninitialised register.
     let Some(agent) = agent else {
         return Err(Decision::deny(reason::UNREGISTERED));
     };
     if agent.killed() {
         return Err(Decision::deny(reason::KILLED));
+    }
+    if agent.suspended() {
+        return Err(Decision::deny(reason::SUSPENDED));
     }
     if agent.deadline_ns == 0 {
         return Err(Decision::deny(reason::NO_TOKEN));
@@ -80,6 +87,38 @@ pub const fn gate(agent: Option<&AgentState>, now_boot_ns: u64) -> Result<u32, D
         return Err(Decision::deny(reason::PAUSED));
     }
     Ok(agent.table)
+}
+
+/// [`gate`] but the pause, for a connect or send, whose rules a paused agent still has
+/// consulted (then [`held`]). (A plain table, not a pair: the verifier loses track of a
+/// pair's fields behind a `Result`.)
+pub const fn gate_rules(agent: Option<&AgentState>, now_boot_ns: u64) -> Result<u32, Decision> {
+    let Some(agent) = agent else {
+        return Err(Decision::deny(reason::UNREGISTERED));
+    };
+    if agent.killed() {
+        return Err(Decision::deny(reason::KILLED));
+    }
+    if agent.suspended() {
+        return Err(Decision::deny(reason::SUSPENDED));
+    }
+    if agent.deadline_ns == 0 {
+        return Err(Decision::deny(reason::NO_TOKEN));
+    }
+    if now_boot_ns >= agent.deadline_ns {
+        return Err(Decision::deny(reason::EXPIRED));
+    }
+    Ok(agent.table)
+}
+
+/// The decision of a connect or send of a paused agent: what its rules allow is refused
+/// (reason `paused`); what they deny keeps its own reason, so the risk engine goes on scoring
+/// a paused agent's attempts on forbidden or unlisted destinations.
+pub const fn held(decision: Decision, paused: bool) -> Decision {
+    if paused && decision.verdict == VERDICT_ALLOW {
+        return Decision::deny(reason::PAUSED);
+    }
+    decision
 }
 
 /// Joins the longest matches of the destination-port bucket and the every-port bucket: a deny in
@@ -124,14 +163,14 @@ pub const fn combine_found(port: &RuleValue, any_port: &RuleValue) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{FLAG_KILLED, FLAG_PAUSED};
+    use crate::agent::{FLAG_KILLED, FLAG_PAUSED, FLAG_SUSPENDED};
 
     const fn agent(deadline_ns: u64, flags: u32) -> AgentState {
         AgentState { deadline_ns, table: 9, slot: 3, flags, mode: 0 }
     }
 
     #[test]
-    fn gate_checks_registration_kill_deadline_pause_in_that_order() {
+    fn gate_checks_registration_kill_suspension_deadline_pause_in_that_order() {
         assert_eq!(gate(None, 5), Err(Decision::deny(reason::UNREGISTERED)));
         assert_eq!(gate(Some(&agent(10, 0)), 5), Ok(9));
         assert_eq!(gate(Some(&agent(10, 0)), 10), Err(Decision::deny(reason::EXPIRED)));
@@ -140,6 +179,31 @@ mod tests {
         let both = agent(10, FLAG_KILLED | FLAG_PAUSED);
         assert_eq!(gate(Some(&both), 5), Err(Decision::deny(reason::KILLED)));
         assert_eq!(gate(Some(&agent(0, FLAG_KILLED)), 5), Err(Decision::deny(reason::KILLED)));
+        // A suspended agent's token is revoked: the suspension, not the missing token, is why.
+        assert_eq!(gate(Some(&agent(0, FLAG_SUSPENDED)), 5), Err(Decision::deny(reason::SUSPENDED)));
+        let paused_then_suspended = agent(10, FLAG_PAUSED | FLAG_SUSPENDED);
+        assert_eq!(gate(Some(&paused_then_suspended), 5), Err(Decision::deny(reason::SUSPENDED)));
+        assert_eq!(
+            gate(Some(&agent(10, FLAG_KILLED | FLAG_SUSPENDED)), 5),
+            Err(Decision::deny(reason::KILLED))
+        );
+    }
+
+    #[test]
+    fn a_paused_agents_rules_are_consulted_and_only_their_allows_are_refused() {
+        let paused = agent(10, FLAG_PAUSED);
+        assert_eq!(gate_rules(Some(&paused), 5), Ok(9));
+        assert_eq!(gate(Some(&paused), 5), Err(Decision::deny(reason::PAUSED)));
+        assert_eq!(
+            gate_rules(Some(&agent(10, FLAG_PAUSED | FLAG_SUSPENDED)), 5),
+            Err(Decision::deny(reason::SUSPENDED))
+        );
+        let allowed = Decision { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: 4 };
+        let forbidden = Decision { verdict: VERDICT_DENY, reason: reason::FORBIDDEN, rule_id: 5 };
+        assert_eq!(held(allowed, true), Decision::deny(reason::PAUSED));
+        assert_eq!(held(allowed, false), allowed);
+        assert_eq!(held(forbidden, true), forbidden);
+        assert_eq!(held(Decision::deny(reason::NO_RULE), true), Decision::deny(reason::NO_RULE));
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub const fn redirects(h: &Headers) -> bool {
 /// Whether a packet of an agent's socket (`agent` is its entry, `None` for an unregistered
 /// cgroup under the agents' root) may pass at boot time `now`.
 ///
-/// A denied agent's (killed, paused, expired, without a token) packets are dropped both ways,
+/// A denied agent's (killed, suspended, paused, expired, without a token) packets are dropped both ways,
 /// except an outgoing TCP reset: it carries no data and tells the peer the connection is gone
 /// when the daemon closes the agent's sockets.
 pub const fn passes(agent: Option<&AgentState>, now: u64, egress: bool, h: &Headers) -> bool {
@@ -201,7 +201,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::agent::{FLAG_KILLED, FLAG_PAUSED};
+    use crate::agent::{FLAG_KILLED, FLAG_PAUSED, FLAG_SUSPENDED};
 
     const LIVE: AgentState = AgentState { deadline_ns: 1_000, table: 1, slot: 0, flags: 0, mode: 0 };
     const TCP4: Headers = Headers { version: 4, ihl: 5, next: PROTO_TCP, tcp_flags: 0x10 };
@@ -216,12 +216,14 @@ mod tests {
     }
 
     #[test]
-    fn killed_paused_expired_and_unknown_agents_pass_nothing_but_a_reset() {
+    fn killed_suspended_paused_expired_and_unknown_agents_pass_nothing_but_a_reset() {
         let killed = AgentState { flags: FLAG_KILLED, ..LIVE };
+        let suspended = AgentState { flags: FLAG_SUSPENDED, ..LIVE };
         let paused = AgentState { flags: FLAG_PAUSED, ..LIVE };
         let no_token = AgentState { deadline_ns: 0, ..LIVE };
         for (agent, now) in [
             (Some(&killed), 10),
+            (Some(&suspended), 10),
             (Some(&paused), 10),
             (Some(&LIVE), 1_000),
             (Some(&no_token), 10),

@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use ztseg_common::{
     agent::AgentState,
-    decision::{Decision, NO_MATCH, NO_RULE_ID, combine_found, gate, reason},
+    decision::{Decision, NO_MATCH, NO_RULE_ID, combine_found, gate, gate_rules, held, reason},
     event::{
         ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats,
         BUDGET_WINDOW_NS, Event, FAMILY_V4, FAMILY_V6, RECORDS_PER_WINDOW, Summary, SummaryKey,
@@ -360,8 +360,10 @@ struct Dest {
 struct Task {
     cgroup_id: u64,
     now: u64,
-    /// Copied out at once: the daemon may replace the entry while we run.
-    agent: Option<AgentState>,
+    /// Copied out at once: the daemon may replace the entry while we run. All zero for no
+    /// entry (`slot` then says so): not an `Option`, whose `None` payload LLVM may spill
+    /// uninitialised, which the verifier refuses.
+    agent: AgentState,
     /// The agent's rule table and stats slot (0 and `UNREGISTERED_SLOT` without one), read
     /// from the entry itself: a `None`'s payload is undefined, and LLVM may spill it, which the
     /// verifier refuses (an uninitialised register).
@@ -383,7 +385,8 @@ impl Task {
         // SAFETY: the reference is only read here, never kept.
         let found = unsafe { AGENTS.get(cgroup_id) };
         let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
-        Self { cgroup_id, now, agent: found.copied(), table, slot, packet: core::ptr::null_mut() }
+        let agent = found.copied().unwrap_or_default();
+        Self { cgroup_id, now, agent, table, slot, packet: core::ptr::null_mut() }
     }
 
     /// The agent whose socket an incoming packet reached (the socket's cgroup).
@@ -394,12 +397,30 @@ impl Task {
         // SAFETY: as in `current`.
         let found = unsafe { AGENTS.get(cgroup_id) };
         let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
-        Self { cgroup_id, now, agent: found.copied(), table, slot, packet: ctx.skb.skb }
+        let agent = found.copied().unwrap_or_default();
+        Self { cgroup_id, now, agent, table, slot, packet: ctx.skb.skb }
     }
 
     #[inline(always)]
     fn gate(&self) -> Result<u32, Decision> {
-        gate(self.agent.as_ref(), self.now)
+        gate(self.entry(), self.now)
+    }
+
+    #[inline(always)]
+    fn gate_rules(&self) -> Result<u32, Decision> {
+        gate_rules(self.entry(), self.now)
+    }
+
+    /// Read after [`Self::gate_rules`] passed: the agent is registered.
+    #[inline(always)]
+    fn paused(&self) -> bool {
+        self.agent.paused()
+    }
+
+    /// The agent's entry, `None` without one.
+    #[inline(always)]
+    fn entry(&self) -> Option<&AgentState> {
+        if self.slot == UNREGISTERED_SLOT { None } else { Some(&self.agent) }
     }
 
     #[inline(always)]
@@ -760,7 +781,8 @@ fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
 
 #[inline(always)]
 fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
-    let table = match task.gate() {
+    // A paused agent's rules are still consulted: only what they allow is refused (`held`).
+    let table = match task.gate_rules() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
@@ -778,12 +800,13 @@ fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> D
     } else {
         NO_MATCH
     };
-    combine_found(&at_port, &any_port)
+    held(combine_found(&at_port, &any_port), task.paused())
 }
 
 #[inline(always)]
 fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
-    let table = match task.gate() {
+    // A paused agent's rules are still consulted: only what they allow is refused (`held`).
+    let table = match task.gate_rules() {
         Ok(table) => table,
         Err(denied) => return denied,
     };
@@ -801,7 +824,7 @@ fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> 
     } else {
         NO_MATCH
     };
-    combine_found(&at_port, &any_port)
+    held(combine_found(&at_port, &any_port), task.paused())
 }
 
 // Keeps NO_RULE_ID referenced for readers: events of gate denials carry it as rule_id.

@@ -121,19 +121,84 @@ fn default_algorithms() -> Vec<String> {
     vec!["EdDSA".to_owned()]
 }
 
+/// `[risk]`: the thresholds, what a suspension does to the agent's processes, and the
+/// signals' tuning (docs/configuration.md; the defaults and their reasons are in
+/// [`crate::risk`]).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Risk {
+    /// Whether decisions are scored at all. Off, no agent is ever paused or suspended by a
+    /// score and every agent's risk reads 0 (for a host where another system judges agents).
+    pub enabled: bool,
     /// Score at which an agent is paused (new connections refused, flagged for review).
     pub pause_at: u32,
-    /// Score at which an agent is suspended (kill switch).
+    /// Score at which an agent is suspended (connections cut, token revoked, processes
+    /// frozen or terminated).
     pub suspend_at: u32,
+    /// What a suspension does to the agent's processes: `freeze` or `terminate`.
+    pub on_suspend: OnSuspend,
+    /// Destinations (CIDRs) no agent has a reason to try: one attempt, allowed or not, sets
+    /// the score to at least `suspend_at`. Default: the cloud metadata services.
+    pub tripwires: Vec<ipnet::IpNet>,
+    /// The sliding window scans are counted in.
+    pub scan_window_seconds: u64,
+    /// Distinct denied ports of one host in the window before each further one scores.
+    pub scan_ports: u32,
+    /// Distinct denied hosts in the window before each further one scores.
+    pub scan_hosts: u32,
+    /// Distinct allowed destinations an agent reaches before each further new one scores.
+    pub baseline_destinations: u32,
+    /// Decisions in one second above which that second scores as a rate spike.
+    pub rate_per_second: u64,
+    /// Per signal class (`denied`, `forbidden`, `scan`, `new_destination`, `rate`,
+    /// `side_door`, `stale_token`, `tripwire`): `points`, `cap`, `half_life_seconds`, each
+    /// optional.
+    pub classes: std::collections::BTreeMap<String, ClassWeights>,
 }
 
 impl Default for Risk {
     fn default() -> Self {
-        Self { pause_at: 70, suspend_at: 90 }
+        Self {
+            enabled: true,
+            pause_at: 70,
+            suspend_at: 90,
+            on_suspend: OnSuspend::Freeze,
+            // AWS, GCP and Azure (IPv4), AWS (IPv6), Alibaba Cloud.
+            tripwires: [
+                std::net::IpAddr::from([169, 254, 169, 254]),
+                std::net::IpAddr::from([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254]),
+                std::net::IpAddr::from([100, 100, 100, 200]),
+            ]
+            .into_iter()
+            .map(ipnet::IpNet::from)
+            .collect(),
+            scan_window_seconds: 60,
+            scan_ports: 8,
+            scan_hosts: 8,
+            baseline_destinations: 32,
+            rate_per_second: 1000,
+            classes: std::collections::BTreeMap::new(),
+        }
     }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSuspend {
+    Freeze,
+    Terminate,
+}
+
+/// One signal class's tuning; what is absent keeps its default.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassWeights {
+    /// Points per signal.
+    pub points: Option<f64>,
+    /// The most the class contributes to the score.
+    pub cap: Option<f64>,
+    /// The time its contribution takes to halve.
+    pub half_life_seconds: Option<f64>,
 }
 
 /// `[audit]`: sizes in MiB, ages in days.
@@ -306,12 +371,8 @@ impl Config {
         if keep_mib > 1 << 40 || reserve_mib > 1 << 40 || keep_days > 365_000 {
             return invalid("audit", "has a size or age beyond any disk or lifetime".to_owned());
         }
-        let Risk { pause_at, suspend_at } = self.risk;
-        if !(1..=100).contains(&pause_at) || !(1..=100).contains(&suspend_at) || pause_at > suspend_at {
-            return invalid(
-                "risk",
-                format!("needs 1 <= pause_at <= suspend_at <= 100, got {pause_at} and {suspend_at}"),
-            );
+        if let Err((key, problem)) = crate::risk::Params::from_config(&self.risk) {
+            return invalid(&key, problem);
         }
         Ok(())
     }

@@ -47,6 +47,15 @@ pub enum Request {
     Revive {
         agent: String,
     },
+    /// A person lifts a risk pause or suspension, saying why (recorded in the audit chain).
+    Resume {
+        agent: String,
+        reason: String,
+    },
+    /// An agent's risk score, standing and top contributors.
+    Risk {
+        agent: String,
+    },
     /// Decision events: the recent ones, then (with `follow`) every new one.
     Events {
         follow: bool,
@@ -101,6 +110,8 @@ pub enum ErrorCode {
     RunNeedsRoot,
     AgentPeer,
     InvalidAgent,
+    /// `resume` of an agent that is neither paused nor suspended.
+    NotHeld,
     /// The request line is not a valid request (a malformed token is `Token(Malformed)`, a
     /// refusal, with the same spelling).
     Malformed,
@@ -134,6 +145,7 @@ impl ErrorCode {
             | Self::AccessDenied
             | Self::RunNeedsRoot
             | Self::AgentPeer
+            | Self::NotHeld
             | Self::TokenFile
             | Self::Token(_)
             | Self::Other(_) => FailureKind::Refused,
@@ -155,6 +167,7 @@ impl ErrorCode {
             Self::RunNeedsRoot => "run_needs_root",
             Self::AgentPeer => "agent_peer",
             Self::InvalidAgent => "invalid_agent",
+            Self::NotHeld => "not_held",
             Self::Malformed => "malformed",
             Self::Dataplane => "dataplane",
             Self::Cgroup => "cgroup",
@@ -217,6 +230,8 @@ pub enum Answer {
     Run(Joined),
     Kill(Killed),
     Revive(Revived),
+    Resume(Resumed),
+    Risk(RiskView),
     Status(Status),
     Events(EventsStarted),
 }
@@ -251,6 +266,7 @@ pub struct TokenRevoked {
 #[serde(rename_all = "snake_case")]
 pub enum AgentState {
     Killed,
+    Suspended,
     Paused,
     NoToken,
     Expired,
@@ -264,6 +280,7 @@ impl AgentState {
     pub fn as_str(&self) -> &str {
         match self {
             Self::Killed => "killed",
+            Self::Suspended => "suspended",
             Self::Paused => "paused",
             Self::NoToken => "no_token",
             Self::Expired => "expired",
@@ -296,6 +313,7 @@ pub struct AgentRow {
     pub op: Option<String>,
     /// Allows refused because their record could not be written (reason `unrecorded`).
     pub refused_unrecorded: u64,
+    /// The risk score now, 0-100 (rounded down).
     pub risk: u8,
     pub rules: usize,
     pub scope: Option<Vec<String>>,
@@ -383,6 +401,39 @@ pub struct Revived {
     /// `true` once thawed, `false` if still thawing or the write failed, `None` when the cgroup
     /// was not frozen.
     pub thawed: Option<bool>,
+}
+
+/// `resume`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resumed {
+    pub agent: String,
+    /// `true` once thawed, `false` if still thawing or the write failed, `None` when the cgroup
+    /// was not frozen.
+    pub thawed: Option<bool>,
+    /// What it was: `paused` or `suspended`.
+    pub was: AgentState,
+}
+
+/// `risk`: an agent's score now and what it is made of.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RiskView {
+    pub agent: String,
+    /// Largest first.
+    pub contributors: Vec<RiskContributor>,
+    pub pause_at: u32,
+    /// 0-100, two decimals.
+    pub score: f64,
+    /// `active`, `paused` or `suspended`, as the risk engine sees it.
+    pub standing: String,
+    pub suspend_at: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RiskContributor {
+    pub class: String,
+    pub points: f64,
+    /// The class's last reason, with numbers.
+    pub reason: String,
 }
 
 /// Kernel counters of decisions about processes in no registered agent (`status`).
@@ -540,6 +591,16 @@ impl Client {
     /// `revive`.
     pub fn revive(&mut self, agent: &str) -> Result<Revived, ClientError> {
         self.call(&Request::Revive { agent: agent.to_owned() })
+    }
+
+    /// `resume`.
+    pub fn resume(&mut self, agent: &str, reason: &str) -> Result<Resumed, ClientError> {
+        self.call(&Request::Resume { agent: agent.to_owned(), reason: reason.to_owned() })
+    }
+
+    /// `risk`.
+    pub fn risk(&mut self, agent: &str) -> Result<RiskView, ClientError> {
+        self.call(&Request::Risk { agent: agent.to_owned() })
     }
 
     /// `status`.
@@ -937,16 +998,30 @@ mod tests {
         same::<TokenApplied>(&json_blocks(section("### `token_apply`"))[1]);
         same::<TokenRevoked>(&json_blocks(section("### `token_revoke`"))[1]);
         same::<Joined>(json_blocks(section("### `run`")).last().unwrap());
+        let resume_risk = json_blocks(section("### `resume`, `risk`"));
+        assert_eq!(
+            serde_json::from_value::<Request>(resume_risk[0].clone()).unwrap(),
+            Request::Resume {
+                agent: "analyst-7".into(),
+                reason: "reviewed: a migration job, not a scan".into()
+            }
+        );
+        assert_eq!(
+            serde_json::from_value::<Request>(resume_risk[1].clone()).unwrap(),
+            Request::Risk { agent: "analyst-7".into() }
+        );
+        same::<Resumed>(&resume_risk[2]);
+        same::<RiskView>(&resume_risk[3]);
     }
 
     #[test]
     fn a_client_ignores_fields_and_reads_states_it_does_not_know() {
         let mut row = serde_json::to_value(sample_row()).unwrap();
-        row["state"] = "suspended".into();
+        row["state"] = "quarantined".into();
         row["risk_reasons"] = serde_json::json!(["denials"]);
         let read: AgentRow = serde_json::from_value(row).unwrap();
-        assert_eq!(read.state, AgentState::Other("suspended".into()));
-        assert_eq!(read.state.as_str(), "suspended");
+        assert_eq!(read.state, AgentState::Other("quarantined".into()));
+        assert_eq!(read.state.as_str(), "quarantined");
         let failed: Response<Killed> =
             serde_json::from_str(r#"{"ok":false,"kind":"refused","error":"x","code":"quota"}"#).unwrap();
         assert_eq!(failed.code, Some(ErrorCode::Other("quota".into())));
@@ -988,6 +1063,7 @@ mod tests {
             ErrorCode::RunNeedsRoot,
             ErrorCode::AgentPeer,
             ErrorCode::InvalidAgent,
+            ErrorCode::NotHeld,
             ErrorCode::Malformed,
             ErrorCode::Dataplane,
             ErrorCode::Cgroup,

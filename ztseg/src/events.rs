@@ -54,6 +54,7 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::RAW_SOCKET => "raw_socket",
         reason::PROTOCOL => "protocol",
         reason::UNRECORDED => "unrecorded",
+        reason::SUSPENDED => "suspended",
         _ => "unknown",
     }
 }
@@ -88,7 +89,7 @@ pub fn wall_time(ts_boot_ns: u64, boot_now_ns: u64, unix_now_ns: u64) -> SystemT
     UNIX_EPOCH + Duration::from_nanos(wall_ns(ts_boot_ns, boot_now_ns, unix_now_ns))
 }
 
-fn wall_ns(ts_boot_ns: u64, boot_now_ns: u64, unix_now_ns: u64) -> u64 {
+pub fn wall_ns(ts_boot_ns: u64, boot_now_ns: u64, unix_now_ns: u64) -> u64 {
     unix_now_ns.saturating_sub(boot_now_ns.saturating_sub(ts_boot_ns))
 }
 
@@ -232,6 +233,35 @@ pub fn decision_body_at(
     timestamps: &mut Timestamps,
 ) -> Body {
     decision_body(event, who, wall_ns(event.ts_boot_ns, boot_now_ns, unix_now_ns), timestamps)
+}
+
+/// What the risk engine reads of a decision of an agent, exactly as its record (made by
+/// [`decision_body`] or [`summary_body`] with the same `ts`/`counted`) says it: the engine's
+/// replay of the log reads the same from the JSON. `seq` is set once the record has one.
+pub fn observation(
+    event: &Event,
+    agent: Option<&Arc<str>>,
+    ts: u64,
+    counted: Option<Counted>,
+) -> Option<crate::risk::Observation> {
+    let agent = agent?.clone();
+    if action_name(event.action) == "unknown" || reason_name(event.reason) == "unknown" {
+        return None;
+    }
+    let any_destination = counted.is_some() && event.verdict != VERDICT_ALLOW;
+    let dst = if inbound(event.action) || any_destination { None } else { address(event) };
+    Some(crate::risk::Observation {
+        agent,
+        seq: 0,
+        // A summary's time is its last decision's.
+        ts_us: counted.map_or(ts, |c| c.last_ns) / 1_000,
+        action: event.action,
+        allowed: event.verdict == VERDICT_ALLOW,
+        reason: event.reason,
+        dst,
+        dport: if any_destination { 0 } else { u16::from_be_bytes(event.port) },
+        count: counted.map_or(1, |c| c.count),
+    })
 }
 
 /// The rule id of an event, if a rule decided it.

@@ -15,6 +15,7 @@ pub mod dataplane;
 pub mod events;
 pub mod logging;
 pub mod policy;
+pub mod risk;
 pub mod run;
 pub mod sandbox;
 pub mod sockets;

@@ -98,6 +98,27 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Lift a risk pause or suspension (a person's decision, recorded with its reason): the
+    /// score starts again from 0; a suspended agent's token stays revoked.
+    Resume {
+        /// The agent's id.
+        id: String,
+        /// Why: goes in the audit log.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// An agent's risk score, standing and top contributors, each with its reason.
+    Risk {
+        /// The agent's id.
+        id: String,
+        /// The answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Decision events as JSON lines.
     Events {
         /// Keep printing new events as they arrive (until interrupted).
@@ -447,6 +468,42 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 None => "",
             };
             print(&format!("{id}: kill switch off; the agent has what its token still grants{thawed}"))
+        }
+        Command::Resume { id, reason, socket } => {
+            agent_id(&id)?;
+            if reason.trim().is_empty() {
+                return Err(Failure::Usage("--reason must say why the agent is resumed".to_owned()));
+            }
+            let answer = client(&socket)?.resume(&id, &reason)?;
+            let thawed = match answer.thawed {
+                Some(true) => "; its processes are thawed",
+                Some(false) => "; its processes are still thawing",
+                None => "",
+            };
+            let token = if answer.was == control::AgentState::Suspended {
+                "; its token stays revoked: it needs a new one"
+            } else {
+                ""
+            };
+            print(&format!(
+                "{id}: resumed (was {}), risk score back to 0{thawed}{token}",
+                answer.was.as_str()
+            ))
+        }
+        Command::Risk { id, json, socket } => {
+            agent_id(&id)?;
+            let view = client(&socket)?.risk(&id)?;
+            if json {
+                return print_json(&view, true);
+            }
+            let mut text = format!(
+                "{}: risk {:.2} ({}; paused at {}, suspended at {})",
+                view.agent, view.score, view.standing, view.pause_at, view.suspend_at
+            );
+            for c in &view.contributors {
+                text.push_str(&format!("\n  {:>6.2}  {:<16} {}", c.points, c.class, c.reason));
+            }
+            print(&text)
         }
         Command::Events { follow, agent, socket } => {
             if let Some(agent) = &agent {

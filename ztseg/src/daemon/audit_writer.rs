@@ -23,7 +23,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info, warn};
 
 use super::decision_log;
-use crate::audit::{AuditLog, Body, Chain};
+use crate::{
+    audit::{AuditLog, Body, Chain},
+    risk,
+};
 
 /// How often the writer flushes what it appended.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -41,6 +44,17 @@ pub struct Decision {
     /// The counter of records written for its agent, if it has one.
     pub written: Option<Arc<AtomicU64>>,
     pub denied: bool,
+    /// What the risk engine reads of it (an agent's decisions only); its `seq` is set here.
+    pub observation: Option<risk::Observation>,
+}
+
+/// The risk engine, fed in log order by the writer (the one place records have their order),
+/// and where its actions go: a pause or suspension for the control side to carry out.
+pub struct Scoring {
+    /// `[risk] enabled`: off, nothing is scored.
+    pub enabled: bool,
+    pub engine: Arc<std::sync::Mutex<risk::Engine>>,
+    pub actions: tokio::sync::mpsc::UnboundedSender<(Arc<str>, risk::Action)>,
 }
 
 /// What to do once a batch is written to the log file.
@@ -164,7 +178,11 @@ impl AuditSender {
 /// Starts the writer; `publish` gets every record after its append (with `seq` unless the
 /// append failed). A panic in the writer aborts the daemon (systemd restarts it; enforcement
 /// stays pinned in the kernel): a daemon that goes on without its log would be unobserved.
-pub fn start(log: AuditLog, publish: impl Fn(Line) + Send + 'static) -> std::io::Result<AuditSender> {
+pub fn start(
+    log: AuditLog,
+    scoring: Scoring,
+    publish: impl Fn(Line) + Send + 'static,
+) -> std::io::Result<AuditSender> {
     let (tx, rx) = mpsc::channel();
     let next_seq = Arc::new(AtomicU64::new(log.next_seq()));
     let decisions_written = Arc::new(AtomicU64::new(0));
@@ -191,6 +209,7 @@ pub fn start(log: AuditLog, publish: impl Fn(Line) + Send + 'static) -> std::io:
             denials,
             held: Vec::new(),
             unwritable_said: None,
+            scoring,
         };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(&rx))).is_err() {
             error!("the audit writer panicked; stopping the daemon (enforcement stays pinned)");
@@ -212,6 +231,7 @@ struct Writer<P> {
     held: Vec<(Option<OwnedSemaphorePermit>, Option<Release>)>,
     /// When the log was last said to be unwritable.
     unwritable_said: Option<Instant>,
+    scoring: Scoring,
 }
 
 /// How often an unwritable log is said again.
@@ -239,9 +259,12 @@ impl<P: Fn(Line)> Writer<P> {
             match msg {
                 Ok(Msg::Record(record)) => self.append_daemon(&record),
                 Ok(Msg::Decisions(records, permit, release)) => {
+                    let engine = self.scoring.engine.clone();
+                    let mut engine = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     for decision in records {
-                        self.append_decision(decision);
+                        self.append_decision(decision, &mut engine);
                     }
+                    drop(engine);
                     // Written (not yet synced) before the kernel gets the ring space back; a log
                     // that cannot be written keeps the records in memory and their space in
                     // the ring, whose filling then refuses allows rather than let them through
@@ -289,6 +312,9 @@ impl<P: Fn(Line)> Writer<P> {
         let (body, seq) = match self.log.checked_body(record) {
             Ok(body) => {
                 let seq = self.append(&body);
+                if seq.is_some() {
+                    self.take_resume(record);
+                }
                 // Written at once (synced with the next flush): a daemon killed a moment later
                 // must not take a grant, a revocation or a reload out of the log with it.
                 let written = self.log.write_buffered();
@@ -308,7 +334,21 @@ impl<P: Fn(Line)> Writer<P> {
         self.publish(&body, agent, seq);
     }
 
-    fn append_decision(&mut self, decision: Decision) {
+    /// A person's `resume`: the agent's score starts again from 0, in log order.
+    fn take_resume(&self, record: &Map<String, Value>) {
+        if record.get("event").and_then(Value::as_str) != Some("resume") {
+            return;
+        }
+        if let Some(risk::replay::Input::Resume { agent, ts_us }) = risk::replay::input_of(record) {
+            self.scoring
+                .engine
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume(&agent, ts_us);
+        }
+    }
+
+    fn append_decision(&mut self, decision: Decision, engine: &mut risk::Engine) {
         let seq = self.append(&decision.body);
         self.decisions_written.fetch_add(1, Ordering::Relaxed);
         if let Some(counter) = &decision.written {
@@ -320,6 +360,26 @@ impl<P: Fn(Line)> Writer<P> {
             decision_log::allowed(&decision.body);
         }
         self.publish(&decision.body, decision.agent, seq);
+        if let (Some(mut observation), Some(seq), true) = (decision.observation, seq, self.scoring.enabled) {
+            observation.seq = seq;
+            for change in engine.observe(&observation) {
+                self.append_risk(&change);
+            }
+        }
+    }
+
+    /// A score change: its record goes in the log right after the decision that made it, and a
+    /// crossing goes to the control side to be carried out.
+    fn append_risk(&mut self, change: &risk::Change) {
+        let body = Body::from_map(&change.to_record());
+        let seq = self.append(&body);
+        if let Some(action) = change.action {
+            warn!(agent = %change.agent, score = change.after, action = action.name(), reason = %change.reason, "risk threshold crossed");
+            if self.scoring.actions.send((change.agent.clone(), action)).is_err() {
+                error!(agent = %change.agent, "the risk actions are not taken (the daemon is stopping)");
+            }
+        }
+        self.publish(&body, Some(change.agent.clone()), seq);
     }
 
     /// Appends `body`; its seq, or `None` (said) if the log refused it.
@@ -448,7 +508,9 @@ mod tests {
         let first = log.next_seq();
         let published = Arc::new(Mutex::new(Vec::new()));
         let sink = published.clone();
-        let audit = start(log, move |line: Line| {
+        let (actions, _) = tokio::sync::mpsc::unbounded_channel();
+        let scoring = Scoring { enabled: true, engine: Arc::default(), actions };
+        let audit = start(log, scoring, move |line: Line| {
             sink.lock().unwrap().push(serde_json::from_slice::<Value>(&line.json).unwrap())
         })
         .unwrap();
@@ -466,6 +528,7 @@ mod tests {
                 agent: None,
                 written: Some(counter.clone()),
                 denied: v == "deny",
+                observation: None,
             }
         };
         audit.send_decisions(vec![decision("allow"), decision("deny")], Some(permit), None);

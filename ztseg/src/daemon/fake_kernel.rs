@@ -35,6 +35,7 @@ pub enum Call {
     },
     Revoke(u64),
     SetKilled(u64, bool),
+    SetFlag(u64, u32, bool),
     EnsureCgroup(PathBuf),
     RemoveCgroup(PathBuf),
     Freeze(PathBuf, bool),
@@ -50,6 +51,7 @@ pub enum Op {
     Grant,
     Revoke,
     SetKilled,
+    SetFlag,
     EnsureCgroup,
     Freeze,
     KillAll,
@@ -210,6 +212,19 @@ impl Kernel for FakeKernel {
             state.flags |= FLAG_KILLED;
         } else {
             state.flags &= !FLAG_KILLED;
+        }
+        self.pins.agents.insert(cgroup_id, state);
+        Ok(())
+    }
+
+    fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError> {
+        self.check_map(Op::SetFlag)?;
+        let mut state = self.registered(cgroup_id)?;
+        self.calls.push(Call::SetFlag(cgroup_id, flag, on));
+        if on {
+            state.flags |= flag;
+        } else {
+            state.flags &= !flag;
         }
         self.pins.agents.insert(cgroup_id, state);
         Ok(())

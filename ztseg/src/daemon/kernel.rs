@@ -46,6 +46,9 @@ pub trait Kernel {
     /// Turns the agent's kill switch on or off.
     fn set_killed(&mut self, cgroup_id: u64, killed: bool) -> Result<(), DataplaneError>;
 
+    /// Sets or clears one of the agent's `FLAG_*` bits (the risk engine's pause and suspension).
+    fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError>;
+
     /// Kernel counters of an agent slot.
     fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError>;
 
@@ -106,6 +109,10 @@ impl Kernel for Dataplane {
 
     fn set_killed(&mut self, cgroup_id: u64, killed: bool) -> Result<(), DataplaneError> {
         Dataplane::set_killed(self, cgroup_id, killed)
+    }
+
+    fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError> {
+        Dataplane::set_flag(self, cgroup_id, flag, on)
     }
 
     fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {

@@ -288,16 +288,44 @@ async fn serve(config: Config) -> Result<()> {
     let revoked = ztseg_revocations(&config)?;
     let key = HostKey::load_or_create(&config.state_dir)?;
     let (log, recovery) = AuditLog::open(&config.audit_log, key, config.audit.options())?;
+    // The scores are what the log says: rebuilt from it, as a replay would.
+    let params = crate::risk::Params::from_config(&config.risk)
+        .map_err(|(key, problem)| anyhow::anyhow!("{}: {key} {problem}", config.audit_log.display()))?;
+    let started = std::time::Instant::now();
+    let (engine, _) = if config.risk.enabled {
+        crate::risk::replay::replay_file(params, &config.audit_log).with_context(|| {
+            format!("cannot read {} to rebuild the risk scores", config.audit_log.display())
+        })?
+    } else {
+        crate::risk::replay::replay(params, [])
+    };
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, "risk scores rebuilt from the audit log");
+    let held: Vec<(Arc<str>, crate::risk::Action)> = engine
+        .scores(crate::risk::replay::us_of(std::time::SystemTime::now()))
+        .into_iter()
+        .filter_map(|(agent, (_, standing))| match standing {
+            crate::risk::Standing::Active => None,
+            crate::risk::Standing::Paused => Some((agent, crate::risk::Action::Pause)),
+            crate::risk::Standing::Suspended => Some((agent, crate::risk::Action::Suspend)),
+        })
+        .collect();
+    let engine = Arc::new(std::sync::Mutex::new(engine));
+    let (risk_actions, risk_rx) = tokio::sync::mpsc::unbounded_channel();
     let (stream, _) = broadcast::channel(4096);
     let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)));
     let audit = {
         let (stream, recent) = (stream.clone(), recent.clone());
-        audit_writer::start(log, move |record| publish(&stream, &recent, record))
+        let scoring = audit_writer::Scoring {
+            enabled: config.risk.enabled,
+            engine: engine.clone(),
+            actions: risk_actions.clone(),
+        };
+        audit_writer::start(log, scoring, move |record| publish(&stream, &recent, record))
             .context("cannot start the audit writer thread")?
     };
     let directory = Arc::new(RwLock::new(directory::Directory::default()));
 
-    let trail = state::Trail { audit: audit.clone(), directory: directory.clone() };
+    let trail = state::Trail { audit: audit.clone(), directory: directory.clone(), risk: engine };
     let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, revoked, trail);
     let mut fields = Map::new();
     fields.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
@@ -378,6 +406,19 @@ async fn serve(config: Config) -> Result<()> {
         }
         done_rx
     };
+    // A pause or suspension the log holds and the kernel may not (a daemon stopped between
+    // the two) is carried out again; one already in force is left as it is.
+    for held in held {
+        let _ = risk_actions.send(held);
+    }
+    drop(risk_actions);
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("ztseg-risk".into())
+            .spawn(move || take_risk_actions(&shared, risk_rx))
+            .context("cannot start the risk actions thread")?;
+    }
     tokio::spawn(housekeeping(shared.clone()));
     control_thread(shared.clone(), listener)?;
 
@@ -415,6 +456,24 @@ async fn serve(config: Config) -> Result<()> {
     drop(state);
     let _ = fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// Carries out the risk engine's pauses and suspensions, in the order it crossed them.
+fn take_risk_actions(
+    shared: &Shared,
+    mut actions: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, crate::risk::Action)>,
+) {
+    while let Some((agent, action)) = actions.blocking_recv() {
+        let Ok(id) = agent.parse::<AgentId>() else { continue };
+        let mut state = shared.state();
+        let done = match action {
+            crate::risk::Action::Pause => state.pause(&id),
+            crate::risk::Action::Suspend => state.suspend(&id),
+        };
+        if let Err(refusal) = done {
+            error!(agent = %agent, action = action.name(), error = %refusal.message, "the risk engine's action could not be carried out");
+        }
+    }
 }
 
 fn bind_socket(config: &Config, control_gid: Option<u32>) -> Result<std::os::unix::net::UnixListener> {
@@ -493,11 +552,17 @@ fn write_summaries(
     let records = drained
         .iter()
         .zip(attribute(shared, &firsts))
-        .map(|(d, (who, written))| audit_writer::Decision {
-            body: events::summary_body_at(&d.first, d.count, d.last_ns, &who, clocks, timestamps),
-            agent: who.agent,
-            written,
-            denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
+        .map(|(d, (who, written))| {
+            let ts = events::wall_ns(d.first.ts_boot_ns, clocks.0, clocks.1);
+            let counted =
+                events::Counted { count: d.count, last_ns: events::wall_ns(d.last_ns, clocks.0, clocks.1) };
+            audit_writer::Decision {
+                body: events::summary_body(&d.first, counted, &who, ts, timestamps),
+                observation: events::observation(&d.first, who.agent.as_ref(), ts, Some(counted)),
+                agent: who.agent,
+                written,
+                denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
+            }
         })
         .collect();
     let (tx, written) = std::sync::mpsc::channel();
@@ -638,11 +703,15 @@ async fn read_events(
         let records = batch
             .iter()
             .zip(who)
-            .map(|(event, (who, written))| audit_writer::Decision {
-                body: events::decision_body_at(event, &who, clocks, &mut timestamps),
-                agent: who.agent,
-                written,
-                denied: event.verdict != ztseg_common::rule::VERDICT_ALLOW,
+            .map(|(event, (who, written))| {
+                let ts = events::wall_ns(event.ts_boot_ns, clocks.0, clocks.1);
+                audit_writer::Decision {
+                    body: events::decision_body(event, &who, ts, &mut timestamps),
+                    observation: events::observation(event, who.agent.as_ref(), ts, None),
+                    agent: who.agent,
+                    written,
+                    denied: event.verdict != ztseg_common::rule::VERDICT_ALLOW,
+                }
             })
             .collect();
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
@@ -905,6 +974,17 @@ fn handle(state: &mut State, request: Request, peer: &OwnedFd, peer_uid: u32) ->
         ),
         Request::Run { agent, token } => match parse_agent(&agent) {
             Ok(agent) => run_agent(state, &agent, token.as_deref(), peer),
+            Err(refusal) => refused(refusal),
+        },
+        Request::Resume { agent, reason } => match parse_agent(&agent) {
+            Ok(agent) => match state.resume(&agent, &reason, peer_uid) {
+                Ok(resumed) => Response::ok(Answer::Resume(resumed)),
+                Err(refusal) => refused(refusal),
+            },
+            Err(refusal) => refused(refusal),
+        },
+        Request::Risk { agent } => match parse_agent(&agent).and_then(|agent| state.risk_view(&agent)) {
+            Ok(view) => Response::ok(Answer::Risk(view)),
             Err(refusal) => refused(refusal),
         },
         Request::Status {} => Response::ok(Answer::Status(status(state))),

@@ -31,8 +31,8 @@ use crate::{
     config::Config,
     // `Code` keeps the refusal lines within the width they had as strings.
     control::{
-        AgentRow, AgentState, ErrorCode as Code, KillProcesses, Killed, ProcessesOutcome, Revived,
-        TokenApplied,
+        AgentRow, AgentState, ErrorCode as Code, KillProcesses, Killed, ProcessesOutcome, Resumed, Revived,
+        RiskContributor, RiskView, TokenApplied,
     },
     daemon::{
         audit_writer::AuditSender,
@@ -42,6 +42,7 @@ use crate::{
     dataplane::Dataplane,
     events,
     policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
+    risk,
     token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
 };
 
@@ -141,6 +142,8 @@ struct PersistedAgent {
 pub struct Trail {
     pub audit: AuditSender,
     pub directory: Arc<RwLock<Directory>>,
+    /// The risk engine the audit writer feeds; read here for `agents` and `risk`.
+    pub risk: Arc<std::sync::Mutex<risk::Engine>>,
 }
 
 /// `K` is the kernel and host the state changes: the [`Dataplane`] in the daemon, a fake in
@@ -176,6 +179,7 @@ pub struct State<K: Kernel = Dataplane> {
     uid_cursor: u32,
     /// Tokens whose rights were taken back before their `exp`.
     revoked: Revocations,
+    risk: Arc<std::sync::Mutex<risk::Engine>>,
 }
 
 use clock::unix_now_secs as now_unix;
@@ -234,7 +238,7 @@ impl<K: Kernel> State<K> {
         revoked: Revocations,
         trail: Trail,
     ) -> Self {
-        let Trail { audit, directory } = trail;
+        let Trail { audit, directory, risk } = trail;
         // A missing or unreadable cursor starts at the range's first uid: round-robin then
         // resumes from there, and uids in use are skipped either way.
         let uid_cursor = fs::read_to_string(config.state_dir.join("uid_cursor"))
@@ -262,6 +266,7 @@ impl<K: Kernel> State<K> {
             live_uids: None,
             directory,
             audit,
+            risk,
         }
     }
 
@@ -737,6 +742,157 @@ impl<K: Kernel> State<K> {
         Ok(Revived { agent: agent.to_string(), killed: false, thawed })
     }
 
+    fn risk(&self) -> std::sync::MutexGuard<'_, risk::Engine> {
+        self.risk.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The risk engine crossed `pause_at`: the agent's new connects, sends and inbound traffic
+    /// are refused (reason `paused`) and no packet of its connections passes (they are held,
+    /// not closed) until a person resumes it.
+    pub fn pause(&mut self, agent: &AgentId) -> Result<(), Refusal> {
+        let record = self.agents.get(agent).ok_or_else(|| unknown_agent(agent))?;
+        if let Ok(Some(held)) = self.kernel.agent(record.cgroup_id)
+            && (held.paused() || held.suspended())
+        {
+            return Ok(());
+        }
+        self.kernel
+            .set_flag(record.cgroup_id, ztseg_common::agent::FLAG_PAUSED, true)
+            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        self.audit_event("paused", fields);
+        warn!(agent = %agent, "paused by the risk engine: flagged for review (`ztseg risk {agent}`, then `ztseg resume {agent} --reason ...`)");
+        Ok(())
+    }
+
+    /// The risk engine crossed `suspend_at`: the agent is cut off as by the kill switch (no
+    /// packet passes, its sockets are closed), its token revoked, its processes frozen or
+    /// terminated (`[risk] on_suspend`), until a person resumes it.
+    pub fn suspend(&mut self, agent: &AgentId) -> Result<(), Refusal> {
+        let record = self.agents.get(agent).ok_or_else(|| unknown_agent(agent))?;
+        let cgroup_id = record.cgroup_id;
+        let cgroup = self.cgroups.resolve(&record.cgroup);
+        if let Ok(Some(held)) = self.kernel.agent(cgroup_id)
+            && held.suspended()
+        {
+            return Ok(());
+        }
+        self.kernel
+            .set_flag(cgroup_id, ztseg_common::agent::FLAG_SUSPENDED, true)
+            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+        let closed = self.close_agent_sockets(agent);
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("sockets_closed".into(), json!(closed));
+        match self.revoke_durably(agent, "suspended by the risk engine") {
+            Ok(jti) => fields.insert("revoked".into(), json!(jti)),
+            Err(refusal) => fields.insert("revoke_error".into(), json!(refusal.message)),
+        };
+        let outcome = match (self.config.risk.on_suspend, &cgroup) {
+            (_, Err(e)) => Err(e.to_string()),
+            (crate::config::OnSuspend::Freeze, Ok(path)) => self
+                .kernel
+                .freeze(path, true, FREEZE_WAIT)
+                .map(|f| ("frozen", json!(f)))
+                .map_err(|e| e.to_string()),
+            (crate::config::OnSuspend::Terminate, Ok(path)) => {
+                self.kernel.kill_all(path).map(|n| ("terminated", json!(n))).map_err(|e| e.to_string())
+            }
+        };
+        match outcome {
+            Ok((key, value)) => fields.insert(key.into(), value),
+            Err(error) => {
+                warn!(agent = %agent, error = %error, "suspended, but its processes could not be frozen or terminated");
+                fields.insert("processes_error".into(), json!(error))
+            }
+        };
+        self.audit_event("suspended", fields);
+        warn!(agent = %agent, "suspended by the risk engine: cut off, token revoked (`ztseg risk {agent}`, then `ztseg resume {agent} --reason ...`)");
+        Ok(())
+    }
+
+    /// A person lifts the agent's pause or suspension: recorded first (the risk engine takes
+    /// it in log order and starts the score again from 0), then the flags go and a frozen
+    /// cgroup is thawed. A suspended agent's token stays revoked: it needs a new one.
+    pub fn resume(&mut self, agent: &AgentId, reason: &str, by_uid: u32) -> Result<Resumed, Refusal> {
+        let record = self.agents.get(agent).ok_or_else(|| unknown_agent(agent))?;
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(Refusal::new(
+                Code::Malformed,
+                "a resume needs a reason (--reason TEXT): it goes in the audit log",
+            ));
+        }
+        let (cgroup_id, cgroup) = (record.cgroup_id, self.cgroups.resolve(&record.cgroup));
+        let held = self.kernel.agent(cgroup_id).map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+        let was = match held {
+            Some(s) if s.suspended() => AgentState::Suspended,
+            Some(s) if s.paused() => AgentState::Paused,
+            _ => {
+                return Err(Refusal::new(
+                    Code::NotHeld,
+                    format!("agent {agent} is neither paused nor suspended"),
+                ));
+            }
+        };
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("reason".into(), json!(reason));
+        fields.insert("was".into(), json!(was.as_str()));
+        fields.insert("by_uid".into(), json!(by_uid));
+        self.audit_event("resume", fields);
+        for flag in [ztseg_common::agent::FLAG_SUSPENDED, ztseg_common::agent::FLAG_PAUSED] {
+            self.kernel.set_flag(cgroup_id, flag, false).map_err(|e| {
+                Refusal::new(
+                    Code::Dataplane,
+                    format!("agent {agent} could not be resumed ({e}); it stays {}", was.as_str()),
+                )
+            })?;
+        }
+        let thawed = match cgroup {
+            Ok(path) if self.kernel.frozen(&path) => {
+                Some(self.kernel.freeze(&path, false, FREEZE_WAIT).unwrap_or_else(|e| {
+                    warn!(agent = %agent, error = %e, "cannot thaw the agent's cgroup");
+                    false
+                }))
+            }
+            _ => None,
+        };
+        warn!(agent = %agent, reason, was = was.as_str(), "resumed by a person");
+        Ok(Resumed { agent: agent.to_string(), thawed, was })
+    }
+
+    /// `ztseg risk ID`.
+    pub fn risk_view(&self, agent: &AgentId) -> Result<RiskView, Refusal> {
+        if !self.agents.contains_key(agent) {
+            return Err(unknown_agent(agent));
+        }
+        let view = self.risk().view(agent.as_str(), risk::replay::us_of(SystemTime::now()));
+        let shown = |x: f64| (x * 100.0).round() / 100.0;
+        Ok(RiskView {
+            agent: agent.to_string(),
+            contributors: view
+                .contributors
+                .into_iter()
+                .map(|c| RiskContributor {
+                    class: c.class.name().to_owned(),
+                    points: shown(c.points),
+                    reason: c.reason,
+                })
+                .collect(),
+            pause_at: self.config.risk.pause_at,
+            score: shown(view.score),
+            standing: match view.standing {
+                risk::Standing::Active => "active",
+                risk::Standing::Paused => "paused",
+                risk::Standing::Suspended => "suspended",
+            }
+            .to_owned(),
+            suspend_at: self.config.risk.suspend_at,
+        })
+    }
+
     /// Destroys the TCP and UDP sockets of `agents` in one pass ([`Kernel::close_sockets`]); how many
     /// per agent, or `None` for all when that failed (logged: the packet programs still pass
     /// none of their bytes).
@@ -1113,16 +1269,19 @@ impl<K: Kernel> State<K> {
     /// `ztseg agents --json`.
     pub fn agents(&self) -> Vec<AgentRow> {
         let now = now_unix();
+        let scores = self.risk().scores(risk::replay::us_of(SystemTime::now()));
         self.agents
             .values()
             .map(|a| {
                 let kernel = self.kernel.agent(a.cgroup_id).ok().flatten();
                 let stats = kernel.and_then(|k| self.kernel.stats(k.slot).ok()).unwrap_or_default();
                 let killed = kernel.is_some_and(|k| k.killed());
+                let suspended = kernel.is_some_and(|k| k.suspended());
                 let paused = kernel.is_some_and(|k| k.paused());
-                let state = match (&a.active, killed, paused) {
-                    (_, true, _) => AgentState::Killed,
-                    (_, _, true) => AgentState::Paused,
+                let state = match (&a.active, killed, suspended, paused) {
+                    (_, true, ..) => AgentState::Killed,
+                    (_, _, true, _) => AgentState::Suspended,
+                    (.., true) => AgentState::Paused,
                     (None, ..) => AgentState::NoToken,
                     (Some(g), ..) if now >= g.claims.exp => AgentState::Expired,
                     (Some(_), ..) => AgentState::Active,
@@ -1144,7 +1303,7 @@ impl<K: Kernel> State<K> {
                     last_refusal: a.last_refusal.clone(),
                     op: a.active.as_ref().and_then(|g| g.claims.op.clone()),
                     refused_unrecorded: stats.unrecorded,
-                    risk: 0,
+                    risk: scores.get(a.id.as_str()).map_or(0, |(score, _)| score.floor() as u8),
                     rules: a.active.as_ref().map_or(0, |g| g.entries),
                     scope: a.active.as_ref().map(|g| g.claims.scope.clone()),
                     state,
@@ -1164,6 +1323,10 @@ impl<K: Kernel> State<K> {
     pub fn resolve_cgroup(&self, relative: &Path) -> Option<PathBuf> {
         self.cgroups.resolve(relative).ok()
     }
+}
+
+fn unknown_agent(agent: &AgentId) -> Refusal {
+    Refusal::new(Code::UnknownAgent, format!("no agent {agent} is registered"))
 }
 
 fn grant_summary(agent: &AgentId, active: &ActiveGrant) -> TokenApplied {

@@ -87,9 +87,12 @@ impl Host {
         let (log, _) =
             AuditLog::open(&log_path, HostKey::generate().unwrap(), AuditOptions::default()).unwrap();
         let records = Records::default();
+        let risk: Arc<std::sync::Mutex<crate::risk::Engine>> = Arc::default();
         let audit = {
             let records = records.clone();
-            audit_writer::start(log, move |line: audit_writer::Line| {
+            let (actions, _) = tokio::sync::mpsc::unbounded_channel();
+            let scoring = audit_writer::Scoring { enabled: true, engine: risk.clone(), actions };
+            audit_writer::start(log, scoring, move |line: audit_writer::Line| {
                 let Ok(Value::Object(record)) = serde_json::from_slice(&line.json) else {
                     panic!("a published line is not a JSON object")
                 };
@@ -97,7 +100,7 @@ impl Host {
             })
             .unwrap()
         };
-        let trail = Trail { audit, directory: Arc::new(RwLock::new(Directory::default())) };
+        let trail = Trail { audit, directory: Arc::new(RwLock::new(Directory::default())), risk };
         let mut state =
             State::new(config, CgroupFs::at(MOUNT), kernel, self.issuer.verifier(), replay, revoked, trail);
         let mut refused = Vec::new();
@@ -567,4 +570,111 @@ fn the_sweep_reports_an_expired_token_once_and_closes_only_its_sockets() {
         (logged[0]["agent"].clone(), logged[0]["sockets_closed"].clone()),
         ("analyst-7".into(), 4.into())
     );
+}
+
+#[test]
+fn a_pause_holds_the_agent_through_a_refreshed_token_until_a_person_resumes_it() {
+    let host = Host::new();
+    let (mut state, records) = host.state(FakeKernel::new());
+    let (id, cgroup_id) = register(&mut state, "analyst-7");
+    let (other, other_id) = register(&mut state, "analyst-8");
+    state.apply_token(&id, &host.token("analyst-7", &["read:sales"], 10, 300), Source::Apply).unwrap();
+    state.apply_token(&other, &host.token("analyst-8", &["read:sales"], 0, 300), Source::Apply).unwrap();
+    state.kernel.open_sockets(cgroup_id, 2);
+
+    // Resuming an agent that is not held is refused, and changes nothing.
+    assert_eq!(state.resume(&id, "looked", 0).unwrap_err().code.as_str(), "not_held");
+
+    state.pause(&id).unwrap();
+    assert!(state.kernel.state(cgroup_id).paused());
+    assert_eq!(agent_state(&state, &id), "paused");
+    // Held, not cut: its sockets stay open, its rules stay.
+    assert_eq!(state.kernel.pins.open_sockets.get(&cgroup_id), Some(&2));
+    assert_eq!(destinations(&state.kernel, cgroup_id), ["10.0.5.12/32", "10.0.53.53/32"]);
+    // A second pause (the engine's, replayed at a restart) records nothing more.
+    state.pause(&id).unwrap();
+    // A refreshed token does not lift it.
+    state.apply_token(&id, &host.token("analyst-7", &["read:sales"], 0, 600), Source::Apply).unwrap();
+    assert_eq!(agent_state(&state, &id), "paused");
+    // Positive control: the other agent is untouched.
+    assert_eq!(agent_state(&state, &other), "active");
+    assert!(!state.kernel.state(other_id).paused());
+
+    // A resume needs a reason.
+    assert_eq!(state.resume(&id, "  ", 0).unwrap_err().code.as_str(), "malformed");
+    assert!(state.kernel.state(cgroup_id).paused());
+    let resumed = state.resume(&id, "false positive: a migration job", 1000).unwrap();
+    assert_eq!((resumed.was.as_str(), resumed.thawed), ("paused", None));
+    assert_eq!(agent_state(&state, &id), "active");
+
+    let records = audited(&state, &records);
+    assert_eq!(events(&records, "paused").len(), 1);
+    let resume = events(&records, "resume");
+    assert_eq!(resume.len(), 1);
+    assert_eq!(
+        (
+            resume[0]["agent"].as_str(),
+            resume[0]["reason"].as_str(),
+            resume[0]["was"].as_str(),
+            resume[0]["by_uid"].as_u64()
+        ),
+        (Some("analyst-7"), Some("false positive: a migration job"), Some("paused"), Some(1000))
+    );
+}
+
+#[test]
+fn a_suspension_cuts_revokes_and_freezes_and_a_resume_thaws_but_the_token_stays_revoked() {
+    let host = Host::new();
+    let (mut state, records) = host.state(FakeKernel::new());
+    let (id, cgroup_id) = register(&mut state, "analyst-7");
+    let token = host.token("analyst-7", &["read:sales"], 0, 300);
+    state.apply_token(&id, &token, Source::Apply).unwrap();
+    state.kernel.open_sockets(cgroup_id, 3);
+    let cgroup = PathBuf::from(MOUNT).join("ztseg.slice/analyst-7");
+    state.pause(&id).unwrap();
+
+    state.suspend(&id).unwrap();
+
+    let held = state.kernel.state(cgroup_id);
+    assert!(held.suspended());
+    assert_eq!(agent_state(&state, &id), "suspended");
+    // The flag first, then the sockets, the token, the processes.
+    let flag = Call::SetFlag(cgroup_id, ztseg_common::agent::FLAG_SUSPENDED, true);
+    assert!(state.kernel.position(&flag) < state.kernel.position(&Call::CloseSockets(vec![cgroup_id])));
+    assert_eq!(state.kernel.pins.open_sockets.get(&cgroup_id).copied().unwrap_or(0), 0);
+    assert_eq!((held.table, held.deadline_ns), (0, 0), "the token is revoked");
+    assert!(state.kernel.frozen(&cgroup));
+    // The same token presented again is refused: the revocation is durable.
+    assert_eq!(state.apply_token(&id, &token, Source::Apply).unwrap_err().code.as_str(), "revoked");
+
+    let resumed = state.resume(&id, "reviewed the transcript", 0).unwrap();
+    assert_eq!((resumed.was.as_str(), resumed.thawed), ("suspended", Some(true)));
+    let after = state.kernel.state(cgroup_id);
+    assert!(!after.suspended() && !after.paused());
+    assert!(!state.kernel.frozen(&cgroup));
+    assert_eq!(agent_state(&state, &id), "no_token");
+
+    let records = audited(&state, &records);
+    let suspended = events(&records, "suspended");
+    assert_eq!(suspended.len(), 1);
+    assert_eq!(
+        (suspended[0]["sockets_closed"].as_u64(), suspended[0]["frozen"].as_bool()),
+        (Some(3), Some(true))
+    );
+    assert!(suspended[0]["revoked"].is_string());
+}
+
+#[test]
+fn a_suspension_the_kernel_does_not_take_is_said_and_changes_nothing_else() {
+    let host = Host::new();
+    let (mut state, _) = host.state(FakeKernel::new());
+    let (id, cgroup_id) = register(&mut state, "analyst-7");
+    state.apply_token(&id, &host.token("analyst-7", &["read:sales"], 0, 300), Source::Apply).unwrap();
+    state.kernel.open_sockets(cgroup_id, 1);
+    state.kernel.fail(Op::SetFlag);
+    assert_eq!(state.suspend(&id).unwrap_err().code.as_str(), "dataplane");
+    assert_eq!(state.pause(&id).unwrap_err().code.as_str(), "dataplane");
+    assert_eq!(state.kernel.pins.open_sockets.get(&cgroup_id), Some(&1));
+    assert_ne!(state.kernel.state(cgroup_id).table, 0);
+    assert_eq!(agent_state(&state, &id), "active");
 }

@@ -40,7 +40,7 @@ use aya_obj::generated::bpf_attach_type;
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 use ztseg_common::{
-    agent::{AgentState, FLAG_KILLED, FLAG_PAUSED},
+    agent::{AgentState, FLAG_KILLED},
     event::{AgentStats, Summary, SummaryKey},
     maps,
     packet::Peers,
@@ -713,9 +713,10 @@ impl Dataplane {
         self.update(cgroup_id, |s| set_flag(&mut s.flags, FLAG_KILLED, killed))
     }
 
-    /// Pauses the agent (new connections and sends refused) or lifts the pause.
-    pub fn set_paused(&mut self, cgroup_id: u64, paused: bool) -> Result<(), DataplaneError> {
-        self.update(cgroup_id, |s| set_flag(&mut s.flags, FLAG_PAUSED, paused))
+    /// Sets or clears one of the agent's `FLAG_*` bits: the risk engine's pause
+    /// (`FLAG_PAUSED`) and suspension (`FLAG_SUSPENDED`).
+    pub fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError> {
+        self.update(cgroup_id, |s| set_flag(&mut s.flags, flag, on))
     }
 
     /// Writes a whole new value for the agent (never a field in place).
