@@ -498,7 +498,7 @@ fn run(args: &[String]) -> Result<()> {
     let mut dataplane = dataplane;
     // A consumer drains the event ring as the daemon would, so every decision pays for writing
     // its record (a full, undrained ring would make the bench time the cheaper drop path).
-    let drain = Drain::start(dataplane.take_events().context("the dataplane has no event ring")?);
+    let drain = Drain::start(dataplane.take_events().context("the dataplane has no event ring")??);
     let stats_were_on = set_bpf_stats(true)?;
 
     let sizes = [1usize, 1_000, 100_000, 1_000_000];

@@ -281,7 +281,7 @@ async fn serve(config: Config) -> Result<()> {
     let root = cgroups.resolve(&config.cgroup_root)?;
     let verifier = Verifier::from_config(&config)?;
     let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
-    let ring = dataplane.take_events().context("the events ring buffer was already taken")?;
+    let ring = dataplane.take_events_fd().context("the events ring buffer was already taken")??;
     let summaries = dataplane.take_summaries().context("the summaries map was already taken")?;
     let replay = ReplayCache::load(&config.state_dir.join("replay.json"))
         .with_context(|| format!("cannot read the replay cache in {}", config.state_dir.display()))?;
@@ -619,18 +619,12 @@ fn take_batch(ring: &mut ring::Ring, batch: &mut Vec<ztseg_common::event::Event>
 
 /// Reads the kernel's decision records until `stop` turns true, then drains what is left and
 /// returns.
-async fn read_events(
-    shared: Arc<Shared>,
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    // Read in place (`ring`): records go back to the kernel once written to the log. aya's
-    // reader is kept for its fd's readiness only; it never takes a record.
+async fn read_events(shared: Arc<Shared>, ring: OwnedFd, mut stop: tokio::sync::watch::Receiver<bool>) {
+    // Read in place (`ring`): records go back to the kernel once written to the log. The map's
+    // fd is polled for readiness.
     let reader = {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        // SAFETY: the ring buffer owns its fd for as long as this function holds it.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.as_raw_fd()) };
-        ring::Ring::new(fd.as_fd(), ztseg_common::maps::EVENTS_BYTES as usize)
+        use std::os::fd::AsFd as _;
+        ring::Ring::new(ring.as_fd(), ztseg_common::maps::EVENTS_BYTES as usize)
     };
     let mut reader = match reader {
         Ok(reader) => reader,
@@ -639,8 +633,8 @@ async fn read_events(
             return;
         }
     };
-    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd owns the ring buffer, and
-    // always reports that same fd.
+    // SAFETY: the AsyncFd owns the fd (an `OwnedFd`): it stays open, and the same, for as long
+    // as it is registered.
     let registered =
         unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
     let mut ring = match registered {

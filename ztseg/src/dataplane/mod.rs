@@ -250,8 +250,10 @@ pub struct Dataplane {
     agents: HashMap<MapData, u64, AgentState>,
     rules_v4: LpmTrie<MapData, Rule4, RuleValue>,
     rules_v6: LpmTrie<MapData, Rule6, RuleValue>,
-    /// Handed to the event reader once (`take_events`).
-    events: Option<RingBuf<MapData>>,
+    /// Handed to the event reader once (`take_events_fd`, or `take_events`), unmapped until
+    /// then: each mapping of the ring holds its 4 MiB twice (its data pages are mapped twice,
+    /// for records that wrap), which the daemon's resident size counts.
+    events: Option<aya::maps::Map>,
     /// Handed to the summaries drain once (`take_summaries`).
     summaries: Option<Summaries>,
     drops: PerCpuArray<MapData, u64>,
@@ -463,7 +465,7 @@ impl Dataplane {
             agents: take_map(&mut ebpf, maps::AGENTS)?,
             rules_v4: take_map(&mut ebpf, maps::RULES_V4)?,
             rules_v6: take_map(&mut ebpf, maps::RULES_V6)?,
-            events: Some(take_map(&mut ebpf, maps::EVENTS)?),
+            events: Some(ebpf.take_map(maps::EVENTS).ok_or(DataplaneError::Missing(maps::EVENTS))?),
             summaries: None,
             drops: take_map(&mut ebpf, maps::DROPS)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
@@ -732,9 +734,20 @@ impl Dataplane {
         Ok(self.tables.keys.get(&state.table).map_or(0, TableKeys::len))
     }
 
-    /// The decision events ring buffer, for the one reader that drains it.
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.events.take()
+    /// The decision events ring buffer, as aya's reader (which maps it), for a reader that
+    /// drains it with aya.
+    pub fn take_events(&mut self) -> Option<Result<RingBuf<MapData>, DataplaneError>> {
+        self.events.take().map(|map| RingBuf::try_from(map).map_err(map_err(maps::EVENTS)))
+    }
+
+    /// The decision events ring buffer's fd, for a reader that maps it itself (the daemon's
+    /// `daemon::ring`).
+    pub fn take_events_fd(&mut self) -> Option<Result<OwnedFd, DataplaneError>> {
+        let map = self.events.take()?;
+        let aya::maps::Map::RingBuf(data) = &map else {
+            return Some(Err(DataplaneError::Missing(maps::EVENTS)));
+        };
+        Some(data.fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Barrier))
     }
 
     /// The summaries and their epoch, for the one task that drains them.

@@ -401,6 +401,8 @@ struct AgentRisk {
     /// The latest record time seen (records from different CPUs come slightly out of order:
     /// time never runs back).
     t_us: u64,
+    /// The time the class values are decayed to: at most [`DECAY_STEP_US`] behind `t_us`.
+    decayed_us: u64,
     classes: [ClassState; CLASSES],
     standing: Standing,
     scan: ScanWindow,
@@ -413,18 +415,28 @@ struct AgentRisk {
     second_scored: bool,
 }
 
+/// Decay is applied at most once a millisecond per agent (a record's cost is then mostly a
+/// lookup): the values are then at most 1 ms stale, 0.07% of the shortest half-life allowed.
+const DECAY_STEP_US: u64 = 1000;
+
 impl AgentRisk {
     fn advance(&mut self, ts_us: u64, params: &Params) {
-        if ts_us <= self.t_us {
-            return;
+        self.t_us = self.t_us.max(ts_us);
+        if self.t_us - self.decayed_us >= DECAY_STEP_US {
+            self.decay_to_now(params);
         }
-        let dt = (ts_us - self.t_us) as f64;
-        for (state, w) in self.classes.iter_mut().zip(&params.weights) {
-            if state.value > 0.0 {
-                state.value *= (-dt / w.half_life_us).exp2();
+    }
+
+    fn decay_to_now(&mut self, params: &Params) {
+        let dt = (self.t_us - self.decayed_us) as f64;
+        if dt > 0.0 {
+            for (state, w) in self.classes.iter_mut().zip(&params.weights) {
+                if state.value > 0.0 {
+                    state.value *= (-dt / w.half_life_us).exp2();
+                }
             }
         }
-        self.t_us = ts_us;
+        self.decayed_us = self.t_us;
     }
 
     fn score(&self) -> f64 {
@@ -460,12 +472,13 @@ impl AgentRisk {
 #[derive(Clone, Debug, Default)]
 pub struct Engine {
     params: Params,
-    agents: HashMap<Arc<str>, AgentRisk>,
+    /// By agent id (the daemon's own names, not chosen by an agent: a fast hash).
+    agents: HashMap<Arc<str>, AgentRisk, foldhash::fast::RandomState>,
 }
 
 impl Engine {
     pub fn new(params: Params) -> Self {
-        Self { params, agents: HashMap::new() }
+        Self { params, agents: HashMap::default() }
     }
 
     pub fn params(&self) -> &Params {
@@ -601,6 +614,7 @@ impl Engine {
     pub fn resume(&mut self, agent: &str, ts_us: u64) {
         if let Some(risk) = self.agents.get_mut(agent) {
             risk.advance(ts_us, &self.params);
+            risk.decay_to_now(&self.params);
             risk.classes = Default::default();
             risk.standing = Standing::Active;
             risk.scan = ScanWindow::default();
@@ -615,6 +629,7 @@ impl Engine {
         };
         let mut risk = risk.clone();
         risk.advance(now_us, &self.params);
+        risk.decay_to_now(&self.params);
         View { score: risk.score(), standing: risk.standing, contributors: contributors(&risk) }
     }
 
@@ -623,7 +638,7 @@ impl Engine {
         self.agents
             .iter()
             .map(|(agent, risk)| {
-                let dt = now_us.saturating_sub(risk.t_us) as f64;
+                let dt = now_us.max(risk.t_us).saturating_sub(risk.decayed_us) as f64;
                 let score: f64 = risk
                     .classes
                     .iter()
