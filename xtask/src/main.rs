@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build | test | demo | bench`: the only commands a newcomer needs.
+//! `cargo xtask setup | build | package | test | demo | bench`: the only commands a newcomer needs.
 //!
 //! The kernel programs are Rust built for `bpfel-unknown-none`, which needs `core` built from
 //! source, a compiler that allows unstable flags and bpf-linker against the same LLVM. On Debian
@@ -7,7 +7,6 @@
 //! (docs/building.md). Userspace builds with the ordinary rustup toolchain.
 
 mod demo;
-mod programs;
 mod toolchain;
 
 use std::{
@@ -17,6 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use xtask::{package, programs};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, test and demo ztseg")]
@@ -31,6 +31,15 @@ enum Task {
     Setup,
     /// Build the kernel programs and the `ztseg` binary that embeds them (release).
     Build,
+    /// Build the Debian package: target/debian/ztseg_VERSION_ARCH.deb (builds the release binary).
+    Package {
+        /// Package this binary (built with the kernel programs embedded) instead of building one.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+        /// Where to write the package.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// The seed scenario end to end (needs root): a daemon, a token, an agent, the kill switch.
     Demo,
     /// Benchmarks (needs root): report and chart in target/bench/.
@@ -67,6 +76,20 @@ fn try_main() -> Result<()> {
             let object = build_ebpf(&root)?;
             cargo(&root, &object, &["build", "--release", "-p", "ztseg"])?;
             println!("built {}", root.join("target/release/ztseg").display());
+            Ok(())
+        }
+        Task::Package { binary, out } => {
+            let binary = match binary {
+                Some(binary) => binary,
+                None => {
+                    let object = build_ebpf(&root)?;
+                    cargo(&root, &object, &["build", "--release", "-p", "ztseg"])?;
+                    root.join("target/release/ztseg")
+                }
+            };
+            let out = out.unwrap_or_else(|| root.join("target/debian"));
+            let deb = package::build(&root, &binary, &out, package::Compression::Xz)?;
+            println!("built {}", deb.display());
             Ok(())
         }
         Task::Test { filter } => test(&root, filter.as_deref()),

@@ -25,6 +25,8 @@ pub const APT_GET: &str = "/usr/bin/apt-get";
 pub const DPKG_QUERY: &str = "/usr/bin/dpkg-query";
 pub const LDD: &str = "/usr/bin/ldd";
 pub const PYTHON: &str = "/usr/bin/python3";
+pub const DPKG_DEB: &str = "/usr/bin/dpkg-deb";
+pub const GZIP: &str = "/bin/gzip";
 
 pub const PROGRAMS: &[Program] = &[
     Program { name: "cargo", path: DEBIAN_CARGO, package: "cargo-web", why: "the eBPF build" },
@@ -61,7 +63,27 @@ pub const PROGRAMS: &[Program] = &[
         name: "systemd-analyze",
         path: "/usr/bin/systemd-analyze",
         package: "systemd",
-        why: "the unit file test",
+        why: "the unit file and package tests",
+    },
+    Program {
+        name: "systemctl",
+        path: "/bin/systemctl",
+        package: "systemd",
+        why: "the package test, where systemd runs",
+    },
+    Program { name: "dpkg-deb", path: DPKG_DEB, package: "dpkg", why: "cargo xtask package" },
+    Program { name: "gzip", path: GZIP, package: "gzip", why: "cargo xtask package (manual pages)" },
+    Program {
+        name: "dpkg",
+        path: "/usr/bin/dpkg",
+        package: "dpkg",
+        why: "the package test installs and purges it",
+    },
+    Program {
+        name: "dpkg-query",
+        path: DPKG_QUERY,
+        package: "dpkg",
+        why: "the package test, cargo xtask setup",
     },
     Program { name: "python3", path: PYTHON, package: "python3-minimal", why: "the PyJWT interop test" },
     Program {
@@ -79,8 +101,12 @@ pub const PROGRAMS: &[Program] = &[
     Program { name: "touch", path: "/bin/touch", package: "coreutils", why: "agents the tests start" },
     Program { name: "sh", path: "/bin/sh", package: "dash", why: "agents the tests start" },
     Program { name: "apt-get", path: APT_GET, package: "apt", why: "cargo xtask setup" },
-    Program { name: "dpkg-query", path: DPKG_QUERY, package: "dpkg", why: "cargo xtask setup" },
-    Program { name: "ldd", path: LDD, package: "libc-bin", why: "checking bpf-linker's LLVM" },
+    Program {
+        name: "ldd",
+        path: LDD,
+        package: "libc-bin",
+        why: "checking bpf-linker's LLVM, the package's Depends",
+    },
 ];
 
 /// The Debian packages to install, each once, in table order.

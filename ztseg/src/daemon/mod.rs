@@ -280,6 +280,10 @@ async fn serve(config: Config) -> Result<()> {
     let cgroups = CgroupFs::discover()?;
     let root = cgroups.resolve(&config.cgroup_root)?;
     let verifier = Verifier::from_config(&config)?;
+    if config.issuers.is_empty() {
+        // The packaged default config: the daemon enforces, but no agent can be granted anything.
+        warn!("no [[issuers]] configured: every token is refused (unknown_issuer) until one is");
+    }
     let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
     let ring = dataplane.take_events_fd().context("the events ring buffer was already taken")??;
     let summaries = dataplane.take_summaries().context("the summaries map was already taken")?;
