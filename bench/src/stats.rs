@@ -1,9 +1,8 @@
-//! Medians, spreads and percentiles; BPF run-time statistics from bpftool.
+//! Medians, spreads and percentiles; BPF run-time statistics.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use serde_json::Value;
 
 /// Median and spread (min..max) of a set of measurements.
 #[derive(Clone, Copy, Debug, Default)]
@@ -36,14 +35,11 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
-/// Cumulative (run time ns, run count) of the program behind a pinned link.
+/// Cumulative (run time ns, run count) of the program behind a pinned link (what the daemon's
+/// metrics export as `ztseg_program_run_seconds_total` and `ztseg_program_runs_total`).
 pub fn prog_counters(link: &Path) -> Result<(u64, u64)> {
-    let out = Command::new("bpftool").args(["link", "show", "pinned"]).arg(link).arg("--json").output()?;
-    let info: Value = serde_json::from_slice(&out.stdout).context("bpftool link show")?;
-    let id = info["prog_id"].as_u64().context("no prog_id")?;
-    let out = Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "--json"]).output()?;
-    let info: Value = serde_json::from_slice(&out.stdout).context("bpftool prog show")?;
-    Ok((info["run_time_ns"].as_u64().unwrap_or(0), info["run_cnt"].as_u64().unwrap_or(0)))
+    ztseg::dataplane::observe::program_stats(link)
+        .with_context(|| format!("cannot read the run-time statistics of {}", link.display()))
 }
 
 #[cfg(test)]

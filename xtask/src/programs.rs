@@ -43,7 +43,7 @@ pub const PROGRAMS: &[Program] = &[
         package: "libllvm22",
         why: "building bpf-linker",
     },
-    Program { name: "bpftool", path: BPFTOOL, package: "bpftool", why: "the demo, tests and bench" },
+    Program { name: "bpftool", path: BPFTOOL, package: "bpftool", why: "the demo and tests" },
     Program { name: "ip", path: IP, package: "iproute2", why: "test networks in namespaces" },
     Program {
         name: "sysctl",

@@ -4,7 +4,8 @@
 //! error: a typo in a security configuration must not silently change what is enforced.
 
 use std::{
-    fs, io,
+    fmt, fs, io,
+    net::SocketAddr,
     path::{Component, Path, PathBuf},
 };
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub risk: Risk,
     /// Rotation, retention and the disk reserve of the audit log.
     pub audit: Audit,
+    /// The Prometheus metrics endpoint (off unless `listen` is set).
+    pub metrics: Metrics,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             issuers: Vec::new(),
             risk: Risk::default(),
             audit: Audit::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -238,6 +242,91 @@ impl Audit {
     }
 }
 
+/// `[metrics]`: where `/metrics` is served, if anywhere.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// A loopback address and port (`127.0.0.1:9464`, `[::1]:9464`) or `unix:/absolute/path`.
+    /// Absent: no metrics are served.
+    pub listen: Option<Listen>,
+    /// Agents whose decisions (and risk) get series of their own, labelled `agent`: the first
+    /// this many seen since the daemon started. Later ones are counted together, unlabelled, so a
+    /// host with 10,000 agents does not make 10,000 times the series.
+    pub agent_series: usize,
+}
+
+/// The most `[metrics] agent_series` may be.
+pub const MAX_AGENT_SERIES: usize = 4096;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self { listen: None, agent_series: 64 }
+    }
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A Unix socket at this absolute path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        text.parse().map(Self::Tcp).map_err(|_| {
+            format!(
+                "metrics.listen {text:?} is not an IP address and port like \"127.0.0.1:9464\" or \"[::1]:9464\", nor \"unix:/absolute/path\""
+            )
+        })
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listen {
+    /// Why the daemon must not listen here, if it must not: only this host may read the
+    /// metrics (they name agents and what they are refused).
+    fn refusal(&self, control_socket: &Path) -> Option<String> {
+        match self {
+            Self::Tcp(addr) if !addr.ip().is_loopback() => Some(format!(
+                "is {addr}, which other hosts could reach; use a loopback address (127.0.0.1, ::1) or a unix: path"
+            )),
+            Self::Tcp(addr) if addr.port() == 0 => {
+                Some(format!("is {addr} without a port; name the port to scrape, e.g. 127.0.0.1:9464"))
+            }
+            Self::Unix(path) if !path.is_absolute() || path.file_name().is_none() => {
+                Some(format!("is unix:{}; the socket path must be absolute", path.display()))
+            }
+            Self::Unix(path) if path == control_socket => {
+                Some(format!("is unix:{}, the control socket's path", path.display()))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -371,6 +460,15 @@ impl Config {
         if keep_mib > 1 << 40 || reserve_mib > 1 << 40 || keep_days > 365_000 {
             return invalid("audit", "has a size or age beyond any disk or lifetime".to_owned());
         }
+        if let Some(problem) = self.metrics.listen.as_ref().and_then(|l| l.refusal(&self.socket)) {
+            return invalid("metrics.listen", problem);
+        }
+        if self.metrics.agent_series > MAX_AGENT_SERIES {
+            return invalid(
+                "metrics.agent_series",
+                format!("must be 0-{MAX_AGENT_SERIES}, got {}", self.metrics.agent_series),
+            );
+        }
         if let Err((key, problem)) = crate::risk::Params::from_config(&self.risk) {
             return invalid(&key, problem);
         }
@@ -426,6 +524,19 @@ suspend_at = 90
     }
 
     #[test]
+    fn the_example_in_the_configuration_docs_parses() {
+        let doc = include_str!("../../docs/configuration.md");
+        let example = doc.split("## Example").nth(1).and_then(|s| s.split("```toml").nth(1)).unwrap();
+        let example = example.split("```").next().unwrap();
+        let config = parse(example).unwrap();
+        assert_eq!(config.audit, Audit::default());
+        assert_eq!(config.metrics, Metrics::default());
+        // With its commented-out `listen` taken in, it serves on loopback.
+        let config = parse(&example.replace("# listen =", "listen =")).unwrap();
+        assert_eq!(config.metrics.listen.map(|l| l.to_string()).as_deref(), Some("127.0.0.1:9464"));
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let err = parse("audience = \"x\"\npolicy_dirr = \"/tmp\"\n").unwrap_err().to_string();
         assert!(err.starts_with("ztseg.toml:2:1: unknown field `policy_dirr`"), "{err}");
@@ -448,6 +559,13 @@ suspend_at = 90
             ("[audit]\nrotate_mib = 0", "audit.rotate_mib"),
             ("[audit]\nrotate_mib = 64\nkeep_mib = 10", "audit.keep_mib"),
             ("[audit]\nreserve_mib = 9223372036854775807", "audit"),
+            ("[metrics]\nlisten = \"0.0.0.0:9464\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"[::]:9464\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"192.0.2.1:9464\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"127.0.0.1:0\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"unix:metrics.sock\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"unix:/run/ztseg/ztseg.sock\"", "metrics.listen"),
+            ("[metrics]\nagent_series = 5000", "metrics.agent_series"),
             ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),
             (
                 "[[issuers]]\niss = \"a\"\nkey = \"/k\"\n[[issuers]]\niss = \"a\"\nkey = \"/k\"",
@@ -471,6 +589,30 @@ suspend_at = 90
         assert_eq!(options.keep_age, Some(std::time::Duration::from_secs(30 * 86400)));
         assert_eq!(Config::default().audit.options().keep_age, None);
         assert!(parse("[audit]\nkeep_bytes = 1").unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_listen_on_loopback_or_a_unix_socket() {
+        assert_eq!(parse("").unwrap().metrics.listen, None);
+        for (text, listen) in [
+            ("127.0.0.1:9464", "127.0.0.1:9464"),
+            ("127.3.4.5:9464", "127.3.4.5:9464"),
+            ("[::1]:9464", "[::1]:9464"),
+            ("unix:/run/ztseg/metrics.sock", "unix:/run/ztseg/metrics.sock"),
+        ] {
+            let config = parse(&format!("[metrics]\nlisten = {text:?}\nagent_series = 10")).unwrap();
+            assert_eq!(config.metrics.listen.unwrap().to_string(), listen);
+            assert_eq!(config.metrics.agent_series, 10);
+        }
+        // A host name is not an address (it could resolve anywhere).
+        let err = parse("[metrics]\nlisten = \"localhost:9464\"").unwrap_err().to_string();
+        assert!(err.starts_with("ztseg.toml:2:10: metrics.listen \"localhost:9464\" is not"), "{err}");
+        let err = parse("[metrics]\nlisten = \"0.0.0.0:9464\"").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "ztseg.toml: metrics.listen is 0.0.0.0:9464, which other hosts could reach; use a loopback address (127.0.0.1, ::1) or a unix: path"
+        );
+        assert!(parse("[metrics]\nport = 9464").unwrap_err().to_string().contains("unknown field `port`"));
     }
 
     #[test]

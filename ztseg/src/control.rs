@@ -65,6 +65,24 @@ pub enum Request {
     Status {},
 }
 
+impl Request {
+    /// The request's `cmd`, as it is sent.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TokenApply { .. } => "token_apply",
+            Self::TokenRevoke { .. } => "token_revoke",
+            Self::Agents {} => "agents",
+            Self::Run { .. } => "run",
+            Self::Kill { .. } => "kill",
+            Self::Revive { .. } => "revive",
+            Self::Resume { .. } => "resume",
+            Self::Risk { .. } => "risk",
+            Self::Events { .. } => "events",
+            Self::Status {} => "status",
+        }
+    }
+}
+
 /// What `ztseg kill` does to the agent's processes, besides cutting its network.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

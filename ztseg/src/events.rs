@@ -41,6 +41,11 @@ pub fn action_name(action: u8) -> &'static str {
     }
 }
 
+/// A decision's verdict as records name it.
+pub fn verdict_name(verdict: u8) -> &'static str {
+    if verdict == VERDICT_ALLOW { "allow" } else { "deny" }
+}
+
 pub fn reason_name(code: u8) -> &'static str {
     match code {
         reason::RULE => "rule",
@@ -220,7 +225,7 @@ fn body_of(
     }
     body.raw("ts", |out| timestamps.write(ts, out))
         .u64("uid", u64::from(event.uid_gid as u32))
-        .str("verdict", if event.verdict == VERDICT_ALLOW { "allow" } else { "deny" });
+        .str("verdict", verdict_name(event.verdict));
     body.finish()
 }
 

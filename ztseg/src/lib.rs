@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod risk;
 pub mod run;

@@ -416,6 +416,12 @@ impl AuditLog {
         self.next_seq
     }
 
+    /// When the last checkpoint was written (or the log opened), and how many records have been
+    /// appended since, which no checkpoint covers yet.
+    pub fn checkpoint_state(&self) -> (SystemTime, u64) {
+        (self.last_checkpoint_at, self.since_checkpoint)
+    }
+
     /// The hash of the last record (64 zeros before the first).
     pub fn last_hash(&self) -> [u8; 32] {
         self.last_hash

@@ -44,6 +44,8 @@ pub struct Decision {
     /// The counter of records written for its agent, if it has one.
     pub written: Option<Arc<AtomicU64>>,
     pub denied: bool,
+    /// When the kernel decided (boot-clock ns; a summary's last decision), for the lag metric.
+    pub decided_ns: Option<u64>,
     /// What the risk engine reads of it (an agent's decisions only); its `seq` is set here.
     pub observation: Option<risk::Observation>,
 }
@@ -106,6 +108,8 @@ struct Health {
     pending: AtomicU64,
     progress_ns: AtomicU64,
     unwritable: std::sync::Mutex<Option<Unwritable>>,
+    /// Lag and checkpoints, for the metrics.
+    gauges: crate::metrics::WriterGauges,
 }
 
 /// The audit log cannot be written: records wait in memory, their ring space is not handed
@@ -164,6 +168,11 @@ impl AuditSender {
         self.decisions_written.load(Ordering::Relaxed)
     }
 
+    /// The writer's lag and checkpoints, for the metrics.
+    pub fn gauges(&self) -> &crate::metrics::WriterGauges {
+        &self.health.gauges
+    }
+
     /// Writes a checkpoint after everything handed over so far, flushes and ends the writer:
     /// the log ends on that checkpoint, and what is handed over later is refused (and said).
     /// Returns once done (at once if the writer is gone). Blocking.
@@ -190,6 +199,7 @@ pub fn start(
         pending: AtomicU64::new(0),
         progress_ns: AtomicU64::new(crate::clock::boot_now_ns()),
         unwritable: std::sync::Mutex::new(None),
+        gauges: crate::metrics::WriterGauges::default(),
     });
     let sender = AuditSender {
         tx,
@@ -298,6 +308,8 @@ impl<P: Fn(Line)> Writer<P> {
                 }
                 checked = Instant::now();
             }
+            let (checkpoint, unsigned) = self.log.checkpoint_state();
+            self.health.gauges.checkpoints(checkpoint, unsigned);
             if pruned.elapsed() >= PRUNE_EVERY {
                 self.prune();
                 pruned = Instant::now();
@@ -353,6 +365,9 @@ impl<P: Fn(Line)> Writer<P> {
         self.decisions_written.fetch_add(1, Ordering::Relaxed);
         if let Some(counter) = &decision.written {
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(decided) = decision.decided_ns {
+            self.health.gauges.appended(decided);
         }
         if decision.denied {
             self.log_denial(&decision.body);
@@ -529,6 +544,7 @@ mod tests {
                 written: Some(counter.clone()),
                 denied: v == "deny",
                 observation: None,
+                decided_ns: None,
             }
         };
         audit.send_decisions(vec![decision("allow"), decision("deny")], Some(permit), None);

@@ -8,7 +8,8 @@
 //! that owns the log (appends, flushes, checkpoints) and streams each record once it has its
 //! `seq`; and the event reader, which attributes decisions from the [`directory`] and hands them
 //! to the writer without taking the state lock. Records flow one way: ring -> attribution ->
-//! audit writer -> subscribers.
+//! audit writer -> subscribers. With `[metrics] listen`, a metrics thread ([`metrics`]) reads
+//! what the others count, never waiting on their locks.
 
 mod audit_writer;
 mod decision_log;
@@ -16,6 +17,7 @@ mod directory;
 #[cfg(test)]
 mod fake_kernel;
 mod kernel;
+mod metrics;
 mod ring;
 mod state;
 
@@ -77,6 +79,12 @@ struct Shared {
     /// The runtime event streams are served on: `ztseg events --follow` clients are fed at the
     /// normal priority, never by the real-time control thread.
     streams: tokio::runtime::Handle,
+    /// Counted whether or not they are served.
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The ring, for the metrics' fill gauge; set by the event reader.
+    ring_fill: Arc<std::sync::OnceLock<ring::Consumer>>,
+    /// Refreshed by housekeeping while the metrics are served.
+    agent_tokens: Option<Arc<metrics::AgentTokens>>,
 }
 
 /// The state under its lock. Releasing it saves the agents a step changed (`state_dir/agents/`),
@@ -276,15 +284,34 @@ async fn serve(config: Config) -> Result<()> {
     fs::create_dir_all(&config.policy_dir)
         .with_context(|| format!("cannot create policy dir {}", config.policy_dir.display()))?;
     let control_gid = config.control_group.as_deref().map(group_id).transpose()?;
+    // Bound before anything else is done: an address in use stops the start at once.
+    let metrics_bound = config
+        .metrics
+        .listen
+        .as_ref()
+        .map(|listen| {
+            crate::metrics::server::bind(listen, control_gid)
+                .with_context(|| format!("cannot listen for metrics on {listen} (metrics.listen)"))
+        })
+        .transpose()?;
+    let counters = Arc::new(crate::metrics::Metrics::new(config.metrics.agent_series));
 
     let cgroups = CgroupFs::discover()?;
     let root = cgroups.resolve(&config.cgroup_root)?;
-    let verifier = Verifier::from_config(&config)?;
+    let verifier = {
+        let counters = counters.clone();
+        Verifier::from_config(&config)?.with_outcomes(move |outcome| counters.count_token(outcome))
+    };
     if config.issuers.is_empty() {
         // The packaged default config: the daemon enforces, but no agent can be granted anything.
         warn!("no [[issuers]] configured: every token is refused (unknown_issuer) until one is");
     }
     let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
+    let observer = metrics_bound.as_ref().and_then(|_| {
+        crate::dataplane::observe::Observer::open(dataplane.pin_paths())
+            .inspect_err(|e| warn!(error = %e, "metrics: cannot open the pinned maps; agents' kill switches, ring drops and program run times are not shown"))
+            .ok()
+    });
     let ring = dataplane.take_events_fd().context("the events ring buffer was already taken")??;
     let summaries = dataplane.take_summaries().context("the summaries map was already taken")?;
     let replay = ReplayCache::load(&config.state_dir.join("replay.json"))
@@ -327,6 +354,7 @@ async fn serve(config: Config) -> Result<()> {
         audit_writer::start(log, scoring, move |record| publish(&stream, &recent, record))
             .context("cannot start the audit writer thread")?
     };
+    let audit_first_seq = audit.next_seq();
     let directory = Arc::new(RwLock::new(directory::Directory::default()));
 
     let trail = state::Trail { audit: audit.clone(), directory: directory.clone(), risk: engine };
@@ -350,6 +378,7 @@ async fn serve(config: Config) -> Result<()> {
     state.persist();
 
     let agents_root = format!("/{}", state.config.cgroup_root.display());
+    let agent_tokens = metrics_bound.as_ref().map(|_| Arc::new(metrics::AgentTokens::default()));
     let shared = Arc::new(Shared {
         state: tokio::sync::Mutex::new(state),
         directory,
@@ -359,7 +388,21 @@ async fn serve(config: Config) -> Result<()> {
         control_gid,
         agents_root,
         streams: tokio::runtime::Handle::current(),
+        metrics: counters,
+        ring_fill: Arc::new(std::sync::OnceLock::new()),
+        agent_tokens,
     });
+    if let (Some(bound), Some(tokens)) = (metrics_bound, &shared.agent_tokens) {
+        let scraper = metrics::Scraper {
+            metrics: shared.metrics.clone(),
+            audit: shared.audit.clone(),
+            first_seq: audit_first_seq,
+            ring: shared.ring_fill.clone(),
+            observer,
+            agents: tokens.clone(),
+        };
+        metrics::spawn(bound, scraper)?;
+    }
     let listener = bind_socket(&config, control_gid)?;
     let (policy_tx, policy_rx) = mpsc::channel(16);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -459,6 +502,9 @@ async fn serve(config: Config) -> Result<()> {
     state.persist();
     drop(state);
     let _ = fs::remove_file(&config.socket);
+    if let Some(listen) = &config.metrics.listen {
+        crate::metrics::server::unbind(listen);
+    }
     Ok(())
 }
 
@@ -553,9 +599,16 @@ fn write_summaries(
 ) {
     let clocks = clock::boot_and_unix_now_ns();
     let firsts: Vec<ztseg_common::event::Event> = drained.iter().map(|d| d.first).collect();
+    let who = attribute(shared, &firsts);
+    shared.metrics.count_decisions(drained.iter().zip(&who).map(|(d, (w, _))| crate::metrics::Counted {
+        agent: w.agent.as_ref(),
+        verdict: d.first.verdict,
+        reason: d.first.reason,
+        count: d.count,
+    }));
     let records = drained
         .iter()
-        .zip(attribute(shared, &firsts))
+        .zip(who)
         .map(|(d, (who, written))| {
             let ts = events::wall_ns(d.first.ts_boot_ns, clocks.0, clocks.1);
             let counted =
@@ -566,6 +619,7 @@ fn write_summaries(
                 agent: who.agent,
                 written,
                 denied: d.first.verdict != ztseg_common::rule::VERDICT_ALLOW,
+                decided_ns: Some(d.last_ns),
             }
         })
         .collect();
@@ -631,7 +685,10 @@ async fn read_events(shared: Arc<Shared>, ring: OwnedFd, mut stop: tokio::sync::
         ring::Ring::new(ring.as_fd(), ztseg_common::maps::EVENTS_BYTES as usize)
     };
     let mut reader = match reader {
-        Ok(reader) => reader,
+        Ok(reader) => {
+            let _ = shared.ring_fill.set(reader.consumer());
+            reader
+        }
         Err(e) => {
             error!(error = %e, "cannot map the events ring buffer; decisions are still enforced but not logged");
             return;
@@ -698,6 +755,14 @@ async fn read_events(shared: Arc<Shared>, ring: OwnedFd, mut stop: tokio::sync::
         // more than a handful of lookups by a thread an agent's load can delay. The records are
         // written after.
         let who = attribute(&shared, &batch);
+        shared.metrics.count_decisions(batch.iter().zip(&who).map(|(event, (w, _))| {
+            crate::metrics::Counted {
+                agent: w.agent.as_ref(),
+                verdict: event.verdict,
+                reason: event.reason,
+                count: 1,
+            }
+        }));
         let records = batch
             .iter()
             .zip(who)
@@ -709,6 +774,7 @@ async fn read_events(shared: Arc<Shared>, ring: OwnedFd, mut stop: tokio::sync::
                     agent: who.agent,
                     written,
                     denied: event.verdict != ztseg_common::rule::VERDICT_ALLOW,
+                    decided_ns: Some(event.ts_boot_ns),
                 }
             })
             .collect();
@@ -747,6 +813,15 @@ async fn housekeeping(shared: Arc<Shared>) {
                 if ticks.is_multiple_of(5) {
                     state.sweep_expired();
                     replay = state.replay_snapshot();
+                    if let Some(tokens) = &shared2.agent_tokens {
+                        let agents = state.agents.values();
+                        tokens.set(
+                            agents.map(|a| (a.cgroup_id, a.active.as_ref().map(|g| g.claims.exp))).collect(),
+                        );
+                        for (agent, score) in state.risk_scores() {
+                            shared2.metrics.set_agent_risk(&agent, score);
+                        }
+                    }
                 }
                 (state.kernel.reclaim_barrier(), replay)
             };
@@ -900,6 +975,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             }
             Ok(_) => {}
         }
+        let started = std::time::Instant::now();
         let request: Request = match serde_json::from_str(line.trim_end()) {
             Ok(request) => request,
             Err(e) => {
@@ -915,10 +991,13 @@ async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
         // Handled here, on the control thread: no hand-over to a thread that waits for a CPU.
+        let kind = request.kind();
         let mut state = shared.state_async().await;
         let response = handle(&mut state, request, &pidfd, peer.uid);
         drop(state);
-        if write_response(&mut writer, &response).await.is_err() {
+        let written = write_response(&mut writer, &response).await;
+        shared.metrics.observe_request(kind, started.elapsed());
+        if written.is_err() {
             return;
         }
     }

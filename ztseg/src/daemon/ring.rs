@@ -90,6 +90,14 @@ impl Consumer {
             consumer.store(pos, Ordering::Release);
         }
     }
+
+    /// Bytes of the ring the kernel cannot reuse yet (records not read, or read and not yet
+    /// released), and the size of its data area.
+    pub fn fill(&self) -> (u64, u64) {
+        let consumer = self.map.consumer_pos().load(Ordering::Acquire);
+        let producer = self.map.producer_pos().load(Ordering::Acquire);
+        (producer.saturating_sub(consumer), self.map.data_bytes as u64)
+    }
 }
 
 impl Ring {

@@ -863,6 +863,12 @@ impl<K: Kernel> State<K> {
         Ok(Resumed { agent: agent.to_string(), thawed, was })
     }
 
+    /// Every scored agent's risk now, 0-100 rounded down (for the metrics).
+    pub fn risk_scores(&self) -> Vec<(Arc<str>, u8)> {
+        let scores = self.risk().scores(risk::replay::us_of(SystemTime::now()));
+        scores.into_iter().map(|(agent, (score, _))| (agent, score.floor() as u8)).collect()
+    }
+
     /// `ztseg risk ID`.
     pub fn risk_view(&self, agent: &AgentId) -> Result<RiskView, Refusal> {
         if !self.agents.contains_key(agent) {

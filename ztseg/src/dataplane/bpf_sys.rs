@@ -2,7 +2,7 @@
 //! storing into a map-in-map through plain fds (the RCU barrier, waited on off the dataplane),
 //! replacing a link's program in place, forcing a link to detach, and reading which cgroup a
 //! link is attached to; and, for cgroup/setsockopt (whose aya link does not convert to a
-//! pinnable `FdLink`), creating and pinning a cgroup link. Layouts follow include/uapi/linux/bpf.h (`union bpf_attr`,
+//! pinnable `FdLink`), creating and pinning a cgroup link; and a program's run-time statistics. Layouts follow include/uapi/linux/bpf.h (`union bpf_attr`,
 //! `struct bpf_link_info`); the kernel zero-fills what a shorter attr leaves out.
 
 use std::{
@@ -18,6 +18,7 @@ use std::{
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -192,4 +193,65 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         cgroup_id: info.cgroup_id,
         attach_type: info.attach_type,
     })
+}
+
+/// Opens the program with id `id` (BPF_PROG_GET_FD_BY_ID).
+fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr { prog_id: id, next_id: 0, open_flags: 0 };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The head of `struct bpf_prog_info` up to its run-time statistics (the kernel fills what
+/// fits; every pointer field it could write through stays zero, so it writes nothing else).
+#[repr(C)]
+struct ProgInfoHead {
+    /// `type` .. `prog_tags`, not read here.
+    _fields: [u8; PROG_INFO_RUN_TIME_OFFSET],
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// Offset of `run_time_ns` in `struct bpf_prog_info` (checked against aya-obj's bindings).
+const PROG_INFO_RUN_TIME_OFFSET: usize = 192;
+
+/// Cumulative run time (ns) and run count of the program behind a link, as the kernel counts
+/// them while `kernel.bpf_stats_enabled` is on.
+pub fn link_program_stats(link: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let prog = prog_by_id(link_info(link)?.prog_id)?;
+    let mut info = ProgInfoHead { _fields: [0; PROG_INFO_RUN_TIME_OFFSET], run_time_ns: 0, run_cnt: 0 };
+    let mut attr = Attr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of::<ProgInfoHead>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.run_time_ns, info.run_cnt))
+}
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::bpf_prog_info;
+
+    use super::*;
+
+    #[test]
+    fn the_prog_info_head_matches_the_kernel_layout() {
+        assert_eq!(std::mem::offset_of!(bpf_prog_info, run_time_ns), PROG_INFO_RUN_TIME_OFFSET);
+        assert_eq!(std::mem::offset_of!(bpf_prog_info, run_cnt), PROG_INFO_RUN_TIME_OFFSET + 8);
+        assert_eq!(std::mem::offset_of!(ProgInfoHead, run_cnt), PROG_INFO_RUN_TIME_OFFSET + 8);
+    }
 }

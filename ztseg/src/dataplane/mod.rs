@@ -11,6 +11,7 @@
 //! an RCU grace period, when no running program can still be reading it.
 
 mod bpf_sys;
+pub mod observe;
 pub mod pins;
 mod summaries;
 pub mod table;

@@ -1,11 +1,11 @@
 //! Verifying a token against the configured issuers.
 
-use std::{collections::BTreeMap, fs, io, path::PathBuf};
+use std::{collections::BTreeMap, fs, io, path::PathBuf, sync::Arc};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 
 use super::{
-    Claims, TokenError,
+    Claims, TokenCode, TokenError,
     claims::{Header, RawClaims, Rules, expected},
     keys::{self, KeyError},
 };
@@ -35,6 +35,17 @@ pub struct Verifier {
     audience: String,
     max_ttl_seconds: u64,
     leeway_seconds: u64,
+    outcomes: Option<Outcomes>,
+}
+
+/// Told the outcome of each [`Verifier::verify_for`]: `None` for a valid token, else its code.
+#[derive(Clone)]
+struct Outcomes(Arc<dyn Fn(Option<TokenCode>) + Send + Sync>);
+
+impl std::fmt::Debug for Outcomes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outcomes")
+    }
 }
 
 #[derive(Debug)]
@@ -88,7 +99,16 @@ impl Verifier {
             audience: config.audience.clone(),
             max_ttl_seconds: config.max_ttl_seconds,
             leeway_seconds: config.leeway_seconds,
+            outcomes: None,
         })
+    }
+
+    /// Tells `outcome` the result of every [`Verifier::verify_for`] from now on (the daemon's
+    /// metrics count them): `None` for a valid token, else its refusal code.
+    #[must_use]
+    pub fn with_outcomes(mut self, outcome: impl Fn(Option<TokenCode>) + Send + Sync + 'static) -> Self {
+        self.outcomes = Some(Outcomes(Arc::new(outcome)));
+        self
     }
 
     /// The clock skew tolerated on `exp`, `nbf` and `iat` (also what the replay cache needs).
@@ -159,11 +179,16 @@ impl Verifier {
 
     /// [`Verifier::verify`], and the token's subject must be `agent`.
     pub fn verify_for(&self, token: &str, agent: &AgentId, now_unix: u64) -> Result<Claims, TokenError> {
-        let claims = self.verify(token, now_unix)?;
-        if claims.sub != *agent {
-            return Err(TokenError::WrongAgent { sub: claims.sub.to_string(), agent: agent.to_string() });
+        let verified = self.verify(token, now_unix).and_then(|claims| {
+            if claims.sub != *agent {
+                return Err(TokenError::WrongAgent { sub: claims.sub.to_string(), agent: agent.to_string() });
+            }
+            Ok(claims)
+        });
+        if let Some(Outcomes(outcome)) = &self.outcomes {
+            outcome(verified.as_ref().err().map(TokenError::code));
         }
-        Ok(claims)
+        verified
     }
 
     fn jwt_error(
@@ -669,6 +694,21 @@ mod tests {
         let err = verifier.verify_for(&token, &agent("intruder"), NOW).unwrap_err();
         assert_eq!(err.code().as_str(), "wrong_agent");
         assert!(err.to_string().contains("intruder") && err.to_string().contains(AGENT), "{err}");
+    }
+
+    #[test]
+    fn each_verification_outcome_is_told() {
+        let issuer = TestIssuer::ed25519();
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = told.clone();
+        let verifier = issuer.verifier().with_outcomes(move |o| sink.lock().unwrap().push(o));
+        let token = issuer.sign(&claims());
+        assert!(verifier.verify_for(&token, &agent(AGENT), NOW).is_ok());
+        assert!(verifier.verify_for(&token, &agent("intruder"), NOW).is_err());
+        assert!(verifier.verify_for("x.y", &agent(AGENT), NOW).is_err());
+        // `verify` alone (token inspect) is not a verification for an agent: not told.
+        assert!(verifier.verify(&token, NOW).is_ok());
+        assert_eq!(*told.lock().unwrap(), [None, Some(TokenCode::WrongAgent), Some(TokenCode::Malformed)]);
     }
 
     #[test]
