@@ -76,6 +76,15 @@ impl World {
     }
 }
 
+/// A chunk stamped after the kernel let it through can be stamped a little later: the reading
+/// thread may be scheduled late.
+const STAMP_SLACK_NS: u64 = 100_000_000;
+
+fn boot_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 fn frozen(site: &Site, agent: &str) -> bool {
     let events = fs::read_to_string(site.root.join(agent).join("cgroup.events")).unwrap();
     events.lines().any(|l| l == "frozen 1")
@@ -92,9 +101,9 @@ fn classes(record: &Value) -> Vec<String> {
 
 #[test]
 fn a_scanning_agent_is_paused_then_suspended_while_its_neighbour_stays_active_and_a_person_resumes_it() {
-    let w = world();
+    let mut w = world();
     let mut steady = w.streaming("steady");
-    let _scanner_stream = w.streaming("scanner");
+    let scanner_stream = w.streaming("scanner");
 
     // A port scan of 10.77.0.5: refused connect by connect, and scored.
     let scan: Vec<String> = (1..=120).map(|port| format!("tcp:10.77.0.5:{port}")).collect();
@@ -107,7 +116,18 @@ fn a_scanning_agent_is_paused_then_suspended_while_its_neighbour_stays_active_an
     let at_pause = classes(&pause);
     assert!(at_pause.len() >= 2 && at_pause.contains(&"scan".to_owned()), "{pause}");
     w.daemon.wait_event("the pause carried out", |r| r["event"] == "paused" && r["agent"] == "scanner");
+    let paused_at = boot_ns();
     assert_eq!(w.agent("scanner")["state"], "paused");
+
+    // A restart keeps it paused, and rebuilds the score from the log.
+    w.daemon.crash();
+    w.daemon.launch();
+    assert_eq!(w.agent("scanner")["state"], "paused");
+    let (code, out, err) = w.daemon.ztseg(&["risk", "scanner", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let view: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["standing"], "paused", "{view}");
+    assert!(view["score"].as_f64().unwrap() >= 69.0, "{view}");
 
     // Paused: what its token allows is refused, with the reason.
     assert_eq!(w.inside("scanner", &["tcp:10.77.0.1:8003".to_owned()]), ["EPERM"]);
@@ -133,6 +153,7 @@ fn a_scanning_agent_is_paused_then_suspended_while_its_neighbour_stays_active_an
     assert!(carried["sockets_closed"].as_u64().unwrap() >= 1, "{carried}");
     assert!(carried["revoked"].is_string(), "{carried}");
     assert!(frozen(&w.site, "scanner"));
+    let suspended_at = boot_ns();
     let row = w.agent("scanner");
     assert_eq!(row["state"], "suspended");
     assert!(row["risk"].as_u64().unwrap() >= 90, "{row}");
@@ -173,6 +194,15 @@ fn a_scanning_agent_is_paused_then_suspended_while_its_neighbour_stays_active_an
     w.daemon.bind_new("scanner", &["--scope", "work", "--forbid", "shell"]);
     assert_eq!(w.inside("scanner", &["tcp:10.77.0.1:8003".to_owned()]), ["ok"]);
     assert_eq!(w.agent("scanner")["state"], "active");
+
+    // Its established connection was held from the pause on: bytes came before, none after.
+    let lines = scanner_stream.finish();
+    let stamps: Vec<u64> =
+        lines.iter().filter_map(|l| l.strip_prefix("tcp ")).map(|t| t.parse().unwrap()).collect();
+    assert!(stamps.iter().any(|&t| t < paused_at), "{lines:?}");
+    let late: Vec<&u64> =
+        stamps.iter().filter(|&&t| t > paused_at + STAMP_SLACK_NS && t < suspended_at).collect();
+    assert!(late.is_empty(), "bytes reached the paused agent: {late:?}");
 
     // Replay equals live: the audit log, replayed through a fresh engine, gives the very risk
     // records the daemon wrote.
