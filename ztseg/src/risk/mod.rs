@@ -136,7 +136,7 @@ pub struct Params {
 /// Distinct destinations (and denied ones in the scan window) remembered per agent at most;
 /// past it the oldest go (scan) or nothing more is learned and every new one scores
 /// (destinations).
-const REMEMBERED: usize = 4096;
+const REMEMBERED: usize = 1024;
 /// Evidence seqs a record lists at most (it counts them all).
 const EVIDENCE: usize = 16;
 
@@ -192,6 +192,15 @@ impl Params {
         }
         if risk.scan_window_seconds == 0 || risk.scan_window_seconds > 86_400 {
             return bad("scan_window_seconds", format!("must be 1-86400, got {}", risk.scan_window_seconds));
+        }
+        if risk.baseline_destinations as usize >= REMEMBERED {
+            return bad(
+                "baseline_destinations",
+                format!(
+                    "must be below {REMEMBERED} (the destinations remembered per agent), got {}",
+                    risk.baseline_destinations
+                ),
+            );
         }
         if risk.rate_per_second == 0 {
             return bad("rate_per_second", "must be at least 1".to_owned());
