@@ -9,6 +9,14 @@ pub const FLAG_PAUSED: u32 = 1 << 1;
 /// revoked, its processes frozen), until a person resumes it.
 pub const FLAG_SUSPENDED: u32 = 1 << 2;
 
+/// [`AgentState::mode`]: the agent's rules are enforced.
+pub const MODE_ENFORCE: u32 = 0;
+/// [`AgentState::mode`]: dry run (`[agent] mode = "audit"`). What the agent's rules deny on what
+/// it connects or sends to (`no_rule`, `forbidden`) is let through and recorded as
+/// `would_deny`; everything else (kill switch, suspension, token, pause, unregistered cgroups,
+/// sockets nothing can judge, inbound traffic) is enforced as in [`MODE_ENFORCE`].
+pub const MODE_AUDIT: u32 = 1;
+
 /// Value of the agents map, keyed by the agent's cgroup id (`u64`, the cgroup2 inode number).
 ///
 /// The daemon replaces the whole value at once (never a field in place), so a program sees either
@@ -26,7 +34,7 @@ pub struct AgentState {
     pub slot: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
-    /// Enforcement mode; 0 is the only one so far (enforce). Room for later modes.
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`]; any other value enforces (fails closed).
     pub mode: u32,
 }
 
@@ -41,6 +49,11 @@ impl AgentState {
 
     pub const fn suspended(&self) -> bool {
         self.flags & FLAG_SUSPENDED != 0
+    }
+
+    /// Whether the agent is in audit (dry-run) mode.
+    pub const fn audit(&self) -> bool {
+        self.mode == MODE_AUDIT
     }
 }
 

@@ -53,7 +53,7 @@ pub struct Event {
     pub proto: u8,
     /// `ACTION_*`.
     pub action: u8,
-    /// `rule::VERDICT_ALLOW` / `VERDICT_DENY`.
+    /// `rule::VERDICT_ALLOW` / `VERDICT_DENY` / `VERDICT_WOULD_DENY` (let through in audit mode).
     pub verdict: u8,
     /// `decision::reason::*`.
     pub reason: u8,
@@ -114,9 +114,10 @@ pub const RECORDS_PER_WINDOW: u64 = 2048;
 pub const BUDGET_WINDOW_NS: u64 = 1_000_000_000;
 
 /// What repeated decisions have in common to be counted together: the agent (cgroup), the rule
-/// table and rule, the action, protocol, verdict and reason, and for allows the destination
-/// (address, port, family); a denial's key has a zero destination (denials are summarised
-/// harder: a scan is one summary per reason, with its first decision's destination). `epoch`
+/// table and rule, the action, protocol, verdict and reason, and for what passes (allows, and
+/// would-be denials let through in audit mode) the destination (address, port, family); a
+/// denial's key has a zero destination (denials are summarised harder: a scan is one summary
+/// per reason, with its first decision's destination). `epoch`
 /// is the summaries epoch the programs counted in (the daemon drains the other). 40 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

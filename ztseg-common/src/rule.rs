@@ -103,8 +103,22 @@ impl Rule6 {
     }
 }
 
+/// Allowed: a rule value that allows, and a decision's verdict.
 pub const VERDICT_ALLOW: u8 = 1;
+/// Denied: a rule value that denies (an enforced deny), and a decision's verdict.
 pub const VERDICT_DENY: u8 = 2;
+/// A decision's verdict only, never a rule value: the rules deny it (`no_rule` or `forbidden`),
+/// and it was let through because the agent, or the catalogue entry whose deny matched, is in
+/// audit (dry-run) mode.
+pub const VERDICT_WOULD_DENY: u8 = 3;
+/// A rule value: a deny of a catalogue entry in audit mode matches (its `rule_id`), and no allow
+/// of this bucket covers the address. Alone it lets nothing through: an audit deny never admits
+/// what no allow grants.
+pub const VERDICT_AUDIT_DENY: u8 = 4;
+/// A rule value: a deny of a catalogue entry in audit mode matches (its `rule_id`), and an allow
+/// of this bucket covers the address too: let through as `would_deny`, unless an enforced deny
+/// of the other bucket matches.
+pub const VERDICT_AUDIT_DENY_ALLOWED: u8 = 5;
 
 /// Value of both rule tries.
 #[repr(C)]
@@ -113,7 +127,8 @@ pub struct RuleValue {
     /// Index of the rule in the daemon's compiled rule set, reported with each decision so the
     /// daemon can name the catalogue entry behind it.
     pub rule_id: u32,
-    /// `VERDICT_ALLOW` or `VERDICT_DENY`.
+    /// `VERDICT_ALLOW`, `VERDICT_DENY`, `VERDICT_AUDIT_DENY` or `VERDICT_AUDIT_DENY_ALLOWED`.
+    /// Programs older than the audit values read those as no match: they fail closed.
     pub verdict: u8,
     pub _pad: [u8; 3],
 }

@@ -34,7 +34,9 @@ use aya_ebpf::{
 };
 use ztseg_common::{
     agent::AgentState,
-    decision::{Decision, NO_MATCH, NO_RULE_ID, combine_found, gate, gate_rules, held, reason},
+    decision::{
+        Decision, NO_MATCH, NO_RULE_ID, combine_found, dry_run, enforced, gate, gate_rules, held, reason,
+    },
     event::{
         ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, AgentStats,
         BUDGET_WINDOW_NS, Event, FAMILY_V4, FAMILY_V6, RECORDS_PER_WINDOW, Summary, SummaryKey,
@@ -323,7 +325,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         port: [0; 2],
     };
     // Creating a TCP or UDP socket reaches nothing by itself; only refusals are worth a record.
-    task.report(ACTION_SOCKET, dest, &decision, !decision.allowed())
+    task.report(ACTION_SOCKET, dest, &decision, !decision.passes())
 }
 
 /// Neutralises the socket options that would let something no hook judges reach the agent
@@ -417,6 +419,12 @@ impl Task {
         self.agent.paused()
     }
 
+    /// The agent's `AgentState::mode` (read after [`Self::gate_rules`] passed).
+    #[inline(always)]
+    fn mode(&self) -> u32 {
+        self.agent.mode
+    }
+
     /// The agent's entry, `None` without one.
     #[inline(always)]
     fn entry(&self) -> Option<&AgentState> {
@@ -448,8 +456,9 @@ impl Task {
             self.count(decision, None);
             return verdict(decision);
         }
-        // A denial shed past half the ring takes no record of the budget.
-        let to_ring = (decision.allowed() || ring_unread() < SHED_DENIALS_AT) && !self.over_budget();
+        // A denial shed past half the ring takes no record of the budget. What passes (an allow,
+        // a would-be denial in audit mode) is never shed.
+        let to_ring = (decision.passes() || ring_unread() < SHED_DENIALS_AT) && !self.over_budget();
         if to_ring && let Some(mut entry) = EVENTS.reserve(0) {
             // SAFETY: the reserved, writable record (see `fill`).
             unsafe { self.fill(entry.as_mut_ptr(), action, &dest, decision) };
@@ -468,15 +477,15 @@ impl Task {
             self.count_summarised(decision);
             return verdict(decision);
         }
-        if decision.allowed() {
+        if decision.passes() {
             return self.refuse_unrecorded(decision);
         }
         self.count(decision, Some(false));
         DENY
     }
 
-    /// Logged before delivered, or not delivered: an allow whose record cannot be made is
-    /// refused with reason `unrecorded`.
+    /// Logged before delivered, or not delivered: an allow (or a would-be denial in audit mode)
+    /// whose record cannot be made is refused with reason `unrecorded`.
     #[inline(always)]
     fn refuse_unrecorded(&self, decision: &Decision) -> i32 {
         let refused =
@@ -555,8 +564,9 @@ impl Task {
     }
 
     /// Counts the decision in its summary (this CPU's copy; the first one in full); false when
-    /// the summaries map is full. An allow is counted by its destination; a denial only by its
-    /// reason (its key's destination is zero, its first record names one).
+    /// the summaries map is full. What passes (an allow, a would-be denial) is counted by its
+    /// destination; a denial only by its reason (its key's destination is zero, its first record
+    /// names one).
     #[inline(always)]
     fn summarise(&self, action: u8, dest: &Dest, decision: &Decision) -> bool {
         let Some(nest) = NEST.get_ptr_mut(0) else { return false };
@@ -581,7 +591,7 @@ impl Task {
     fn summarise_in(&self, level: u32, action: u8, dest: &Dest, decision: &Decision) -> bool {
         let Some(scratch) = SCRATCH.get_ptr_mut(level) else { return false };
         let epoch = SUMMARY_EPOCH.get(0).map_or(0, |e| *e as u8);
-        let exact = decision.allowed();
+        let exact = decision.passes();
         // SAFETY: this CPU's scratch value, written field by field before it is used as a key
         // or a value; summary values are this CPU's copies (counted with `count`).
         unsafe {
@@ -681,7 +691,7 @@ fn ring_unread() -> u64 {
 
 #[inline(always)]
 fn verdict(decision: &Decision) -> i32 {
-    if decision.allowed() { ALLOW } else { DENY }
+    if decision.passes() { ALLOW } else { DENY }
 }
 
 /// Adds one to a counter in this CPU's copy of a per-CPU map value: the one way `stats` and
@@ -753,7 +763,7 @@ fn judge_v4(ctx: &SockAddrContext, action: u8) -> i32 {
 /// remembered on the socket first, so that the reply finds it.
 #[inline(always)]
 fn finish(ctx: &SockAddrContext, task: &Task, action: u8, dest: Dest, decision: &Decision) -> i32 {
-    if action == ACTION_SENDMSG && decision.allowed() {
+    if action == ACTION_SENDMSG && decision.passes() {
         remember_peer(ctx, &Peer { addr: dest.addr, port: dest.port, family: dest.family, _pad: 0 });
     }
     task.report(action, dest, decision, true)
@@ -779,9 +789,17 @@ fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
     finish(ctx, &task, action, dest, &decision)
 }
 
+/// What the rules decided, with the agent's mode applied: an outbound denial by the rules is
+/// let through as `would_deny` in audit mode (`dry_run`); an inbound decision is never dry-run.
+#[inline(always)]
+fn judged(dir: u8, decision: Decision, mode: u32) -> Decision {
+    if dir == DIR_OUT { dry_run(decision, mode) } else { enforced(decision) }
+}
+
 #[inline(always)]
 fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> Decision {
-    // A paused agent's rules are still consulted: only what they allow is refused (`held`).
+    // A paused agent's rules are still consulted: only what they allow (or audit mode would let
+    // through) is refused (`held`).
     let table = match task.gate_rules() {
         Ok(table) => table,
         Err(denied) => return denied,
@@ -800,12 +818,13 @@ fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> D
     } else {
         NO_MATCH
     };
-    held(combine_found(&at_port, &any_port), task.paused())
+    held(judged(dir, combine_found(&at_port, &any_port), task.mode()), task.paused())
 }
 
 #[inline(always)]
 fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> Decision {
-    // A paused agent's rules are still consulted: only what they allow is refused (`held`).
+    // A paused agent's rules are still consulted: only what they allow (or audit mode would let
+    // through) is refused (`held`).
     let table = match task.gate_rules() {
         Ok(table) => table,
         Err(denied) => return denied,
@@ -824,7 +843,7 @@ fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> 
     } else {
         NO_MATCH
     };
-    held(combine_found(&at_port, &any_port), task.paused())
+    held(judged(dir, combine_found(&at_port, &any_port), task.mode()), task.paused())
 }
 
 // Keeps NO_RULE_ID referenced for readers: events of gate denials carry it as rule_id.

@@ -308,6 +308,29 @@ impl AgentState {
     }
 }
 
+/// An agent's mode in `agents`: whether what its rules deny is refused or dry-run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentMode {
+    Enforce,
+    /// `[agent] mode = "audit"`: what its rules deny on what it connects or sends to is let
+    /// through and recorded as `would_deny`.
+    Audit,
+    /// A mode this build does not know, from a newer daemon; never sent by this one.
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl AgentMode {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+            Self::Other(mode) => mode,
+        }
+    }
+}
+
 /// One agent of `agents` (`ztseg agents --json`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentRow {
@@ -328,6 +351,8 @@ pub struct AgentRow {
     pub forbidden_tools: Option<Vec<String>>,
     pub jti: Option<String>,
     pub last_refusal: Option<String>,
+    /// Its binding's `mode`: `enforce`, or `audit` (dry run).
+    pub mode: AgentMode,
     pub op: Option<String>,
     /// Allows refused because their record could not be written (reason `unrecorded`).
     pub refused_unrecorded: u64,
@@ -870,6 +895,7 @@ mod tests {
             forbidden_tools: Some(vec!["shell".into()]),
             jti: Some("9f2c".into()),
             last_refusal: None,
+            mode: AgentMode::Enforce,
             op: None,
             refused_unrecorded: 0,
             risk: 0,
@@ -918,7 +944,11 @@ mod tests {
         );
         round_trip(&vec![
             sample_row(),
-            AgentRow { binding: Some("/etc/ztseg/policies/a.toml".into()), ..sample_row() },
+            AgentRow {
+                binding: Some("/etc/ztseg/policies/a.toml".into()),
+                mode: AgentMode::Audit,
+                ..sample_row()
+            },
         ]);
         let joined = Joined {
             agent: "a".into(),
@@ -1036,10 +1066,12 @@ mod tests {
     fn a_client_ignores_fields_and_reads_states_it_does_not_know() {
         let mut row = serde_json::to_value(sample_row()).unwrap();
         row["state"] = "quarantined".into();
+        row["mode"] = "canary".into();
         row["risk_reasons"] = serde_json::json!(["denials"]);
         let read: AgentRow = serde_json::from_value(row).unwrap();
         assert_eq!(read.state, AgentState::Other("quarantined".into()));
         assert_eq!(read.state.as_str(), "quarantined");
+        assert_eq!(read.mode, AgentMode::Other("canary".into()));
         let failed: Response<Killed> =
             serde_json::from_str(r#"{"ok":false,"kind":"refused","error":"x","code":"quota"}"#).unwrap();
         assert_eq!(failed.code, Some(ErrorCode::Other("quota".into())));

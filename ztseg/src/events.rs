@@ -15,7 +15,7 @@ use ztseg_common::{
         ACTION_ACCEPT, ACTION_CONNECT, ACTION_RECEIVE, ACTION_SENDMSG, ACTION_SOCKET, Event, FAMILY_V4,
         FAMILY_V6, inbound,
     },
-    rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW},
+    rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, VERDICT_WOULD_DENY},
 };
 
 use crate::audit::{Body, BodyWriter};
@@ -41,9 +41,21 @@ pub fn action_name(action: u8) -> &'static str {
     }
 }
 
-/// A decision's verdict as records name it.
+/// A decision's verdict as records name it: `allow`, `would_deny` (denied by the rules, let
+/// through in audit mode), or `deny` (any other code: fails closed in what it says).
 pub fn verdict_name(verdict: u8) -> &'static str {
-    if verdict == VERDICT_ALLOW { "allow" } else { "deny" }
+    match verdict {
+        VERDICT_ALLOW => "allow",
+        VERDICT_WOULD_DENY => "would_deny",
+        _ => "deny",
+    }
+}
+
+/// Whether a summary of `event`'s kind counts every destination (a denials summary: `dst`
+/// null, `dport` 0) rather than one: what was let through (allowed or would-be denied) is
+/// summarised by destination.
+fn summarised_by_reason(event: &Event) -> bool {
+    !matches!(event.verdict, VERDICT_ALLOW | VERDICT_WOULD_DENY)
 }
 
 pub fn reason_name(code: u8) -> &'static str {
@@ -200,7 +212,7 @@ fn body_of(
     let rule = rule_id(event).and_then(|id| table?.origins.get(id as usize));
     let inbound = inbound(event.action);
     // A denials summary stands for every destination it counted.
-    let any_destination = counted.is_some() && event.verdict != VERDICT_ALLOW;
+    let any_destination = counted.is_some() && summarised_by_reason(event);
     let mut body = BodyWriter::new();
     body.str("action", action_name(event.action))
         .opt_str("agent", who.agent.as_deref())
@@ -253,7 +265,7 @@ pub fn observation(
     if action_name(event.action) == "unknown" || reason_name(event.reason) == "unknown" {
         return None;
     }
-    let any_destination = counted.is_some() && event.verdict != VERDICT_ALLOW;
+    let any_destination = counted.is_some() && summarised_by_reason(event);
     let dst = if inbound(event.action) || any_destination { None } else { address(event) };
     Some(crate::risk::Observation {
         agent,
@@ -261,6 +273,7 @@ pub fn observation(
         // A summary's time is its last decision's.
         ts_us: counted.map_or(ts, |c| c.last_ns) / 1_000,
         action: event.action,
+        // A would-be denial is scored as the denial it would have been.
         allowed: event.verdict == VERDICT_ALLOW,
         reason: event.reason,
         dst,
@@ -402,6 +415,72 @@ mod tests {
         assert_eq!((r["action"].as_str(), r["proto"].as_str()), (Some("receive"), Some("udp")));
         let outbound = record(&event(), &Attribution::default(), UNIX_EPOCH);
         assert!(!outbound.contains_key("src"), "outbound records keep their shape");
+    }
+
+    #[test]
+    fn a_would_be_denial_is_recorded_as_would_deny_with_its_reason_rule_and_destination() {
+        let table = TableInfo {
+            origins: Arc::new(vec!["scope:x#0".into(), "forbidden:tool:shell#0".into()]),
+            op: None,
+            jti: "j1".into(),
+        };
+        let who = Attribution { agent: Some("analyst-7".into()), table: Some(Arc::new(table)) };
+        let mut e = event();
+        (e.verdict, e.reason, e.rule_id) = (VERDICT_WOULD_DENY, reason::FORBIDDEN, 1);
+        let r = record(&e, &who, UNIX_EPOCH);
+        assert_eq!(
+            (r["verdict"].as_str(), r["reason"].as_str(), r["rule"].as_str(), r["dst"].as_str()),
+            (Some("would_deny"), Some("forbidden"), Some("forbidden:tool:shell#0"), Some("10.0.5.12"))
+        );
+        // Summarised like an allow, by destination (it reached one); a denial by reason only.
+        let counted = Counted { count: 9, last_ns: 2_000_000_000 };
+        let summary = |e: &Event| {
+            let body = summary_body(e, counted, &who, 1_000_000_000, &mut Timestamps::default());
+            serde_json::from_slice::<Value>(&body.to_vec(Chain::default())).unwrap()
+        };
+        assert_eq!(
+            (summary(&e)["dst"].as_str(), summary(&e)["dport"].as_u64()),
+            (Some("10.0.5.12"), Some(5432))
+        );
+        let mut denied = e;
+        denied.verdict = VERDICT_DENY;
+        assert_eq!((summary(&denied)["dst"].as_str(), summary(&denied)["dport"].as_u64()), (None, Some(0)));
+        assert_eq!(verdict_name(0), "deny", "an unknown code says deny");
+    }
+
+    /// Replay equals live at the boundary: what the risk engine is fed with a record (its
+    /// observation) is what the replay parses back from the record's JSON, for every verdict,
+    /// one by one and summarised; a would-be denial is fed as the denial it would have been.
+    #[test]
+    fn the_engine_reads_from_a_record_what_it_was_fed_with_it() {
+        let who = Attribution { agent: Some("analyst-7".into()), table: None };
+        for (verdict, why) in [
+            (VERDICT_ALLOW, reason::RULE),
+            (VERDICT_DENY, reason::NO_RULE),
+            (VERDICT_DENY, reason::FORBIDDEN),
+            (VERDICT_WOULD_DENY, reason::NO_RULE),
+            (VERDICT_WOULD_DENY, reason::FORBIDDEN),
+        ] {
+            let mut e = event();
+            (e.verdict, e.reason) = (verdict, why);
+            for counted in [None, Some(Counted { count: 7, last_ns: 1_800_000_001_000_000_000 })] {
+                let ts = 1_800_000_000_000_000_000;
+                let body = match counted {
+                    None => decision_body(&e, &who, ts, &mut Timestamps::default()),
+                    Some(c) => summary_body(&e, c, &who, ts, &mut Timestamps::default()),
+                };
+                let mut fed = observation(&e, who.agent.as_ref(), ts, counted).unwrap();
+                fed.seq = 42;
+                let Value::Object(mut json) = serde_json::from_slice(&body.to_vec(Chain::default())).unwrap()
+                else {
+                    panic!("not an object")
+                };
+                json.insert("seq".into(), 42.into());
+                let parsed = crate::risk::replay::input_of(&json);
+                assert_eq!(parsed, Some(crate::risk::replay::Input::Decision(fed.clone())), "{json:?}");
+                assert_eq!(fed.allowed, verdict == VERDICT_ALLOW);
+            }
+        }
     }
 
     #[test]

@@ -742,8 +742,8 @@ fn audit_anchor(file: &Path, trust: &TrustArgs, out: Option<&Path>) -> Result<()
 
 fn print_agents(agents: &[AgentRow]) -> Result<(), Failure> {
     let mut lines = vec![format!(
-        "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
-        "AGENT", "STATE", "UID", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
+        "{:<20} {:<9} {:<7} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+        "AGENT", "STATE", "MODE", "UID", "EXPIRES", "OP", "RULES", "RISK", "DECISIONS", "DENIED", "DROPPED"
     )];
     for a in agents {
         let expires = match a.expires_in {
@@ -752,9 +752,10 @@ fn print_agents(agents: &[AgentRow]) -> Result<(), Failure> {
             None => "-".to_owned(),
         };
         lines.push(format!(
-            "{:<20} {:<9} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
+            "{:<20} {:<9} {:<7} {:>6} {:>10} {:<18} {:>6} {:>5} {:>9} {:>7} {:>7}",
             a.agent,
             a.state.as_str(),
+            a.mode.as_str(),
             a.uid,
             expires,
             a.op.as_deref().unwrap_or("-"),

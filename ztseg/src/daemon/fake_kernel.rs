@@ -36,6 +36,7 @@ pub enum Call {
     Revoke(u64),
     SetKilled(u64, bool),
     SetFlag(u64, u32, bool),
+    SetMode(u64, u32),
     EnsureCgroup(PathBuf),
     RemoveCgroup(PathBuf),
     Freeze(PathBuf, bool),
@@ -52,6 +53,7 @@ pub enum Op {
     Revoke,
     SetKilled,
     SetFlag,
+    SetMode,
     EnsureCgroup,
     Freeze,
     KillAll,
@@ -214,6 +216,14 @@ impl Kernel for FakeKernel {
             state.flags &= !FLAG_KILLED;
         }
         self.pins.agents.insert(cgroup_id, state);
+        Ok(())
+    }
+
+    fn set_mode(&mut self, cgroup_id: u64, mode: u32) -> Result<(), DataplaneError> {
+        self.check_map(Op::SetMode)?;
+        let state = self.registered(cgroup_id)?;
+        self.calls.push(Call::SetMode(cgroup_id, mode));
+        self.pins.agents.insert(cgroup_id, AgentState { mode, ..state });
         Ok(())
     }
 

@@ -49,6 +49,9 @@ pub trait Kernel {
     /// Sets or clears one of the agent's `FLAG_*` bits (the risk engine's pause and suspension).
     fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError>;
 
+    /// Sets the agent's enforcement mode (`AgentState::mode`: enforce or audit).
+    fn set_mode(&mut self, cgroup_id: u64, mode: u32) -> Result<(), DataplaneError>;
+
     /// Kernel counters of an agent slot.
     fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError>;
 
@@ -113,6 +116,10 @@ impl Kernel for Dataplane {
 
     fn set_flag(&mut self, cgroup_id: u64, flag: u32, on: bool) -> Result<(), DataplaneError> {
         Dataplane::set_flag(self, cgroup_id, flag, on)
+    }
+
+    fn set_mode(&mut self, cgroup_id: u64, mode: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_mode(self, cgroup_id, mode)
     }
 
     fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {

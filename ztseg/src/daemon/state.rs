@@ -31,8 +31,8 @@ use crate::{
     config::Config,
     // `Code` keeps the refusal lines within the width they had as strings.
     control::{
-        AgentRow, AgentState, ErrorCode as Code, KillProcesses, Killed, ProcessesOutcome, Resumed, Revived,
-        RiskContributor, RiskView, TokenApplied,
+        AgentMode, AgentRow, AgentState, ErrorCode as Code, KillProcesses, Killed, ProcessesOutcome, Resumed,
+        Revived, RiskContributor, RiskView, TokenApplied,
     },
     daemon::{
         audit_writer::AuditSender,
@@ -41,7 +41,7 @@ use crate::{
     },
     dataplane::Dataplane,
     events,
-    policy::{self, Grant, PolicyFile, PolicySet, TokenSource},
+    policy::{self, Grant, Mode, PolicyFile, PolicySet, TokenSource},
     risk,
     token::{Claims, ReplayCache, Revocations, Revoked, TokenError, Verifier},
 };
@@ -111,6 +111,9 @@ pub struct AgentRecord {
     pub uid: u32,
     /// The policy file whose `[agent]` binding declares this agent, if any.
     pub bound_by: Option<PathBuf>,
+    /// The mode the kernel has for it (`AgentState::mode`): its binding's `mode`, enforce
+    /// without a binding.
+    pub mode: Mode,
     pub active: Option<ActiveGrant>,
     /// SHA-256 of the token last taken from the binding's file, so re-reading an unchanged file
     /// does not present it again.
@@ -391,10 +394,13 @@ impl<K: Kernel> State<K> {
             // Known to the directory before the kernel knows it: its first decision is named.
             let written = Arc::new(AtomicU64::new(0));
             self.directory().add_agent(cgroup_id, id.clone(), written.clone());
-            if let Err(e) = self.kernel.register(cgroup_id) {
-                self.directory().remove_agent(cgroup_id);
-                return Err(Refusal::new(Code::Dataplane, e.to_string()));
-            }
+            let registered = match self.kernel.register(cgroup_id) {
+                Ok(registered) => registered,
+                Err(e) => {
+                    self.directory().remove_agent(cgroup_id);
+                    return Err(Refusal::new(Code::Dataplane, e.to_string()));
+                }
+            };
             self.by_cgroup.insert(cgroup_id, id.clone());
             self.by_path.insert(relative.clone(), id.clone());
             self.uids.insert(uid);
@@ -406,6 +412,8 @@ impl<K: Kernel> State<K> {
                     cgroup_id,
                     uid,
                     bound_by: None,
+                    // What the kernel has (pinned, across a restart): the binding sets it.
+                    mode: if registered.audit() { Mode::Audit } else { Mode::Enforce },
                     active: None,
                     binding_token: None,
                     events_written: written,
@@ -1044,6 +1052,10 @@ impl<K: Kernel> State<K> {
                 }
             };
             record.bound_by = Some(binding.path.clone());
+            // Before its token: an agent bound in audit mode is dry-run from its first grant.
+            if let Err(e) = self.set_mode(&id, binding.mode) {
+                refused.push(e);
+            }
             let token = match &binding.token {
                 TokenSource::Inline(token) => Ok(token.trim().to_owned()),
                 TokenSource::File(path) => {
@@ -1076,6 +1088,19 @@ impl<K: Kernel> State<K> {
                 refused.push(refusal.message);
             }
         }
+        // An agent without a binding (its binding gone while the daemon was down, or registered
+        // by `ztseg run`) is enforced.
+        let unbound: Vec<AgentId> = self
+            .agents
+            .values()
+            .filter(|a| a.mode != Mode::Enforce && !self.policy.bindings.contains_key(&a.id))
+            .map(|a| a.id.clone())
+            .collect();
+        for agent in unbound {
+            if let Err(e) = self.set_mode(&agent, Mode::Enforce) {
+                refused.push(e);
+            }
+        }
         let stale: Vec<(AgentId, String)> = self
             .agents
             .values()
@@ -1092,6 +1117,30 @@ impl<K: Kernel> State<K> {
                 }
             }
         }
+    }
+
+    /// Puts the agent in `mode` in the kernel, then in its record, with a `mode` audit record,
+    /// unless it is in that mode already. On a failure the record keeps the mode the kernel
+    /// still has, so the next policy reload tries again.
+    fn set_mode(&mut self, agent: &AgentId, mode: Mode) -> Result<(), String> {
+        let Some(record) = self.agents.get_mut(agent) else { return Ok(()) };
+        let was = record.mode;
+        if was == mode {
+            return Ok(());
+        }
+        if let Err(e) = self.kernel.set_mode(record.cgroup_id, mode.code()) {
+            let message = format!("cannot put agent {agent} in {mode} mode (it stays in {was} mode): {e}");
+            error!(agent = %agent, "{message}");
+            return Err(message);
+        }
+        record.mode = mode;
+        info!(agent = %agent, mode = %mode, was = %was, "agent mode changed");
+        let mut fields = Map::new();
+        fields.insert("agent".into(), json!(agent.as_str()));
+        fields.insert("mode".into(), json!(mode.as_str()));
+        fields.insert("was".into(), json!(was.as_str()));
+        self.audit_event("mode", fields);
+        Ok(())
     }
 
     /// Restores agents saved by the previous run and removes kernel agents nobody knows about.
@@ -1284,6 +1333,9 @@ impl<K: Kernel> State<K> {
                 let killed = kernel.is_some_and(|k| k.killed());
                 let suspended = kernel.is_some_and(|k| k.suspended());
                 let paused = kernel.is_some_and(|k| k.paused());
+                // As the kernel enforces it: a mode it does not know enforces.
+                let mode =
+                    if kernel.is_some_and(|k| k.audit()) { AgentMode::Audit } else { AgentMode::Enforce };
                 let state = match (&a.active, killed, suspended, paused) {
                     (_, true, ..) => AgentState::Killed,
                     (_, _, true, _) => AgentState::Suspended,
@@ -1307,6 +1359,7 @@ impl<K: Kernel> State<K> {
                     forbidden_tools: a.active.as_ref().map(|g| g.claims.forbidden_tools.clone()),
                     jti: a.active.as_ref().map(|g| g.claims.jti.clone()),
                     last_refusal: a.last_refusal.clone(),
+                    mode,
                     op: a.active.as_ref().and_then(|g| g.claims.op.clone()),
                     refused_unrecorded: stats.unrecorded,
                     risk: scores.get(a.id.as_str()).map_or(0, |(score, _)| score.floor() as u8),

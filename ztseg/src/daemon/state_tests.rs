@@ -678,3 +678,103 @@ fn a_suspension_the_kernel_does_not_take_is_said_and_changes_nothing_else() {
     assert_ne!(state.kernel.state(cgroup_id).table, 0);
     assert_eq!(agent_state(&state, &id), "active");
 }
+
+/// Writes `<id>.toml` binding `id` to `token` inline, with `mode` when given.
+fn bind(host: &Host, id: &str, token: &str, mode: Option<&str>) {
+    let mode = mode.map_or_else(String::new, |m| format!("mode = {m:?}\n"));
+    let text = format!("[agent]\nid = {id:?}\ntoken = {token:?}\n{mode}");
+    std::fs::write(host.dir.path().join(format!("policies/{id}.toml")), text).unwrap();
+}
+
+fn mode_of(state: &State<FakeKernel>, id: &AgentId) -> String {
+    let agents = state.agents();
+    agents.iter().find(|a| a.agent == id.as_str()).unwrap().mode.as_str().to_owned()
+}
+
+#[test]
+fn a_bindings_mode_goes_to_the_kernel_before_its_grant_and_back_to_enforce_when_it_goes() {
+    use ztseg_common::agent::{MODE_AUDIT, MODE_ENFORCE};
+    let host = Host::new();
+    let (mut state, records) = host.state(FakeKernel::new());
+    let token = host.token("dry", &["read:sales"], 0, 300);
+    bind(&host, "dry", &token, Some("audit"));
+    bind(&host, "strict", &host.token("strict", &["read:sales"], 0, 300), None);
+    state.reload_policy();
+    let (dry, strict) = (agent("dry"), agent("strict"));
+    let dry_id = state.agents[&dry].cgroup_id;
+    let strict_id = state.agents[&strict].cgroup_id;
+    assert_eq!(state.kernel.state(dry_id).mode, MODE_AUDIT);
+    assert_eq!(state.kernel.state(strict_id).mode, MODE_ENFORCE);
+    assert_eq!((mode_of(&state, &dry), mode_of(&state, &strict)), ("audit".into(), "enforce".into()));
+    // The mode was set before the grant: the agent is never enforced-then-dry-run by surprise.
+    let set = state.kernel.position(&Call::SetMode(dry_id, MODE_AUDIT)).unwrap();
+    let granted = state
+        .kernel
+        .calls
+        .iter()
+        .position(|c| matches!(c, Call::Grant { cgroup_id, .. } if *cgroup_id == dry_id));
+    assert!(granted.is_some_and(|g| set < g), "{:?}", state.kernel.calls);
+    // An enforced agent's entry is never written for its mode.
+    assert!(!state.kernel.calls.iter().any(|c| matches!(c, Call::SetMode(id, _) if *id == strict_id)));
+
+    // The same token, the mode taken out: enforced again, without a new grant.
+    let grants = |state: &State<FakeKernel>| {
+        state.kernel.calls.iter().filter(|c| matches!(c, Call::Grant { .. })).count()
+    };
+    let before = grants(&state);
+    bind(&host, "dry", &token, None);
+    state.reload_policy();
+    assert_eq!(state.kernel.state(dry_id).mode, MODE_ENFORCE);
+    assert_eq!(grants(&state), before);
+    assert_eq!(mode_of(&state, &dry), "enforce");
+    // A mode the kernel does not take is said, and tried again at the next reload.
+    bind(&host, "dry", &token, Some("audit"));
+    state.kernel.fail(Op::SetMode);
+    let reloaded = state.reload_policy();
+    assert!(
+        reloaded["refused"][0].as_str().unwrap().contains("cannot put agent dry in audit mode"),
+        "{reloaded}"
+    );
+    assert_eq!(state.kernel.state(dry_id).mode, MODE_ENFORCE);
+    state.kernel.heal(Op::SetMode);
+    state.reload_policy();
+    assert_eq!(state.kernel.state(dry_id).mode, MODE_AUDIT);
+    let records = audited(&state, &records);
+    let modes: Vec<(String, String)> = events(&records, "mode")
+        .iter()
+        .map(|r| (r["mode"].as_str().unwrap().to_owned(), r["was"].as_str().unwrap().to_owned()))
+        .collect();
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(modes, [pair("audit", "enforce"), pair("enforce", "audit"), pair("audit", "enforce")]);
+}
+
+#[test]
+fn after_a_restart_an_agent_in_audit_mode_without_its_binding_is_enforced() {
+    use ztseg_common::agent::{MODE_AUDIT, MODE_ENFORCE};
+    let host = Host::new();
+    let (mut state, _) = host.state(FakeKernel::new());
+    bind(&host, "dry", &host.token("dry", &["read:sales"], 0, 300), Some("audit"));
+    state.reload_policy();
+    let dry = agent("dry");
+    let cgroup_id = state.agents[&dry].cgroup_id;
+    assert_eq!(state.kernel.state(cgroup_id).mode, MODE_AUDIT);
+    state.persist();
+    let pins = state.kernel.restarted();
+    drop(state);
+
+    // Still bound: the pinned mode stays, and no write is needed for it.
+    let (mut restarted, _) = host.state(pins.restarted());
+    restarted.restore();
+    restarted.apply_bindings(&mut Vec::new());
+    assert_eq!(restarted.kernel.state(cgroup_id).mode, MODE_AUDIT);
+    assert!(!restarted.kernel.calls.iter().any(|c| matches!(c, Call::SetMode(..))));
+    drop(restarted);
+
+    // The binding went while the daemon was down: the agent is restored, but enforced.
+    std::fs::remove_file(host.dir.path().join("policies/dry.toml")).unwrap();
+    let (mut restarted, _) = host.state(pins);
+    restarted.restore();
+    restarted.apply_bindings(&mut Vec::new());
+    assert_eq!(restarted.kernel.state(cgroup_id).mode, MODE_ENFORCE);
+    assert_eq!(mode_of(&restarted, &dry), "enforce");
+}

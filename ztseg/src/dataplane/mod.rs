@@ -722,6 +722,12 @@ impl Dataplane {
         self.update(cgroup_id, |s| set_flag(&mut s.flags, flag, on))
     }
 
+    /// Sets the agent's enforcement mode (`AgentState::mode`: `MODE_ENFORCE` or `MODE_AUDIT`),
+    /// keeping everything else of its entry.
+    pub fn set_mode(&mut self, cgroup_id: u64, mode: u32) -> Result<(), DataplaneError> {
+        self.update(cgroup_id, |s| s.mode = mode)
+    }
+
     /// Writes a whole new value for the agent (never a field in place).
     fn update(&mut self, cgroup_id: u64, change: impl FnOnce(&mut AgentState)) -> Result<(), DataplaneError> {
         let mut state = self.agent(cgroup_id)?.ok_or(DataplaneError::NotRegistered(cgroup_id))?;

@@ -5,16 +5,32 @@
 //! a bucket must never hold an allow underneath a deny that covers it (the allow would be the
 //! longer match and hide the deny), so such allows are dropped here: everything they would
 //! admit is denied anyway.
+//!
+//! Audit denies (of catalogue entries in audit mode) are folded in the same way, so that a
+//! bucket's longest match still says everything the bucket holds about an address:
+//! - an allow or an audit deny under an enforced deny is dropped (the deny wins);
+//! - an allow under an audit deny is stored as [`VERDICT_AUDIT_DENY_ALLOWED`] naming the
+//!   (longest) audit deny over it: allowed, but a would-be denial;
+//! - an audit deny is stored as [`VERDICT_AUDIT_DENY_ALLOWED`] when an allow of its bucket
+//!   covers it (the same or a shorter prefix), else as [`VERDICT_AUDIT_DENY`], which admits
+//!   nothing by itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use ztseg_common::rule::{DIR_IN, DIR_OUT, Rule4, Rule6, RuleValue, VERDICT_ALLOW, VERDICT_DENY, prefix_len};
+use ztseg_common::rule::{
+    DIR_IN, DIR_OUT, Rule4, Rule6, RuleValue, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_AUDIT_DENY_ALLOWED,
+    VERDICT_DENY, prefix_len,
+};
 
+/// What an entry says, weakest first (of two entries with the same key the stronger is kept).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
     Allow,
+    /// A deny of a catalogue entry in audit mode: what it covers is let through as
+    /// `would_deny` where an allow grants it, and stays denied (`no_rule`) where none does.
+    AuditDeny,
     Deny,
 }
 
@@ -86,35 +102,66 @@ fn supernets(net: Net) -> Vec<Net> {
 
 /// Encodes `entries` as the trie entries of table `table`.
 ///
-/// Duplicates collapse (a deny beats an allow for the same key; otherwise the first rule id
-/// stays), and allows covered by a deny of the same protocol and port bucket are dropped.
+/// Duplicates collapse (a deny beats an audit deny beats an allow for the same key; otherwise
+/// the first rule id stays), allows and audit denies covered by a deny of the same protocol and
+/// port bucket are dropped, and allows and audit denies that cover each other are marked (see
+/// the module's documentation).
 pub fn encode(table: u32, entries: &[Entry]) -> Encoded {
     type Bucket = (bool, u8, u16);
-    let mut unique: BTreeMap<(Bucket, Net), (Verdict, u32)> = BTreeMap::new();
+    /// The entry kept for a key, and whether an allow has that key too.
+    struct Kept {
+        verdict: Verdict,
+        rule_id: u32,
+        allowed: bool,
+    }
+    let mut unique: BTreeMap<(Bucket, Net), Kept> = BTreeMap::new();
     for e in entries {
         let key = ((e.inbound, e.proto, e.port), canonical(e.net));
-        let candidate = (e.verdict, e.rule_id);
+        let allowed = e.verdict == Verdict::Allow;
         unique
             .entry(key)
             .and_modify(|kept| {
-                if e.verdict == Verdict::Deny && kept.0 == Verdict::Allow {
-                    *kept = candidate;
+                if e.verdict > kept.verdict {
+                    (kept.verdict, kept.rule_id) = (e.verdict, e.rule_id);
                 }
+                kept.allowed |= allowed;
             })
-            .or_insert(candidate);
+            .or_insert(Kept { verdict: e.verdict, rule_id: e.rule_id, allowed });
     }
-    let denies: BTreeSet<(Bucket, Net)> =
-        unique.iter().filter(|(_, v)| v.0 == Verdict::Deny).map(|(k, _)| *k).collect();
+    let with = |verdict: Verdict| -> BTreeSet<(Bucket, Net)> {
+        unique.iter().filter(|(_, k)| k.verdict == verdict).map(|(key, _)| *key).collect()
+    };
+    let denies = with(Verdict::Deny);
+    let allows: BTreeSet<(Bucket, Net)> =
+        unique.iter().filter(|(_, k)| k.allowed).map(|(key, _)| *key).collect();
+    let audits: BTreeMap<(Bucket, Net), u32> = unique
+        .iter()
+        .filter(|(_, k)| k.verdict == Verdict::AuditDeny)
+        .map(|(key, k)| (*key, k.rule_id))
+        .collect();
 
     let mut out = Encoded::default();
-    for ((bucket @ (inbound, proto, port), net), (verdict, rule_id)) in unique {
-        if verdict == Verdict::Allow && supernets(net).into_iter().any(|s| denies.contains(&(bucket, s))) {
-            continue;
-        }
-        let value =
-            RuleValue::new(rule_id, if verdict == Verdict::Allow { VERDICT_ALLOW } else { VERDICT_DENY });
+    for ((bucket @ (inbound, proto, port), net), kept) in &unique {
+        let (bucket, net) = (*bucket, *net);
+        // The networks over this one, longest (`net` itself) first.
+        let over = || supernets(net).into_iter().rev();
+        let value = match kept.verdict {
+            Verdict::Deny => RuleValue::new(kept.rule_id, VERDICT_DENY),
+            _ if !denies.is_empty() && over().any(|s| denies.contains(&(bucket, s))) => continue,
+            Verdict::AuditDeny => {
+                let allowed = over().any(|s| allows.contains(&(bucket, s)));
+                let verdict = if allowed { VERDICT_AUDIT_DENY_ALLOWED } else { VERDICT_AUDIT_DENY };
+                RuleValue::new(kept.rule_id, verdict)
+            }
+            Verdict::Allow if audits.is_empty() => RuleValue::new(kept.rule_id, VERDICT_ALLOW),
+            Verdict::Allow => match over().find_map(|s| audits.get(&(bucket, s))) {
+                Some(&audit) => RuleValue::new(audit, VERDICT_AUDIT_DENY_ALLOWED),
+                None => RuleValue::new(kept.rule_id, VERDICT_ALLOW),
+            },
+        };
         let port = port.to_be_bytes();
-        let dir = if inbound { DIR_IN } else { DIR_OUT };
+        let dir = if *inbound { DIR_IN } else { DIR_OUT };
+        let proto = *proto;
         match net {
             Net::V4(n) => out.v4.push((
                 Key::new(
@@ -137,6 +184,8 @@ pub fn encode(table: u32, entries: &[Entry]) -> Encoded {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use ztseg_common::rule::{PROTO_TCP, PROTO_UDP};
 
     use super::*;
@@ -222,6 +271,154 @@ mod tests {
         );
         let got: Vec<(u32, u8)> = out.v4.iter().map(|e| (e.1.rule_id, e.1.verdict)).collect();
         assert_eq!(got, vec![(0, VERDICT_ALLOW), (3, VERDICT_DENY)]);
+    }
+
+    fn values(out: &Encoded) -> Vec<(Ipv4Net, u8, u32)> {
+        out.v4
+            .iter()
+            .map(|(key, value)| {
+                let (prefix, data) = (key.prefix_len(), key.data());
+                let net = Ipv4Net::new(data.addr.into(), (prefix - 64) as u8).unwrap();
+                (net, value.verdict, value.rule_id)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn audit_denies_fold_into_the_allows_they_cover_and_under_the_denies_that_cover_them() {
+        use Verdict::{Allow, AuditDeny, Deny};
+        let out = encode(
+            1,
+            &[
+                // An audit deny inside an allow: the allow over it makes it a would-be denial.
+                entry("10.0.0.0/16", PROTO_TCP, 22, Allow, 0),
+                entry("10.0.3.0/24", PROTO_TCP, 22, AuditDeny, 1),
+                // An allow inside an audit deny: the allow is marked with the deny's id; the deny
+                // has no allow over it and admits nothing itself.
+                entry("11.0.0.0/8", PROTO_TCP, 22, AuditDeny, 2),
+                entry("11.1.2.3/32", PROTO_TCP, 22, Allow, 3),
+                // Under an enforced deny, audit denies and allows go.
+                entry("192.168.0.0/16", PROTO_TCP, 22, Deny, 4),
+                entry("192.168.1.0/24", PROTO_TCP, 22, AuditDeny, 5),
+                entry("192.168.1.1/32", PROTO_TCP, 22, Allow, 6),
+                // An enforced deny inside an audit deny stays, longer.
+                entry("172.16.0.0/12", PROTO_TCP, 22, AuditDeny, 7),
+                entry("172.16.1.0/24", PROTO_TCP, 22, Deny, 8),
+                // Same key: an audit deny beats an allow (and knows it is allowed); a deny beats both.
+                entry("10.9.9.9/32", PROTO_TCP, 22, Allow, 9),
+                entry("10.9.9.9/32", PROTO_TCP, 22, AuditDeny, 10),
+                entry("10.9.9.8/32", PROTO_TCP, 22, AuditDeny, 11),
+                entry("10.9.9.8/32", PROTO_TCP, 22, Deny, 12),
+                // Nested: the longest audit deny over an allow names it.
+                entry("12.20.0.0/16", PROTO_TCP, 22, AuditDeny, 13),
+                entry("12.20.5.0/24", PROTO_TCP, 22, Allow, 14),
+                entry("12.20.5.128/25", PROTO_TCP, 22, AuditDeny, 15),
+                entry("12.20.5.129/32", PROTO_TCP, 22, Allow, 16),
+                // Another port is another bucket: untouched.
+                entry("11.1.2.3/32", PROTO_TCP, 80, Allow, 17),
+            ],
+        );
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let mut got = values(&out);
+        got.sort();
+        let mut expected = vec![
+            (net("10.0.0.0/16"), VERDICT_ALLOW, 0),
+            (net("10.0.3.0/24"), VERDICT_AUDIT_DENY_ALLOWED, 1),
+            (net("11.0.0.0/8"), VERDICT_AUDIT_DENY, 2),
+            (net("11.1.2.3/32"), VERDICT_AUDIT_DENY_ALLOWED, 2),
+            (net("11.1.2.3/32"), VERDICT_ALLOW, 17),
+            (net("192.168.0.0/16"), VERDICT_DENY, 4),
+            (net("172.16.0.0/12"), VERDICT_AUDIT_DENY, 7),
+            (net("172.16.1.0/24"), VERDICT_DENY, 8),
+            (net("10.9.9.9/32"), VERDICT_AUDIT_DENY_ALLOWED, 10),
+            (net("10.9.9.8/32"), VERDICT_DENY, 12),
+            (net("12.20.0.0/16"), VERDICT_AUDIT_DENY, 13),
+            (net("12.20.5.0/24"), VERDICT_AUDIT_DENY_ALLOWED, 13),
+            (net("12.20.5.128/25"), VERDICT_AUDIT_DENY_ALLOWED, 15),
+            (net("12.20.5.129/32"), VERDICT_AUDIT_DENY_ALLOWED, 15),
+        ];
+        expected.sort();
+        assert_eq!(got, expected);
+    }
+
+    /// What the programs decide about `addr:port` over `out`: the longest match of each bucket,
+    /// joined by `combine_found`.
+    fn kernel_decides(
+        out: &Encoded,
+        addr: std::net::Ipv4Addr,
+        port: u16,
+    ) -> ztseg_common::decision::Decision {
+        use ztseg_common::decision::{NO_MATCH, combine_found};
+        let longest = |bucket: u16| {
+            out.v4
+                .iter()
+                .filter(|(key, _)| key.data().port == bucket.to_be_bytes())
+                .filter(|(key, _)| {
+                    let data = key.data();
+                    Ipv4Net::new(data.addr.into(), (key.prefix_len() - 64) as u8).unwrap().contains(&addr)
+                })
+                .max_by_key(|(key, _)| key.prefix_len())
+                .map_or(NO_MATCH, |(_, value)| *value)
+        };
+        combine_found(&longest(port), &longest(0))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Whatever the rules, the two-bucket longest-match lookup decides what the rules mean:
+        /// an enforced deny that matches wins (`forbidden`); else, if an allow matches, an audit
+        /// deny that matches makes it a would-be denial, or it is allowed; else `no_rule`.
+        #[test]
+        fn the_lookup_decides_what_the_rules_mean(
+            rules in proptest::collection::vec(
+                (0u8..=255, 24u8..=32, proptest::sample::select(vec![0u16, 22]), 0u8..3),
+                1..12,
+            )
+        ) {
+            use ztseg_common::{decision::reason, rule::VERDICT_WOULD_DENY};
+            let entries: Vec<Entry> = rules
+                .iter()
+                .enumerate()
+                .map(|(i, &(host, prefix, port, v))| Entry {
+                    net: IpNet::V4(Ipv4Net::new([10, 0, 0, host].into(), prefix).unwrap().trunc()),
+                    proto: PROTO_TCP,
+                    port,
+                    inbound: false,
+                    verdict: [Verdict::Allow, Verdict::AuditDeny, Verdict::Deny][usize::from(v)],
+                    rule_id: i as u32,
+                })
+                .collect();
+            let out = encode(1, &entries);
+            for host in 0..=255u8 {
+                let addr = std::net::Ipv4Addr::new(10, 0, 0, host);
+                let matching = |verdict: Verdict| entries.iter().filter(move |e| e.verdict == verdict && e.net.contains(&IpAddr::V4(addr)));
+                let got = kernel_decides(&out, addr, 22);
+                let expected = if matching(Verdict::Deny).next().is_some() {
+                    (VERDICT_DENY, reason::FORBIDDEN)
+                } else if matching(Verdict::Allow).next().is_some() {
+                    if matching(Verdict::AuditDeny).next().is_some() {
+                        (VERDICT_WOULD_DENY, reason::FORBIDDEN)
+                    } else {
+                        (VERDICT_ALLOW, reason::RULE)
+                    }
+                } else {
+                    (VERDICT_DENY, reason::NO_RULE)
+                };
+                proptest::prop_assert_eq!((got.verdict, got.reason), expected, "10.0.0.{} over {:?}", host, entries);
+                // The rule named is one that says so.
+                let named = entries.iter().find(|e| e.rule_id == got.rule_id);
+                match expected.0 {
+                    VERDICT_DENY if expected.1 == reason::FORBIDDEN => proptest::prop_assert_eq!(named.map(|e| e.verdict), Some(Verdict::Deny)),
+                    VERDICT_WOULD_DENY => proptest::prop_assert_eq!(named.map(|e| e.verdict), Some(Verdict::AuditDeny)),
+                    VERDICT_ALLOW => proptest::prop_assert_eq!(named.map(|e| e.verdict), Some(Verdict::Allow)),
+                    _ => {}
+                }
+                if let Some(e) = named {
+                    proptest::prop_assert!(e.net.contains(&IpAddr::V4(addr)));
+                }
+            }
+        }
     }
 
     #[test]

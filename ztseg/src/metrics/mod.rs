@@ -27,7 +27,8 @@ use std::{
 
 pub use self::render::{Format, render};
 
-/// Verdict codes counted apart (`rule::VERDICT_*` are 1 and 2; more may come); others count as 0.
+/// Verdict codes counted apart (`rule::VERDICT_*` of decisions are 1-3: allow, deny, would_deny);
+/// others count as 0.
 const VERDICT_CODES: usize = 4;
 /// Reason codes counted apart (`decision::reason::*` are 1-11); others count as 0.
 const REASON_CODES: usize = 16;
@@ -443,13 +444,15 @@ mod tests {
         metrics.count_decisions([one(Some(&c), 2, 2, 40), one(Some(&a), 1, 1, 5)]);
         // A code out of range is counted under 0, not lost or out of bounds.
         metrics.count_decisions([one(None, 200, 200, 1)]);
+        // A would-be denial (audit mode) is a verdict of its own, not an allow or a deny.
+        metrics.count_decisions([one(None, 3, 2, 2)]);
         let mut s = Snapshot::default();
         metrics.read_into(&mut s);
-        assert_eq!(s.decisions, [(0, 0, 1), (1, 1, 6), (2, 2, 41), (2, 8, 1)]);
+        assert_eq!(s.decisions, [(0, 0, 1), (1, 1, 6), (2, 2, 41), (2, 8, 1), (3, 2, 2)]);
         assert_eq!(s.agent_decisions, [(a.clone(), 1, 1, 6), (b.clone(), 2, 2, 1)]);
         assert_eq!(s.other_agent_decisions, [(2, 2, 40)]);
         assert_eq!(s.agents_with_series, 2);
-        assert_eq!(metrics.handed_over(), 6);
+        assert_eq!(metrics.handed_over(), 7);
     }
 
     #[test]

@@ -319,7 +319,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         let agent: Arc<str> = "analyst-7".into();
         Snapshot {
-            decisions: vec![(1, 1, 3), (2, 2, 2)],
+            decisions: vec![(1, 1, 3), (2, 2, 2), (3, 3, 4)],
             agent_decisions: vec![(agent.clone(), 1, 1, 3)],
             other_agent_decisions: vec![(2, 2, 2)],
             agents_with_series: 1,
@@ -365,6 +365,7 @@ mod tests {
         let expected = [
             "ztseg_decisions_total{verdict=\"allow\",reason=\"rule\"} 3",
             "ztseg_decisions_total{verdict=\"deny\",reason=\"no_rule\"} 2",
+            "ztseg_decisions_total{verdict=\"would_deny\",reason=\"forbidden\"} 4",
             "ztseg_agent_decisions_total{agent=\"analyst-7\",verdict=\"allow\",reason=\"rule\"} 3",
             "ztseg_other_agents_decisions_total{verdict=\"deny\",reason=\"no_rule\"} 2",
             "ztseg_agents_with_series 1",

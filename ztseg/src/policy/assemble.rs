@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Binding, Errors, Group, PolicyError, PolicyFile};
+use super::{Binding, Errors, Group, Mode, PolicyError, PolicyFile};
 use crate::agent_id::AgentId;
 
 /// What each tool and scope means on the network, from every file of the policy dir.
@@ -40,6 +40,28 @@ impl Catalogue {
 pub struct PolicySet {
     pub catalogue: Catalogue,
     pub bindings: BTreeMap<AgentId, Binding>,
+}
+
+impl PolicySet {
+    /// The catalogue entries and agent bindings in audit mode, in that order (by name).
+    pub fn in_audit_mode(&self) -> Vec<Definition> {
+        let audit = |g: &Group| g.mode == Mode::Audit;
+        let catalogue = &self.catalogue;
+        let baseline = catalogue.baseline.as_ref().filter(|g| audit(g)).map(|_| Definition::Baseline);
+        baseline
+            .into_iter()
+            .chain(catalogue.tools.iter().filter(|(_, g)| audit(g)).map(|(n, _)| Definition::Tool(n.clone())))
+            .chain(
+                catalogue.scopes.iter().filter(|(_, g)| audit(g)).map(|(n, _)| Definition::Scope(n.clone())),
+            )
+            .chain(
+                self.bindings
+                    .values()
+                    .filter(|b| b.mode == Mode::Audit)
+                    .map(|b| Definition::Agent(b.id.clone())),
+            )
+            .collect()
+    }
 }
 
 /// Something that may be defined only once across the policy dir.

@@ -5,6 +5,12 @@
 //! inbound grants included, as denies, which win over any allow. Anything the catalogue does not define refuses the whole grant: a
 //! partial grant would hand an agent rights nobody reviewed as a set.
 //!
+//! A group in audit mode (`mode = "audit"`) contributes its outbound denies (a forbidden tool's
+//! allows included) as audit denies ([`Verdict::AuditDeny`]): what they cover of what an allow
+//! grants is let through as `would_deny`. Its allows and inbound grants are allows as in
+//! enforce mode, and a forbidden tool's inbound grants stay denies: inbound traffic is never
+//! dry-run.
+//!
 //! Allows hidden under denies are pruned later, when the table is encoded
 //! ([`crate::dataplane::table::encode`]).
 
@@ -13,7 +19,7 @@ use std::{collections::BTreeSet, fmt};
 use ipnet::IpNet;
 use ztseg_common::rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
-use super::{Catalogue, Group, Ports, Protos, Rule};
+use super::{Catalogue, Group, Mode, Ports, Protos, Rule};
 use crate::dataplane::{Entry, Verdict};
 
 /// Most entries one grant may expand to.
@@ -114,18 +120,23 @@ impl Catalogue {
         }
         let mut compiled = Compiled { entries: Vec::with_capacity(count), ..Compiled::default() };
         for (prefix, group, role) in parts {
-            let allow_verdict = match role {
-                Role::Granted => Verdict::Allow,
-                Role::Forbidden => Verdict::Deny,
+            let deny = match group.mode {
+                Mode::Enforce => Verdict::Deny,
+                Mode::Audit => Verdict::AuditDeny,
+            };
+            let (allow_verdict, inbound_verdict) = match role {
+                Role::Granted => (Verdict::Allow, Verdict::Allow),
+                // Inbound traffic is never dry-run: an audit entry's inbound denies deny.
+                Role::Forbidden => (deny, Verdict::Deny),
             };
             for (i, rule) in group.allow.iter().enumerate() {
                 compiled.push(format!("{prefix}#{i}"), rule, false, allow_verdict);
             }
             for (i, rule) in group.deny.iter().enumerate() {
-                compiled.push(format!("{prefix}#deny{i}"), rule, false, Verdict::Deny);
+                compiled.push(format!("{prefix}#deny{i}"), rule, false, deny);
             }
             for (i, rule) in group.inbound.iter().enumerate() {
-                compiled.push(format!("{prefix}#in{i}"), rule, true, allow_verdict);
+                compiled.push(format!("{prefix}#in{i}"), rule, true, inbound_verdict);
             }
         }
         compiled.rules = compiled.origins.len();

@@ -62,6 +62,44 @@ impl PolicyFile {
     }
 }
 
+/// Whether an agent binding or a catalogue entry is enforced or dry-run (`mode = "audit"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// What the rules deny is refused.
+    #[default]
+    Enforce,
+    /// What the rules deny is let through and recorded as `would_deny`: for an agent, what its
+    /// rules deny on what it connects or sends to; for a catalogue entry, what its deny rules
+    /// (all its rules, for a forbidden tool) deny of what an allow grants. Never the kill
+    /// switch, a suspension or pause, a missing or expired token, an unregistered cgroup, a
+    /// socket nothing can judge, or inbound traffic.
+    Audit,
+}
+
+impl Mode {
+    /// As written in policy files and shown by `ztseg agents`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+
+    /// `AgentState::mode` of the agents map.
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::Enforce => ztseg_common::agent::MODE_ENFORCE,
+            Self::Audit => ztseg_common::agent::MODE_AUDIT,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The rules of the baseline, one tool or one scope.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Group {
@@ -71,6 +109,9 @@ pub struct Group {
     /// Connections and datagrams granted into the agent: `net` is the sender (`from`), `ports`
     /// the agent's own ports. Nothing comes in without one.
     pub inbound: Vec<Rule>,
+    /// `mode`: in [`Mode::Audit`] its denies (and, as a forbidden tool, all its outbound rules)
+    /// are would-deny rules; its allows and inbound grants are in force either way.
+    pub mode: Mode,
     /// Line of the group's name (`[tools.http]`, `[baseline]`, ...).
     pub line: usize,
 }
@@ -171,6 +212,9 @@ pub struct Binding {
     /// Relative to the cgroup2 mount, no `..`; `None` means the daemon's default
     /// (`<cgroup_root>/<id>`).
     pub cgroup: Option<PathBuf>,
+    /// `mode`: in [`Mode::Audit`] what the agent's rules deny on what it connects or sends to is
+    /// let through as `would_deny`.
+    pub mode: Mode,
     /// The file the binding came from.
     pub path: PathBuf,
     /// Line of `[agent]`.
@@ -337,6 +381,9 @@ pub struct CheckSummary {
     pub bindings: usize,
     /// Catalogue rules (allow and deny).
     pub rules: usize,
+    /// What is in audit mode (dry run: would-be denials let through), by name: `[baseline]`,
+    /// `tool "x"`, `scope "y"`, `agent "z"`.
+    pub audit: Vec<String>,
 }
 
 impl fmt::Display for CheckSummary {
@@ -351,7 +398,11 @@ impl fmt::Display for CheckSummary {
             plural(self.scopes, "scope"),
             plural(self.rules, "rule"),
             plural(self.bindings, "agent binding"),
-        )
+        )?;
+        if !self.audit.is_empty() {
+            write!(f, "; in audit mode (would-be denials let through): {}", self.audit.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -367,6 +418,7 @@ pub fn check_path(path: &Path) -> Result<CheckSummary, Vec<PolicyError>> {
         scopes: set.catalogue.scopes.len(),
         bindings: set.bindings.len(),
         rules: files.iter().map(PolicyFile::rule_count).sum(),
+        audit: set.in_audit_mode().iter().map(ToString::to_string).collect(),
     })
 }
 

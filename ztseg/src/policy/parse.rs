@@ -19,7 +19,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, de};
 use toml::Spanned;
 
-use super::{Binding, Errors, Group, PolicyError, PolicyFile, PortRange, Ports, Protos, Rule, TokenSource};
+use super::{
+    Binding, Errors, Group, Mode, PolicyError, PolicyFile, PortRange, Ports, Protos, Rule, TokenSource,
+};
 use crate::{agent_id::AgentId, config::line_col};
 
 /// Keys allowed at the top of a policy file.
@@ -78,6 +80,8 @@ struct RawGroup {
     deny: Vec<Spanned<RawRule>>,
     #[serde(default)]
     inbound: Vec<Spanned<RawInbound>>,
+    /// `"enforce"` (the default) or `"audit"`; checked by hand for a clear message.
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +109,7 @@ struct RawAgent {
     token_file: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
     cgroup: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
 }
 
 /// Parses and validates one file, collecting every error.
@@ -190,7 +195,24 @@ impl Checker<'_> {
             allow: raw.allow.into_iter().filter_map(|r| self.rule(r, true)).collect(),
             deny: raw.deny.into_iter().filter_map(|r| self.rule(r, false)).collect(),
             inbound: raw.inbound.into_iter().filter_map(|r| self.inbound(r)).collect(),
+            // An invalid mode is reported; the group is kept (for the cross-file checks) as
+            // enforced, and the file is refused anyway.
+            mode: raw.mode.as_ref().and_then(|m| self.mode(m)).unwrap_or_default(),
             line,
+        }
+    }
+
+    /// `mode = "enforce"` or `"audit"`, exactly (lower case).
+    fn mode(&mut self, mode: &Spanned<String>) -> Option<Mode> {
+        match mode.get_ref().as_str() {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            other => self.invalid(
+                self.line(&mode.span()),
+                format!(
+                    "mode {other:?} is not a mode; use \"enforce\" (the default) or \"audit\" (dry run: what would be denied is recorded as would_deny and let through)"
+                ),
+            ),
         }
     }
 
@@ -421,7 +443,18 @@ impl Checker<'_> {
                 }
             }
         };
-        Some(Binding { id: id?, token: token?, cgroup: cgroup?, path: self.path.to_owned(), line })
+        let mode = match &raw.mode {
+            None => Some(Mode::Enforce),
+            Some(mode) => self.mode(mode),
+        };
+        Some(Binding {
+            id: id?,
+            token: token?,
+            cgroup: cgroup?,
+            mode: mode?,
+            path: self.path.to_owned(),
+            line,
+        })
     }
 
     fn token_file(&mut self, file: &Spanned<String>) -> Option<TokenSource> {

@@ -171,7 +171,10 @@ fn empty_file_and_empty_groups_are_fine() {
     let file = assert_accepted("# nothing yet\n");
     assert_eq!(file, PolicyFile { path: PATH.into(), ..PolicyFile::default() });
     let file = assert_accepted("[tools.pandas]\nallow = []\n[tools.numpy]\n");
-    assert_eq!(file.tools["pandas"], Group { allow: vec![], deny: vec![], inbound: vec![], line: 1 });
+    assert_eq!(
+        file.tools["pandas"],
+        Group { allow: vec![], deny: vec![], inbound: vec![], mode: Mode::Enforce, line: 1 }
+    );
     assert_eq!(file.tools["numpy"].line, 3);
 }
 
@@ -580,7 +583,7 @@ fn check_path_reports_every_error_of_every_file() {
     let summary = check_path(&dir.0).unwrap();
     assert_eq!(
         summary,
-        CheckSummary { files: 3, baseline: false, tools: 3, scopes: 1, bindings: 1, rules: 2 }
+        CheckSummary { files: 3, baseline: false, tools: 3, scopes: 1, bindings: 1, rules: 2, audit: vec![] }
     );
     assert_eq!(summary.to_string(), "3 files valid: no baseline, 3 tools, 1 scope, 2 rules, 1 agent binding");
     assert!(matches!(check_path(&dir.0.join("missing.toml")).unwrap_err()[..], [PolicyError::Read { .. }]));
@@ -778,7 +781,13 @@ fn hand_made_full_port_ranges_are_every_port() {
     let mut cat = Catalogue::default();
     cat.tools.insert(
         "t".into(),
-        Group { allow: vec![rule(full), rule(almost)], deny: vec![], inbound: vec![], line: 1 },
+        Group {
+            allow: vec![rule(full), rule(almost)],
+            deny: vec![],
+            inbound: vec![],
+            mode: Mode::Enforce,
+            line: 1,
+        },
     );
     let t = names(&["t"]);
     let compiled = cat.compile(&Grant { tools: &t, ..Grant::default() }).unwrap();
@@ -886,4 +895,135 @@ fn inbound_rules_are_refused_when_they_could_never_match_or_open_everything() {
     assert_refused(&ok.replace("10.0.0.0/8", "db.example"), 2, "`from = \"db.example\"` is a DNS name");
     assert_refused(&ok.replace("from", "to"), 2, "unknown field `to`");
     assert_refused(&ok.replace("[80]", "[0]"), 2, "port");
+}
+
+#[test]
+fn mode_is_enforce_by_default_and_audit_when_asked_in_groups_and_bindings() {
+    let file = assert_accepted(
+        r#"
+[baseline]
+mode = "audit"
+deny = [{ to = "10.0.0.0/8" }]
+
+[tools.http]
+mode = "enforce"
+allow = [{ to = "203.0.113.0/24", ports = [80], proto = "tcp" }]
+
+[scopes."read:x"]
+allow = [{ to = "10.0.5.12/32", ports = [5432], proto = "tcp" }]
+
+[agent]
+id = "analyst-7"
+token = "eyJ.x.y"
+mode = "audit"
+"#,
+    );
+    assert_eq!(file.baseline.as_ref().map(|g| g.mode), Some(Mode::Audit));
+    assert_eq!(file.tools["http"].mode, Mode::Enforce);
+    assert_eq!(file.scopes["read:x"].mode, Mode::Enforce);
+    assert_eq!(file.binding.as_ref().map(|b| b.mode), Some(Mode::Audit));
+    let plain = assert_accepted("[agent]\nid = \"a\"\ntoken = \"eyJ.x.y\"\n");
+    assert_eq!(plain.binding.map(|b| b.mode), Some(Mode::Enforce));
+    assert_eq!(Mode::Audit.code(), ztseg_common::agent::MODE_AUDIT);
+    assert_eq!(Mode::Enforce.code(), ztseg_common::agent::MODE_ENFORCE);
+}
+
+#[test]
+fn a_mode_other_than_enforce_or_audit_is_refused_at_its_line() {
+    assert_refused(
+        "[tools.t]\nallow = []\nmode = \"dry-run\"\n",
+        3,
+        "mode \"dry-run\" is not a mode; use \"enforce\"",
+    );
+    assert_refused(
+        "[agent]\nid = \"a\"\ntoken = \"x\"\nmode = \"Audit\"\n",
+        4,
+        "use \"enforce\" (the default) or \"audit\"",
+    );
+    assert_refused("[baseline]\nmode = \"\"\n", 2, "is not a mode");
+    // Not a string: toml's own error, with its line.
+    let err = parse("[scopes.\"s\"]\nmode = true\n").unwrap_err();
+    assert_eq!(err.line(), Some(2), "{err}");
+    // A file refused for its mode is refused whole: `check` reports it.
+    let dir = TempDir::new();
+    fs::write(dir.0.join("a.toml"), "[tools.t]\nmode = \"off\"\n").unwrap();
+    let errors = check_path(&dir.0).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().contains("mode \"off\""), "{}", errors[0]);
+}
+
+#[test]
+fn check_names_what_is_in_audit_mode() {
+    let dir = TempDir::new();
+    fs::write(
+        dir.0.join("catalogue.toml"),
+        "[baseline]\nmode = \"audit\"\n[tools.a]\nmode = \"audit\"\n[tools.b]\n[scopes.\"s\"]\nmode = \"audit\"\n",
+    )
+    .unwrap();
+    fs::write(dir.0.join("x.toml"), "[agent]\nid = \"x\"\ntoken = \"t\"\nmode = \"audit\"\n").unwrap();
+    fs::write(dir.0.join("y.toml"), "[agent]\nid = \"y\"\ntoken = \"t\"\n").unwrap();
+    let summary = check_path(&dir.0).unwrap();
+    assert_eq!(summary.audit, ["[baseline]", "tool \"a\"", "scope \"s\"", "agent \"x\""]);
+    assert_eq!(
+        summary.to_string(),
+        "3 files valid: baseline, 2 tools, 1 scope, 0 rules, 2 agent bindings; in audit mode (would-be denials let through): [baseline], tool \"a\", scope \"s\", agent \"x\""
+    );
+}
+
+#[test]
+fn an_audit_entrys_denies_compile_to_audit_denies_and_its_allows_and_inbound_stay() {
+    let cat = catalogue(
+        r#"
+[tools.shell]
+mode = "audit"
+allow = [{ to = "10.0.0.9/32", ports = [22], proto = "tcp" }]
+deny = [{ to = "10.0.9.0/24", ports = [22], proto = "tcp" }]
+inbound = [{ from = "10.0.7.0/24", ports = [2222], proto = "tcp" }]
+
+[scopes."work"]
+mode = "audit"
+allow = [{ to = "10.0.0.0/16", ports = [22], proto = "tcp" }]
+deny = [{ to = "10.0.3.0/24", ports = [22], proto = "tcp" }]
+"#,
+    );
+    let inbound =
+        |n: &str, port, verdict, id| Entry { inbound: true, ..entry(n, PROTO_TCP, port, verdict, id) };
+    let shell = names(&["shell"]);
+    // Forbidden: its outbound rules are audit denies; its inbound grant is an enforced deny
+    // (inbound traffic is never dry-run).
+    let forbidden = cat.compile(&Grant { forbidden_tools: &shell, ..Grant::default() }).unwrap();
+    assert_eq!(
+        forbidden.entries,
+        [
+            entry("10.0.0.9/32", PROTO_TCP, 22, Verdict::AuditDeny, 0),
+            entry("10.0.9.0/24", PROTO_TCP, 22, Verdict::AuditDeny, 1),
+            inbound("10.0.7.0/24", 2222, Verdict::Deny, 2),
+        ]
+    );
+    // Granted: its allows and inbound grants are in force, its deny is an audit deny.
+    let granted = cat.compile(&Grant { tools: &shell, ..Grant::default() }).unwrap();
+    assert_eq!(
+        granted.entries,
+        [
+            entry("10.0.0.9/32", PROTO_TCP, 22, Verdict::Allow, 0),
+            entry("10.0.9.0/24", PROTO_TCP, 22, Verdict::AuditDeny, 1),
+            inbound("10.0.7.0/24", 2222, Verdict::Allow, 2),
+        ]
+    );
+    let work = names(&["work"]);
+    let scope = cat.compile(&Grant { scopes: &work, ..Grant::default() }).unwrap();
+    assert_eq!(
+        scope.entries,
+        [
+            entry("10.0.0.0/16", PROTO_TCP, 22, Verdict::Allow, 0),
+            entry("10.0.3.0/24", PROTO_TCP, 22, Verdict::AuditDeny, 1),
+        ]
+    );
+    // The same catalogue in enforce mode: plain denies.
+    let mut enforced = cat.clone();
+    for group in enforced.tools.values_mut().chain(enforced.scopes.values_mut()) {
+        group.mode = Mode::Enforce;
+    }
+    let forbidden = enforced.compile(&Grant { forbidden_tools: &shell, ..Grant::default() }).unwrap();
+    assert!(forbidden.entries.iter().all(|e| e.verdict == Verdict::Deny), "{forbidden:?}");
 }

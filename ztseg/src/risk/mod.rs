@@ -17,6 +17,10 @@
 //! | `stale_token` | a decision refused for an expired or missing token | 1 | 15 | 10 min |
 //! | `tripwire` | any attempt on a tripwire address (cloud metadata by default) | 100 | 100 | 24 h |
 //!
+//! A `would_deny` decision (audit mode: denied by the rules, let through) counts as the denial
+//! it would have been (`denied`, `forbidden`, `scan`): an agent in audit mode that scans is
+//! paused all the same, and its pause is enforced.
+//!
 //! Why these: a policy that denies routine traffic all day reaches `denied` 20 (+ `rate` 15 in a
 //! tight retry loop): 35, under the pause. A port scan reaches `scan` 55 + `denied` 20: paused.
 //! Hammering a forbidden tool's destination after that adds `forbidden`: suspended. Benign

@@ -250,14 +250,20 @@ fn a_config_cannot_let_one_class_pause_an_agent_alone() {
 }
 
 /// The JSON record the daemon writes for `o` (the fields the engine reads, as the daemon names
-/// them).
+/// them). A denial is written as a `would_deny` (audit mode: let through) at every other seq:
+/// the engine scores it as the denial it would have been, live and replayed.
 fn record_of(o: &Observation) -> Map<String, Value> {
     let mut r = Map::new();
     r.insert("seq".into(), json!(o.seq));
     r.insert("agent".into(), json!(&*o.agent));
     r.insert("ts".into(), json!(rfc3339_us(o.ts_us)));
     r.insert("action".into(), json!(crate::events::action_name(o.action)));
-    r.insert("verdict".into(), json!(if o.allowed { "allow" } else { "deny" }));
+    let verdict = match (o.allowed, o.seq % 2) {
+        (true, _) => "allow",
+        (false, 0) => "would_deny",
+        (false, _) => "deny",
+    };
+    r.insert("verdict".into(), json!(verdict));
     r.insert("reason".into(), json!(crate::events::reason_name(o.reason)));
     r.insert("dst".into(), json!(o.dst.map(|d| d.to_string())));
     r.insert("dport".into(), json!(o.dport));
