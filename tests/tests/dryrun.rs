@@ -71,7 +71,7 @@ fn world() -> World {
         ],
     );
     let echo = ztseg_integration::echo(&ns, "10.80.0.1:8003");
-    let daemon = Daemon::start(&site, &dir.path);
+    let daemon = Daemon::start_with(&site, &dir.path, "allow_audit_mode = true");
     daemon.write_policy("catalogue.toml", CATALOGUE);
     World { daemon, ns, _servers: servers, _echo: echo, _dir: dir, _site: site }
 }

@@ -44,6 +44,10 @@ pub struct Config {
     /// The default is systemd's DynamicUser range; uids with a passwd or group entry, or that
     /// systemd has handed to a DynamicUser service, are skipped.
     pub agent_uids: UidRange,
+    /// Whether policy files may put agents or catalogue entries in audit mode (dry run: what
+    /// the rules deny is recorded as `would_deny` and let through). Off by default: a file that
+    /// asks for it is refused.
+    pub allow_audit_mode: bool,
     /// Trusted token issuers.
     pub issuers: Vec<Issuer>,
     pub risk: Risk,
@@ -67,6 +71,7 @@ impl Default for Config {
             leeway_seconds: 5,
             control_group: None,
             agent_uids: UidRange { first: 61184, last: 65519 },
+            allow_audit_mode: false,
             issuers: Vec::new(),
             risk: Risk::default(),
             audit: Audit::default(),

@@ -983,6 +983,17 @@ impl<K: Kernel> State<K> {
         next.retain(|path, _| present.contains(path));
         for path in &present {
             match policy::load_file(path) {
+                // Audit mode lets through what the catalogue would deny: only where the host's
+                // config allows it (whoever writes a binding could otherwise open an agent).
+                Ok(file) if !self.config.allow_audit_mode && !file.in_audit_mode().is_empty() => {
+                    let e = format!(
+                        "{}: {} in audit mode, which this host does not allow (allow_audit_mode = false in the daemon's config)",
+                        path.display(),
+                        file.in_audit_mode().join(", ")
+                    );
+                    warn!(file = %path.display(), kept_previous = next.contains_key(path), "policy file refused: {e}");
+                    refused.push(e);
+                }
                 Ok(file) => {
                     next.insert(path.clone(), file);
                 }

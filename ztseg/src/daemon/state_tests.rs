@@ -68,13 +68,18 @@ impl Host {
             policy_dir: self.dir.path().join("policies"),
             state_dir: self.dir.path().join("state"),
             audit_log: self.dir.path().join("audit/audit.jsonl"),
+            allow_audit_mode: true,
             ..config(&[(ISS, &self.issuer.keys.jwks, &["EdDSA"])])
         }
     }
 
     /// A state as the daemon starts one, on `kernel`, with its policy loaded.
     fn state(&self, kernel: FakeKernel) -> (State<FakeKernel>, Records) {
-        let config = self.config();
+        self.state_with(kernel, self.config())
+    }
+
+    /// [`Self::state`] with another config.
+    fn state_with(&self, kernel: FakeKernel, config: Config) -> (State<FakeKernel>, Records) {
         std::fs::create_dir_all(&config.state_dir).unwrap();
         let replay = ReplayCache::load(&config.state_dir.join("replay.json")).unwrap();
         let revoked =
@@ -746,6 +751,31 @@ fn a_bindings_mode_goes_to_the_kernel_before_its_grant_and_back_to_enforce_when_
         .collect();
     let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
     assert_eq!(modes, [pair("audit", "enforce"), pair("enforce", "audit"), pair("audit", "enforce")]);
+}
+
+#[test]
+fn a_host_that_does_not_allow_audit_mode_refuses_a_file_asking_for_it_and_keeps_the_rest() {
+    use ztseg_common::agent::MODE_ENFORCE;
+    let host = Host::new();
+    let (mut state, _) =
+        host.state_with(FakeKernel::new(), Config { allow_audit_mode: false, ..host.config() });
+    bind(&host, "dry", &host.token("dry", &["read:sales"], 0, 300), Some("audit"));
+    bind(&host, "strict", &host.token("strict", &["read:sales"], 0, 300), None);
+    let reloaded = state.reload_policy();
+    let refusal = reloaded["refused"][0].as_str().unwrap();
+    assert!(
+        refusal.contains("[agent] dry in audit mode") && refusal.contains("allow_audit_mode = false"),
+        "{reloaded}"
+    );
+    // The file asking for it is refused whole: no agent dry, no grant; the other is granted.
+    assert!(!state.agents.contains_key(&agent("dry")));
+    let strict_id = state.agents[&agent("strict")].cgroup_id;
+    assert_eq!(state.kernel.state(strict_id).mode, MODE_ENFORCE);
+    assert_ne!(state.kernel.state(strict_id).table, 0);
+    // Positive control: the same file on a host that allows it.
+    let (mut allowing, _) = host.state(FakeKernel::new());
+    allowing.reload_policy();
+    assert_eq!(mode_of(&allowing, &agent("dry")), "audit");
 }
 
 #[test]

@@ -51,6 +51,17 @@ pub struct PolicyFile {
 }
 
 impl PolicyFile {
+    /// What this file puts in audit mode (catalogue entries and its binding), by name.
+    pub fn in_audit_mode(&self) -> Vec<String> {
+        let audit = |g: &&Group| g.mode == Mode::Audit;
+        let baseline = self.baseline.iter().filter(audit).map(|_| "[baseline]".to_owned());
+        let tools = self.tools.iter().filter(|(_, g)| audit(g)).map(|(n, _)| format!("[tools.{n}]"));
+        let scopes = self.scopes.iter().filter(|(_, g)| audit(g)).map(|(n, _)| format!("[scopes.{n:?}]"));
+        let binding =
+            self.binding.iter().filter(|b| b.mode == Mode::Audit).map(|b| format!("[agent] {}", b.id));
+        baseline.chain(tools).chain(scopes).chain(binding).collect()
+    }
+
     /// Catalogue rules (allow and deny) in this file.
     pub fn rule_count(&self) -> usize {
         self.baseline
