@@ -430,9 +430,55 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
     ztseg(ztseg_bin, &socket, &["revive", AGENT])?;
     demo.attempt(&ATTEMPTS[..1])?;
 
+    println!("\n[6] {AGENT} goes rogue (a prompt injection): it scans the database host's ports");
+    let scan: Vec<String> = (1..=120).map(|port| format!("tcp:10.0.5.12:{port}")).collect();
+    let out = Command::new(programs::IP)
+        .args(["netns", "exec", &agents_ns])
+        .arg(ztseg_bin)
+        .args(["run", "--agent", AGENT, "--"])
+        .arg(&probe)
+        .arg("once")
+        .args(&scan)
+        .env("ZTSEG_SOCKET", &socket)
+        .output()
+        .context("cannot run ztseg run")?;
+    let refused = String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == "EPERM").count();
+    println!(
+        "    {refused} of {} connects refused in the kernel; the risk engine scores each record",
+        scan.len()
+    );
+    let mut paused = false;
+    for _ in 0..250 {
+        let agents: Value = serde_json::from_str(&ztseg(ztseg_bin, &socket, &["agents", "--json"])?)?;
+        if agents.as_array().into_iter().flatten().any(|a| a["agent"] == AGENT && a["state"] == "paused") {
+            paused = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    if !paused {
+        bail!("the risk engine did not pause the scanning agent");
+    }
+    println!(
+        "    paused: its score crossed pause_at (70; at suspend_at, 90, it is suspended). ztseg risk {AGENT}:"
+    );
+    println!(
+        "{}",
+        ztseg(ztseg_bin, &socket, &["risk", AGENT])?
+            .lines()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!("    what its token allows is now refused, its connections held:");
+    demo.attempt(&ATTEMPTS[..1])?;
+    println!("    a person reviews it: ztseg resume {AGENT} --reason \"...\"");
+    ztseg(ztseg_bin, &socket, &["resume", AGENT, "--reason", "demo: the scan was the demo's own"])?;
+    demo.attempt(&ATTEMPTS[..1])?;
+
     let exp = claims["exp"].as_u64().unwrap_or(0);
     println!(
-        "\n[6] the token expires at exp; the kernel enforces it on its own clock (the daemon is stopped first)"
+        "\n[7] the token expires at exp; the kernel enforces it on its own clock (the daemon is stopped first)"
     );
     if let Some(daemon) = cleanup.daemon.take() {
         let mut daemon = daemon;
@@ -489,7 +535,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
         stop_daemon(daemon);
     }
 
-    println!("\n[7] the audit log (daemon stopped, log complete)");
+    println!("\n[8] the audit log (daemon stopped, log complete)");
     // With the host key, found through the daemon's config: `<log>.pub` is never trusted.
     let out = Command::new(ztseg_bin)
         .args(["audit", "verify", "--config"])
@@ -504,7 +550,7 @@ pub fn run(root: &Path, ztseg_bin: &Path, probe_bin: &Path) -> Result<()> {
         bail!("audit verify failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
 
-    println!("\n[8] cleanup: daemon stopped, programs detached, pins, cgroups, namespaces and files removed");
+    println!("\n[9] cleanup: daemon stopped, programs detached, pins, cgroups, namespaces and files removed");
     drop(cleanup);
     Ok(())
 }
