@@ -13,6 +13,8 @@
 //!       each prints "rcode=RCODE answers=A,B,... ttl=MIN from=SRC peer=PEER" (answers: the
 //!       addresses and "cname:NAME"s; from: where recvfrom said the answer came from; peer:
 //!       getpeername of a connected socket, "-" otherwise), or an errno name
+//!       dns-exfil:SERVER/DOMAIN/N    N queries of distinct base32 labels under DOMAIN, each
+//!       over connected UDP: prints the count of each outcome ("Refused=1000")
 //!       lookup-connect:SERVER/NAME/PORT   an A query (connected UDP), then a TCP connect to the
 //!       first address at PORT: "ok", an errno name, or "rcode=RCODE"
 //!       getaddrinfo:NAME:PORT        the C library's resolver (no server given: the host's
@@ -147,6 +149,24 @@ pub fn run_op(kind: &str, arg: &str) -> Option<String> {
                 Err(e) => errno_name(&e),
             }
         }
+        "dns-exfil" => {
+            // N queries of names shaped like data smuggled out: a base32 label per query.
+            let (server, domain, n) = three(arg);
+            let server: SocketAddr = server.parse().unwrap();
+            let mut rcodes: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+            for i in 0..n.parse::<u64>().unwrap() {
+                let secret =
+                    format!("{:016x}{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), std::process::id());
+                let label = base32(secret.as_bytes());
+                let outcome = match ask_udp(server, &query(&format!("{label}.{domain}"), RecordType::A), true)
+                {
+                    Ok((answer, _, _)) => format!("{:?}", answer.metadata.response_code),
+                    Err(e) => errno_name(&e),
+                };
+                *rcodes.entry(outcome).or_default() += 1;
+            }
+            rcodes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        }
         "lookup-connect" => {
             let (server, name, port) = three(arg);
             lookup_connect(server.parse().unwrap(), name, port.parse().unwrap())
@@ -167,6 +187,24 @@ pub fn run_op(kind: &str, arg: &str) -> Option<String> {
         _ => return None,
     };
     Some(outcome)
+}
+
+/// RFC 4648 base32, lower case, unpadded (what DNS tunnels put in labels).
+fn base32(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let (mut out, mut buffer, mut bits) = (String::new(), 0u32, 0u32);
+    for &byte in data {
+        buffer = (buffer << 8) | u32::from(byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[((buffer >> bits) & 31) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[((buffer << (5 - bits)) & 31) as usize]));
+    }
+    out
 }
 
 fn three(arg: &str) -> (&str, &str, &str) {

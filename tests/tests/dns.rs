@@ -164,3 +164,311 @@ fn kernel_allows_a_learned_address_until_it_expires_and_only_with_the_names_flag
     // Control: both destinations are up.
     assert_eq!(probe(At { netns: &ns, cgroup: None }, &ops), ["ok", "ok"]);
 }
+
+// ---- the daemon's proxy ------------------------------------------------------------------
+
+use ztseg_integration::Daemon;
+
+/// alpha's tools: `llm` (one name, TCP 443), `mirror` (a wildcard but one name denied),
+/// `moving` (a name whose address changes), `race` (a wildcard of many names), `doh` (a DoH
+/// server, by address: only an explicit grant opens it).
+const CATALOGUE: &str = r#"
+[tools.llm]
+allow = [{ to = "api.llm.test", ports = [443], proto = "tcp" }]
+
+[tools.mirror]
+allow = [{ to = "*.mirror.test", ports = [443], proto = "tcp" }]
+deny = [{ to = "bad.mirror.test" }]
+
+[tools.moving]
+allow = [{ to = "moving.llm.test", ports = [443], proto = "tcp" }]
+
+[tools.race]
+allow = [{ to = "*.race.test", ports = [8080], proto = "tcp" }]
+
+[tools.exfil]
+allow = [{ to = "*.attacker.test", ports = [443], proto = "tcp" }]
+
+[tools.doh]
+allow = [{ to = "10.77.0.54/32", ports = [443], proto = "tcp" }]
+"#;
+
+const ZONE: &str = "\
+api.llm.test A 10.77.0.1 60
+api.llm.test TXT hello 60
+other.test A 10.77.0.1 60
+x.mirror.test A 10.77.0.2 60
+bad.mirror.test A 10.77.0.2 60
+alias.mirror.test CNAME api.llm.test 60
+moving.llm.test A 10.77.0.1 1
+local.mirror.test A 127.0.0.1 60
+*.attacker.test A 10.77.0.2 60
+";
+
+/// The resolver the daemon forwards to, inside the namespace.
+const UPSTREAM: &str = "10.77.0.53:53";
+
+struct World {
+    daemon: Daemon,
+    ns: Netns,
+    site: Site,
+    zone: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _upstream: Proc,
+    _servers: Proc,
+    _dir: TempDir,
+}
+
+impl World {
+    /// A namespace with hosts 10.77.0.1, .2 (web, 443 and 8443), .53 (the resolver, and 853),
+    /// .54 (a DoH server, 443) and 10.77.1.0/24 (8080); the daemon inside it with `dns` settings.
+    fn new(dns: &str) -> Self {
+        let site = Site::new();
+        let dir = TempDir::new("ztseg-dns");
+        let ns =
+            Netns::new(&["10.77.0.1/32", "10.77.0.2/32", "10.77.0.53/32", "10.77.0.54/32", "10.77.1.0/24"]);
+        let (zone, log) = (dir.path.join("zone"), dir.path.join("queries"));
+        fs::write(&zone, ZONE).unwrap();
+        let upstream = dns_server(&ns, UPSTREAM, &zone, &log);
+        let servers = serve(
+            &ns,
+            &[
+                "10.77.0.1:443",
+                "10.77.0.1:8443",
+                "10.77.0.2:443",
+                "10.77.0.53:853",
+                "10.77.0.54:443",
+                "0.0.0.0:8080",
+            ],
+        );
+        let mut daemon = Daemon::configure_with_dns(
+            &site,
+            &dir.path,
+            "",
+            &format!("upstream = [{UPSTREAM:?}]\nttl_min_seconds = 1\n{dns}"),
+        );
+        daemon.launch_in(&ns);
+        daemon.write_policy("catalogue.toml", CATALOGUE);
+        World { daemon, ns, site, zone, log, _upstream: upstream, _servers: servers, _dir: dir }
+    }
+
+    /// Binds `agent` with `tools`; returns its cgroup.
+    fn agent(&self, agent: &str, tools: &[&str]) -> std::path::PathBuf {
+        let mut grant = Vec::new();
+        for tool in tools {
+            grant.extend(["--tool", tool]);
+        }
+        self.daemon.bind_new(agent, &grant);
+        self.site.root.join(agent)
+    }
+
+    fn inside(&self, cgroup: &Path, ops: &[&str]) -> Vec<String> {
+        probe(At { netns: &self.ns, cgroup: Some(cgroup) }, ops)
+    }
+
+    fn outside(&self, ops: &[&str]) -> Vec<String> {
+        probe(At { netns: &self.ns, cgroup: None }, ops)
+    }
+
+    /// Queries the upstream resolver saw for names ending in `suffix`.
+    fn upstream_saw(&self, suffix: &str) -> usize {
+        queries(&self.log)
+            .iter()
+            .filter(|q| q.split_whitespace().next().is_some_and(|n| n.ends_with(suffix)))
+            .count()
+    }
+}
+
+fn ask(name: &str, qtype: &str) -> String {
+    format!("dns-conn:{UPSTREAM}/{name}/{qtype}")
+}
+
+#[test]
+fn an_allowed_name_resolves_and_is_reachable_on_its_port_only_and_others_are_refused_unasked() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["llm", "mirror"]);
+    let from = w.daemon.next_seq();
+
+    let answer = &w.inside(&alpha, &[&ask("api.llm.test", "A")])[0];
+    assert_eq!((field(answer, "rcode"), field(answer, "answers")), ("NoError", "10.77.0.1"), "{answer}");
+    // Reachable at once (the address was enforced before the answer came), on its port only.
+    assert_eq!(
+        w.inside(
+            &alpha,
+            &["tcp:10.77.0.1:443", "tcp:10.77.0.1:8443", "udp-sendto:10.77.0.1:443", "tcp:10.77.0.2:443"]
+        ),
+        ["ok", "EPERM", "EPERM", "EPERM"]
+    );
+    assert_eq!(w.upstream_saw("api.llm.test"), 1);
+
+    // Names no rule allows, a deny, a type not forwarded, a CNAME to a name the rule of the
+    // query does not reach, an answer pointing at this host: refused, and the first three
+    // never asked upstream.
+    let refused = w.inside(
+        &alpha,
+        &[
+            &ask("other.test", "A"),
+            &ask("bad.mirror.test", "A"),
+            &ask("deep.x.mirror.test", "A"),
+            &ask("api.llm.test", "TXT"),
+            &ask("api.llm.test", "ANY"),
+            &ask("local.mirror.test", "A"),
+        ],
+    );
+    for outcome in &refused[..5] {
+        assert_eq!(field(outcome, "rcode"), "Refused", "{outcome}");
+    }
+    assert_eq!(field(&refused[5], "answers"), "", "loopback is never granted: {}", refused[5]);
+    assert_eq!(w.upstream_saw("other.test"), 0);
+    assert_eq!(w.upstream_saw("bad.mirror.test"), 0);
+    assert_eq!(w.upstream_saw("deep.x.mirror.test"), 0);
+    assert_eq!(queries(&w.log).iter().filter(|q| !q.ends_with(" A")).count(), 0, "{:?}", queries(&w.log));
+    // A CNAME is followed only through names the rules allow: api.llm.test is (llm's rule).
+    let alias = &w.inside(&alpha, &[&ask("alias.mirror.test", "A")])[0];
+    assert_eq!(field(alias, "answers"), "cname:api.llm.test,10.77.0.1", "{alias}");
+
+    // Positive controls: another agent without the tools is refused the same connect before
+    // any lookup, and the host (outside every agent) reaches it.
+    let beta = w.agent("beta", &[]);
+    assert_eq!(w.inside(&beta, &["tcp:10.77.0.1:443"]), ["EPERM"]);
+    let beta_asks = &w.inside(&beta, &[&ask("api.llm.test", "A")])[0];
+    assert_eq!(field(beta_asks, "rcode"), "Refused");
+    assert_eq!(w.outside(&["tcp:10.77.0.1:443"]), ["ok"]);
+
+    // The records: the query, its answers and verdict, each refusal with its reason.
+    let records = w.daemon.collect_events(from, |r| r["action"] == "dns" && r["agent"] == "beta");
+    let dns: Vec<&serde_json::Value> = records.iter().filter(|r| r["action"] == "dns").collect();
+    let allowed = dns.iter().find(|r| r["qname"] == "api.llm.test" && r["qtype"] == "A").unwrap();
+    assert_eq!(
+        (
+            allowed["verdict"].as_str(),
+            allowed["reason"].as_str(),
+            allowed["rule"].as_str(),
+            allowed["agent"].as_str()
+        ),
+        (Some("allow"), Some("rule"), Some("tool:llm#0"), Some("alpha"))
+    );
+    assert_eq!(allowed["answers"], serde_json::json!(["10.77.0.1"]));
+    let reason_of = |name: &str, qtype: &str| {
+        let r = dns.iter().find(|r| r["qname"] == name && r["qtype"] == qtype).unwrap();
+        (r["verdict"].as_str().unwrap().to_owned(), r["reason"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(reason_of("other.test", "A"), ("deny".into(), "no_rule".into()));
+    assert_eq!(reason_of("bad.mirror.test", "A"), ("deny".into(), "forbidden".into()));
+    assert_eq!(reason_of("api.llm.test", "TXT"), ("deny".into(), "qtype".into()));
+    // The connect through the learned address names the name's rule.
+    let connect = records
+        .iter()
+        .find(|r| {
+            r["action"] == "connect" && r["dst"] == "10.77.0.1" && r["dport"] == 443 && r["agent"] == "alpha"
+        })
+        .unwrap();
+    assert_eq!((connect["verdict"].as_str(), connect["rule"].as_str()), (Some("allow"), Some("tool:llm#0")));
+}
+
+#[test]
+fn exfiltration_shaped_queries_leak_nothing_upstream_and_a_wildcard_only_its_budget() {
+    let w = World::new("wildcard_names = 5");
+    let alpha = w.agent("alpha", &["llm"]);
+    let exfil = w.inside(&alpha, &[&format!("dns-exfil:{UPSTREAM}/attacker.test/1000")]);
+    assert_eq!(exfil, ["Refused=1000"]);
+    assert_eq!(w.upstream_saw("attacker.test"), 0, "not one query reached the resolver");
+    // Control: an agent whose rules allow the wildcard does reach the resolver, for 5 distinct
+    // names per window (its budget), and is refused past it.
+    let gamma = w.agent("gamma", &["exfil"]);
+    let bounded = w.inside(&gamma, &[&format!("dns-exfil:{UPSTREAM}/attacker.test/50")]);
+    assert_eq!(bounded, ["NoError=5 Refused=45"]);
+    assert_eq!(w.upstream_saw("attacker.test"), 5);
+}
+
+#[test]
+fn a_name_whose_address_changes_works_at_the_new_one_and_stops_at_the_old_after_its_ttl() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["moving"]);
+    let first = &w.inside(&alpha, &[&ask("moving.llm.test", "A")])[0];
+    assert_eq!((field(first, "answers"), field(first, "ttl")), ("10.77.0.1", "1"), "{first}");
+    let resolved_ns = boot_now_ns();
+    // The name moves (TTL 1 s): the agent asks again and gets, and reaches, the new address.
+    fs::write(&w.zone, ZONE.replace("moving.llm.test A 10.77.0.1 1", "moving.llm.test A 10.77.0.2 1"))
+        .unwrap();
+    let second = &w.inside(&alpha, &[&ask("moving.llm.test", "A")])[0];
+    assert_eq!(field(second, "answers"), "10.77.0.2", "{second}");
+    // The old address keeps working until its TTL (1 s, the minimum of this daemon), then stops.
+    let mut until = std::process::Command::new(probe_bin());
+    until
+        .arg("--netns")
+        .arg(w.ns.path())
+        .arg("--cgroup")
+        .arg(&alpha)
+        .args(["until-denied", "tcp:10.77.0.1:443"]);
+    let out = until.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("first ok"), "{text}");
+    let denied_ended: u64 =
+        text.split_whitespace().skip_while(|w| *w != "denied-ended").nth(1).unwrap().parse().unwrap();
+    assert!(denied_ended >= resolved_ns + 1_000_000_000, "denied before the TTL ran out: {text}");
+    assert!(denied_ended < resolved_ns + 3_000_000_000, "still allowed well after the TTL: {text}");
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.2:443"]), ["EPERM"], "its TTL ran out too");
+    let third = &w.inside(&alpha, &[&format!("lookup-connect:{UPSTREAM}/moving.llm.test/443")])[0];
+    assert_eq!(third, "ok", "asked again, the new address works");
+    // Control: the old address itself is up.
+    assert_eq!(w.outside(&["tcp:10.77.0.1:443"]), ["ok"]);
+}
+
+#[test]
+fn every_way_of_asking_reaches_the_proxy_and_dot_and_doh_stay_closed() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["llm"]);
+    let name = "api.llm.test";
+    let asked = w.inside(
+        &alpha,
+        &[
+            &format!("dns-udp:{UPSTREAM}/{name}/A"),
+            &format!("dns-conn:{UPSTREAM}/{name}/A"),
+            &format!("dns-tcp:{UPSTREAM}/{name}/A"),
+            // A resolver the agent hard-coded, which does not exist here.
+            &format!("dns-conn:192.0.2.53:53/{name}/A"),
+            &format!("dns-tcp:[2001:db8::53]:53/{name}/A"),
+        ],
+    );
+    for outcome in &asked {
+        assert_eq!(field(outcome, "answers"), "10.77.0.1", "{outcome}");
+    }
+    assert_eq!(w.upstream_saw(name), 5, "each was forwarded by the proxy");
+    // The C library's resolver, with the host's resolv.conf: no configuration at all.
+    assert_eq!(w.inside(&alpha, &[&format!("getaddrinfo:{name}:443")]), ["ok"]);
+    // DNS over TLS to the resolver, and a DoH server, are addresses no rule grants.
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.53:853", "tcp:10.77.0.54:443"]), ["EPERM", "EPERM"]);
+    // Controls: both are up, and a grant that names the DoH server opens it.
+    assert_eq!(w.outside(&["tcp:10.77.0.53:853", "tcp:10.77.0.54:443"]), ["ok", "ok"]);
+    let doh = w.agent("doh-user", &["doh"]);
+    assert_eq!(w.inside(&doh, &["tcp:10.77.0.54:443"]), ["ok"]);
+}
+
+#[test]
+fn ten_thousand_lookups_each_followed_at_once_by_a_connect_are_never_refused() {
+    let names = 200;
+    let w = World::new(&format!("wildcard_names = {names}"));
+    let zone: String = (0..names).map(|i| format!("n{i}.race.test A 10.77.1.{} 1\n", i + 1)).collect();
+    fs::write(&w.zone, format!("{ZONE}{zone}")).unwrap();
+    let alpha = w.agent("alpha", &["race"]);
+    let mut race = std::process::Command::new(probe_bin());
+    race.arg("--netns").arg(w.ns.path()).arg("--cgroup").arg(&alpha);
+    race.args(["race", "10000", "16", UPSTREAM, "8080"]);
+    race.args((0..names).map(|i| format!("n{i}.race.test")));
+    let out = race.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.trim(), "lookups=10000 answered=10000 connected=10000 refused=0 other=0");
+    // Control: once the TTL runs out (polled: no one announces it), the same connect without
+    // a lookup is refused.
+    let mut until = std::process::Command::new(probe_bin());
+    until
+        .arg("--netns")
+        .arg(w.ns.path())
+        .arg("--cgroup")
+        .arg(&alpha)
+        .args(["until-denied", "tcp:10.77.1.1:8080"]);
+    let text = String::from_utf8(until.output().unwrap().stdout).unwrap();
+    assert!(text.contains("denied-ended"), "{text}");
+}
