@@ -472,3 +472,24 @@ fn ten_thousand_lookups_each_followed_at_once_by_a_connect_are_never_refused() {
     let text = String::from_utf8(until.output().unwrap().stdout).unwrap();
     assert!(text.contains("denied-ended"), "{text}");
 }
+
+#[test]
+fn learned_addresses_survive_a_refresh_and_a_restart_and_leave_with_the_rule() {
+    let mut w = World::new("");
+    let alpha = w.agent("alpha", &["llm"]);
+    assert_eq!(w.inside(&alpha, &[&format!("lookup-connect:{UPSTREAM}/api.llm.test/443")]), ["ok"]);
+    // A refreshed token of the same grant: reachable without asking again.
+    w.daemon.bind_new("alpha", &["--tool", "llm"]);
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.1:443"]), ["ok"]);
+    // The daemon crashes and starts again: still reachable, and nothing was asked again.
+    w.daemon.crash();
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.1:443"]), ["ok"], "the kernel enforces with the daemon down");
+    w.daemon.launch();
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.1:443"]), ["ok"]);
+    assert_eq!(w.upstream_saw("api.llm.test"), 1);
+    // A grant without the name's rule takes the address with it, at once.
+    w.daemon.bind_new("alpha", &["--tool", "mirror"]);
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.1:443"]), ["EPERM"]);
+    // Control: the host reaches it.
+    assert_eq!(w.outside(&["tcp:10.77.0.1:443"]), ["ok"]);
+}
