@@ -195,6 +195,7 @@ allow = [{ to = "10.77.0.54/32", ports = [443], proto = "tcp" }]
 
 const ZONE: &str = "\
 api.llm.test A 10.77.0.1 60
+api.llm.test AAAA fd77::1 60
 api.llm.test TXT hello 60
 other.test A 10.77.0.1 60
 x.mirror.test A 10.77.0.2 60
@@ -225,8 +226,14 @@ impl World {
     fn new(dns: &str) -> Self {
         let site = Site::new();
         let dir = TempDir::new("ztseg-dns");
-        let ns =
-            Netns::new(&["10.77.0.1/32", "10.77.0.2/32", "10.77.0.53/32", "10.77.0.54/32", "10.77.1.0/24"]);
+        let ns = Netns::new(&[
+            "10.77.0.1/32",
+            "10.77.0.2/32",
+            "10.77.0.53/32",
+            "10.77.0.54/32",
+            "10.77.1.0/24",
+            "fd77::1/128",
+        ]);
         let (zone, log) = (dir.path.join("zone"), dir.path.join("queries"));
         fs::write(&zone, ZONE).unwrap();
         let upstream = dns_server(&ns, UPSTREAM, &zone, &log);
@@ -239,6 +246,8 @@ impl World {
                 "10.77.0.53:853",
                 "10.77.0.54:443",
                 "0.0.0.0:8080",
+                "[fd77::1]:443",
+                "[fd77::1]:8443",
             ],
         );
         let mut daemon = Daemon::configure_with_dns(
@@ -385,6 +394,8 @@ fn exfiltration_shaped_queries_leak_nothing_upstream_and_a_wildcard_only_its_bud
 fn a_name_whose_address_changes_works_at_the_new_one_and_stops_at_the_old_after_its_ttl() {
     let w = World::new("");
     let alpha = w.agent("alpha", &["moving"]);
+    // The grant starts when the proxy answers: after this, before the probe's answer is read.
+    let asked_ns = boot_now_ns();
     let first = &w.inside(&alpha, &[&ask("moving.llm.test", "A")])[0];
     assert_eq!((field(first, "answers"), field(first, "ttl")), ("10.77.0.1", "1"), "{first}");
     let resolved_ns = boot_now_ns();
@@ -406,7 +417,7 @@ fn a_name_whose_address_changes_works_at_the_new_one_and_stops_at_the_old_after_
     assert!(text.starts_with("first ok"), "{text}");
     let denied_ended: u64 =
         text.split_whitespace().skip_while(|w| *w != "denied-ended").nth(1).unwrap().parse().unwrap();
-    assert!(denied_ended >= resolved_ns + 1_000_000_000, "denied before the TTL ran out: {text}");
+    assert!(denied_ended >= asked_ns + 1_000_000_000, "denied before the TTL ran out: {text}");
     assert!(denied_ended < resolved_ns + 3_000_000_000, "still allowed well after the TTL: {text}");
     assert_eq!(w.inside(&alpha, &["tcp:10.77.0.2:443"]), ["EPERM"], "its TTL ran out too");
     let third = &w.inside(&alpha, &[&format!("lookup-connect:{UPSTREAM}/moving.llm.test/443")])[0];
@@ -435,6 +446,10 @@ fn every_way_of_asking_reaches_the_proxy_and_dot_and_doh_stay_closed() {
         assert_eq!(field(outcome, "answers"), "10.77.0.1", "{outcome}");
     }
     assert_eq!(w.upstream_saw(name), 5, "each was forwarded by the proxy");
+    // IPv6: an AAAA answer is granted as an IPv6 destination, on the rule's port only.
+    let aaaa = &w.inside(&alpha, &[&ask(name, "AAAA")])[0];
+    assert_eq!(field(aaaa, "answers"), "fd77::1", "{aaaa}");
+    assert_eq!(w.inside(&alpha, &["tcp:[fd77::1]:443", "tcp:[fd77::1]:8443"]), ["ok", "EPERM"]);
     // The C library's resolver, with the host's resolv.conf: no configuration at all.
     assert_eq!(w.inside(&alpha, &[&format!("getaddrinfo:{name}:443")]), ["ok"]);
     // DNS over TLS to the resolver, and a DoH server, are addresses no rule grants.

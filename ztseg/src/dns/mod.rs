@@ -13,11 +13,16 @@
 //! - [`proxy`]: the sockets, and each query from arrival to answer.
 
 pub mod answer;
+#[cfg(test)]
+mod fake_map;
 pub mod proxy;
 pub mod record;
 pub mod rules;
 pub mod store;
 pub mod upstream;
+
+#[cfg(test)]
+mod proxy_tests;
 
 pub use self::{
     rules::NameRules,

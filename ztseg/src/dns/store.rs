@@ -181,7 +181,7 @@ pub fn forbidden_answer(addr: IpAddr) -> bool {
     }
 }
 
-fn key(cgroup_id: u64, addr: IpAddr, proto: u8, port: u16) -> Learned {
+pub(crate) fn key(cgroup_id: u64, addr: IpAddr, proto: u8, port: u16) -> Learned {
     let (family, words) = match canonical(addr) {
         IpAddr::V4(v4) => (FAMILY_V4, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
         IpAddr::V6(v6) => {

@@ -1,8 +1,7 @@
-use std::sync::Mutex;
-
 use ztseg_common::rule::{PROTO_TCP, PROTO_UDP};
 
 use super::*;
+use crate::dns::fake_map::FakeMap;
 use crate::{
     dataplane::Verdict,
     policy::{NameGrant, NamePattern, PortRange, Protos},
@@ -10,48 +9,6 @@ use crate::{
 
 const S: u64 = 1_000_000_000;
 const CG: u64 = 77;
-
-/// The kernel map, in memory; can be told to fail writes.
-#[derive(Clone, Default)]
-struct FakeMap(Arc<Mutex<FakeState>>);
-
-#[derive(Default)]
-struct FakeState {
-    entries: HashMap<Learned, LearnedValue>,
-    fail_after: Option<usize>,
-}
-
-impl LearnedMap for FakeMap {
-    fn write(&mut self, key: &Learned, value: &LearnedValue) -> io::Result<()> {
-        let mut s = self.0.lock().unwrap();
-        match &mut s.fail_after {
-            Some(0) => return Err(io::Error::other("map full")),
-            Some(n) => *n -= 1,
-            None => {}
-        }
-        s.entries.insert(*key, *value);
-        Ok(())
-    }
-
-    fn delete(&mut self, key: &Learned) -> io::Result<()> {
-        self.0.lock().unwrap().entries.remove(key);
-        Ok(())
-    }
-
-    fn all(&self) -> io::Result<Vec<(Learned, LearnedValue)>> {
-        Ok(self.0.lock().unwrap().entries.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-}
-
-impl FakeMap {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().entries.len()
-    }
-
-    fn get(&self, addr: &str, proto: u8, port: u16) -> Option<LearnedValue> {
-        self.0.lock().unwrap().entries.get(&key(CG, addr.parse().unwrap(), proto, port)).copied()
-    }
-}
 
 fn limits() -> Limits {
     Limits {
@@ -117,20 +74,20 @@ fn an_answer_is_written_per_address_port_and_protocol_with_its_clamped_ttl() {
     // TTL 1 is granted for the 5 s minimum (the agent is told 1); 3600 for the 300 s maximum.
     assert_eq!(installed.ttls, [1, 300]);
     assert_eq!(installed.rule_id, 0);
-    let tcp443 = map.get("192.0.2.1", PROTO_TCP, 443).unwrap();
+    let tcp443 = map.get(CG, "192.0.2.1", PROTO_TCP, 443).unwrap();
     assert_eq!((tcp443.expires_ns, tcp443.rule_id), (now + 5 * S, 0));
-    assert_eq!(map.get("192.0.2.1", PROTO_TCP, 0).unwrap().rule_id, 1);
-    assert_eq!(map.get("192.0.2.1", PROTO_UDP, 0).unwrap().rule_id, 1);
-    assert_eq!(map.get("2001:db8::1", PROTO_TCP, 443).unwrap().expires_ns, now + 300 * S);
+    assert_eq!(map.get(CG, "192.0.2.1", PROTO_TCP, 0).unwrap().rule_id, 1);
+    assert_eq!(map.get(CG, "192.0.2.1", PROTO_UDP, 0).unwrap().rule_id, 1);
+    assert_eq!(map.get(CG, "2001:db8::1", PROTO_TCP, 443).unwrap().expires_ns, now + 300 * S);
     assert_eq!(map.len(), 6);
     // IPv4-mapped answers are IPv4 entries (the kernel judges them as IPv4).
     store.install(&admitted, "api.example.com", &[(addr("::ffff:192.0.2.1"), 60)], now).unwrap();
-    assert_eq!(map.get("192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, now + 60 * S);
+    assert_eq!(map.get(CG, "192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, now + 60 * S);
     assert_eq!(map.len(), 6);
     // Never past the token's deadline.
     let late = store.install(&admitted, "api.example.com", &[(addr("192.0.2.1"), 300)], 998 * S).unwrap();
     assert_eq!(late.ttls, [2]);
-    assert_eq!(map.get("192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, 1000 * S);
+    assert_eq!(map.get(CG, "192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, 1000 * S);
 }
 
 #[test]
@@ -225,7 +182,7 @@ fn a_new_grant_moves_or_drops_what_the_names_granted_before_the_switch() {
     );
     store.regrant(CG, narrower.clone(), 1000 * S, table());
     assert_eq!(map.len(), 1);
-    assert!(map.get("192.0.2.1", PROTO_TCP, 8443).is_some());
+    assert!(map.get(CG, "192.0.2.1", PROTO_TCP, 8443).is_some());
     assert_eq!(store.totals(), (1, 1));
     // An answer in flight under the old rules is judged under the new ones.
     let stale = store.admit(3, "api.example.com", now).unwrap();
@@ -264,7 +221,7 @@ fn a_restart_keeps_entries_whose_rule_is_unchanged_and_drops_the_rest() {
     );
     again.regrant(CG, changed, 1000 * S, table());
     assert_eq!(map.len(), 1);
-    assert_eq!(map.get("192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, now + 60 * S);
+    assert_eq!(map.get(CG, "192.0.2.1", PROTO_TCP, 443).unwrap().expires_ns, now + 60 * S);
 }
 
 #[test]
