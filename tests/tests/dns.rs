@@ -365,13 +365,11 @@ fn an_allowed_name_resolves_and_is_reachable_on_its_port_only_and_others_are_ref
     assert_eq!(reason_of("other.test", "A"), ("deny".into(), "no_rule".into()));
     assert_eq!(reason_of("bad.mirror.test", "A"), ("deny".into(), "forbidden".into()));
     assert_eq!(reason_of("api.llm.test", "TXT"), ("deny".into(), "qtype".into()));
-    // The connect through the learned address names the name's rule.
-    let connect = records
-        .iter()
-        .find(|r| {
-            r["action"] == "connect" && r["dst"] == "10.77.0.1" && r["dport"] == 443 && r["agent"] == "alpha"
-        })
-        .unwrap();
+    // The connect through the learned address names the name's rule (the kernel's records
+    // reach the log through the ring, on their own time).
+    let connect = w.daemon.wait_event("alpha's connect", |r| {
+        r["action"] == "connect" && r["dst"] == "10.77.0.1" && r["dport"] == 443 && r["agent"] == "alpha"
+    });
     assert_eq!((connect["verdict"].as_str(), connect["rule"].as_str()), (Some("allow"), Some("tool:llm#0")));
 }
 
