@@ -295,19 +295,6 @@ async fn serve(config: Config) -> Result<()> {
         })
         .transpose()?;
     let counters = Arc::new(crate::metrics::Metrics::new(config.metrics.agent_series));
-    // The DNS proxy's sockets, likewise: agents' DNS goes nowhere else.
-    let dns_bound = config
-        .dns
-        .enabled
-        .then(|| {
-            crate::dns::proxy::bind(config.dns.port).with_context(|| {
-                format!(
-                    "cannot listen for the DNS proxy on port {} of the loopback (dns.port)",
-                    config.dns.port
-                )
-            })
-        })
-        .transpose()?;
 
     let cgroups = CgroupFs::discover()?;
     let root = cgroups.resolve(&config.cgroup_root)?;
@@ -321,6 +308,20 @@ async fn serve(config: Config) -> Result<()> {
     }
     let load = crate::dataplane::LoadOptions { dns: config.dns.kernel_config() };
     let (mut dataplane, report) = Dataplane::start_with(&config.pin_dir, &root, &load)?;
+    // The DNS proxy's sockets, once the pin dir is this daemon's (a second daemon is told that
+    // first): agents' DNS goes nowhere else.
+    let dns_bound = config
+        .dns
+        .enabled
+        .then(|| {
+            crate::dns::proxy::bind(config.dns.port).with_context(|| {
+                format!(
+                    "cannot listen for the DNS proxy on port {} of the loopback (dns.port)",
+                    config.dns.port
+                )
+            })
+        })
+        .transpose()?;
     let learned = dataplane.take_learned().context("the learned map was already taken")?;
     let dns_store = Arc::new(Mutex::new(
         crate::dns::Store::new(Box::new(learned), crate::dns::Limits::of(&config.dns))
