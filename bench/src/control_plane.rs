@@ -36,7 +36,7 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn add(&mut self, name: &str, value: String) {
+    pub(crate) fn add(&mut self, name: &str, value: String) {
         eprintln!("ztseg-bench: {name}: {value}");
         self.lines.push((name.to_owned(), value));
     }
@@ -771,7 +771,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     Ok(fig)
 }
 
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(pub(crate) PathBuf);
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
@@ -779,7 +779,7 @@ impl Drop for DirGuard {
     }
 }
 
-struct PinsGuard(PathBuf, PathBuf);
+pub(crate) struct PinsGuard(pub(crate) PathBuf, pub(crate) PathBuf);
 
 impl Drop for PinsGuard {
     fn drop(&mut self) {

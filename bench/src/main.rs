@@ -7,6 +7,7 @@
 //! `target/bench/connect.svg`.
 
 mod control_plane;
+mod dns;
 mod net;
 mod report;
 mod stats;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
         Some("flow") => worker::flow(&args[1..]),
         Some("bulk") => worker::bulk(&args[1..]),
         Some("udp-flood") => worker::udp_flood(&args[1..]),
+        Some("dns-upstream") => dns::upstream_main(&args[1..]),
+        Some("dns-client") => dns::client_main(&args[1..]),
         _ => run(&args),
     };
     match result {
@@ -62,6 +65,9 @@ pub struct Options {
     pub out: PathBuf,
     /// `--control-only`: skip the data-plane matrix.
     pub control_only: bool,
+    /// `--dns-only`: only the DNS figures.
+    pub dns_only: bool,
+    pub quick: bool,
     /// How long each bulk-throughput run sends.
     pub bulk_ms: u64,
 }
@@ -74,16 +80,19 @@ fn options(args: &[String]) -> Result<Options> {
         daemon: None,
         out: PathBuf::from("target/bench"),
         control_only: false,
+        dns_only: false,
+        quick: false,
         bulk_ms: 1000,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--runs" => o.runs = it.next().context("--runs N")?.parse()?,
-            "--quick" => (o.tcp_ops, o.udp_ops, o.bulk_ms) = (4_000, 20_000, 300),
+            "--quick" => (o.tcp_ops, o.udp_ops, o.bulk_ms, o.quick) = (4_000, 20_000, 300, true),
             "--daemon" => o.daemon = Some(PathBuf::from(it.next().context("--daemon PATH")?)),
             "--out" => o.out = PathBuf::from(it.next().context("--out DIR")?),
             "--control-only" => o.control_only = true,
+            "--dns-only" => o.dns_only = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -481,6 +490,18 @@ fn run(args: &[String]) -> Result<()> {
     let id = std::process::id();
     let fs_ = CgroupFs::discover()?;
     sweep_stale(&fs_);
+    if opts.dns_only {
+        let daemon = opts.daemon.as_ref().context("--dns-only needs --daemon PATH")?;
+        let figures = dns::run(&bench, daemon, &fs_, opts.quick)?;
+        let mut md = String::from("# ztseg DNS figures\n\n| figure | value |\n|---|---|\n");
+        for (name, value) in &figures.lines {
+            md.push_str(&format!("| {name} | {value} |\n"));
+        }
+        fs::create_dir_all(&opts.out)?;
+        fs::write(opts.out.join("dns.md"), &md)?;
+        println!("{md}");
+        return Ok(());
+    }
     let mut cgroups = Cgroups(Vec::new());
     let outside = fs_.resolve(Path::new(&format!("ztseg-bench-{id}.slice")))?;
     cgroups.make(&outside)?;
@@ -494,7 +515,9 @@ fn run(args: &[String]) -> Result<()> {
     // The baseline worker's own namespace, set up the same way: nftables rules apply to every
     // packet of the namespace they are loaded in, whatever its cgroup.
     let base_ns = Netns::new(&format!("ztseg-bench-{id}-base"))?;
-    let (dataplane, _) = Dataplane::start(&pins.dir, &root)?;
+    // Loaded as the daemon loads them by default (the DNS redirect on).
+    let load = ztseg::dataplane::LoadOptions { dns: ztseg::config::Dns::default().kernel_config() };
+    let (dataplane, _) = Dataplane::start_with(&pins.dir, &root, &load)?;
     let mut dataplane = dataplane;
     // A consumer drains the event ring as the daemon would, so every decision pays for writing
     // its record (a full, undrained ring would make the bench time the cheaper drop path).
@@ -645,8 +668,12 @@ fn run(args: &[String]) -> Result<()> {
         Some(daemon) => Some(control_plane::run(&bench, daemon, &ns, &fs_)?),
         None => None,
     };
+    let dns = match &opts.daemon {
+        Some(daemon) => Some(dns::run(&bench, daemon, &fs_, opts.quick)?),
+        None => None,
+    };
     fs::create_dir_all(&opts.out)?;
-    let md = report::markdown(&opts, &results, control.as_ref());
+    let md = report::markdown(&opts, &results, control.as_ref(), dns.as_ref());
     fs::write(opts.out.join("report.md"), &md)?;
     fs::write(opts.out.join("connect.svg"), report::chart(&results))?;
     println!("{md}");

@@ -34,7 +34,7 @@ fn cell(s: Stat, scale: f64, digits: usize) -> String {
     format!("{:.d$} ({:.d$}-{:.d$})", s.median * scale, s.min * scale, s.max * scale, d = digits)
 }
 
-pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>) -> String {
+pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>, dns: Option<&Figures>) -> String {
     let mut md = String::from("# ztseg benchmark\n\n");
     let _ = writeln!(
         md,
@@ -89,6 +89,12 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>) -> Strin
     md.push_str(&aims(r, control));
     if let Some(fig) = control {
         md.push_str("\n## Control plane\n\n| figure | value |\n|---|---|\n");
+        for (name, value) in &fig.lines {
+            let _ = writeln!(md, "| {name} | {value} |");
+        }
+    }
+    if let Some(fig) = dns {
+        md.push_str("\n## DNS\n\nThe daemon's DNS proxy against the bench's own resolver, both in a namespace of their own; clients inside an agent's cgroup (through the proxy) or outside it (the resolver directly). Kernel costs from BPF run-time statistics of connect4, connects that end in a reset (allowed) or at the hook (refused).\n\n| figure | value |\n|---|---|\n");
         for (name, value) in &fig.lines {
             let _ = writeln!(md, "| {name} | {value} |");
         }

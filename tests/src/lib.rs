@@ -347,6 +347,17 @@ pub struct Daemon {
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Where stderr went, when a file (then [`Daemon::log`] reads it).
     log_file: Option<PathBuf>,
+    /// The network namespace the daemon runs in (its DNS proxy serves the agents there), by
+    /// name; the host's when `None`.
+    pub netns: Option<String>,
+    /// The DNS proxy's port (unique per daemon, so daemons of concurrent tests never clash).
+    pub dns_port: u16,
+}
+
+/// A DNS proxy port of this test process's own, outside the ephemeral range.
+fn unique_dns_port() -> u16 {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    10_000 + ((std::process::id() % 1000) * 16 + n % 16) as u16
 }
 
 /// What the daemon logs once it serves: the harness waits for it.
@@ -387,6 +398,12 @@ impl Daemon {
     /// Writes the config and the issuer key as [`Daemon::start_with`] does, without starting the
     /// daemon ([`Daemon::launch_logging_to`] starts it).
     pub fn configure(site: &Site, dir: &Path, extra: &str) -> Self {
+        Self::configure_with_dns(site, dir, extra, "")
+    }
+
+    /// [`Daemon::configure`] with `dns` (lines) added to the config's `[dns]` table.
+    pub fn configure_with_dns(site: &Site, dir: &Path, extra: &str, dns: &str) -> Self {
+        let dns_port = unique_dns_port();
         let policy_dir = dir.join("policies");
         let keys = dir.join("keys");
         fs::create_dir_all(&policy_dir).unwrap();
@@ -400,7 +417,8 @@ impl Daemon {
             format!(
                 "{extra}\npolicy_dir = {policy:?}\nstate_dir = {state:?}\naudit_log = {audit:?}\nsocket = {socket:?}\n\
                  pin_dir = {pins:?}\ncgroup_root = {root:?}\nmax_ttl_seconds = 3600\nleeway_seconds = 0\n\n\
-                 [[issuers]]\niss = {issuer:?}\nkey = {jwks:?}\nalgorithms = [\"EdDSA\"]\n",
+                 [[issuers]]\niss = {issuer:?}\nkey = {jwks:?}\nalgorithms = [\"EdDSA\"]\n\n\
+                 [dns]\nport = {dns_port}\n{dns}\n",
                 policy = policy_dir,
                 state = dir.join("state"),
                 audit = dir.join("audit/audit.jsonl"),
@@ -434,7 +452,16 @@ impl Daemon {
             child: None,
             log: Default::default(),
             log_file: None,
+            netns: None,
+            dns_port,
         }
+    }
+
+    /// Starts the daemon inside `netns` (where its DNS proxy then serves the agents that run
+    /// there) and returns once it is ready.
+    pub fn launch_in(&mut self, netns: &Netns) {
+        self.netns = Some(netns.name.clone());
+        self.launch();
     }
 
     /// Starts the daemon process and returns once it says it is ready.
@@ -447,6 +474,17 @@ impl Daemon {
     pub fn launch_logging_to(&mut self, to: LogTo<'_>, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "daemon already running");
         let mut command = Command::new(bin("ztseg"));
+        if let Some(netns) = &self.netns {
+            // Its network namespace only (`ip netns exec` would also mount a sysfs of the
+            // namespace's own over /sys, hiding the cgroup2 and bpf mounts the daemon needs).
+            let ns = fs::File::open(PathBuf::from("/run/netns").join(netns)).unwrap();
+            // SAFETY: the closure makes one system call on a descriptor opened before the fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                })
+            };
+        }
         command.args(["daemon", "--config"]).arg(&self.config).env("ZTSEG_LOG", "info").stdout(Stdio::null());
         command.envs(env.iter().copied());
         self.log_file = None;

@@ -15,7 +15,7 @@ const CATALOGUE: &str = r#"
 allow = [{ to = "10.77.0.53/32", ports = [53], proto = "udp" }]
 
 [scopes."read:db"]
-allow = [{ to = "10.77.0.1/32", ports = [8001], proto = "tcp" }]
+allow = [{ to = "10.77.0.1/32", ports = [8001], proto = "tcp" }, { to = "db.test", ports = [8001], proto = "tcp" }]
 
 [tools.net]
 allow = [{ to = "10.77.0.0/24", proto = "tcp" }, { to = "10.77.0.1/32", ports = [8002], proto = "udp" }]
@@ -35,7 +35,15 @@ fn world() -> World {
     let ns = Netns::new(&["10.77.0.1/32", "10.77.0.53/32"]);
     let server = serve(&ns, &["10.77.0.1:8001", "10.77.0.1:8002"]);
     // nogroup (gid 65534) may use the control socket: the tests show what such a member may not do.
-    let daemon = Daemon::start_with(&site, &dir.path, "control_group = \"nogroup\"");
+    // The daemon runs in the namespace, so its DNS proxy serves the agents there, and asks the
+    // namespace's resolver.
+    let mut daemon = Daemon::configure_with_dns(
+        &site,
+        &dir.path,
+        "control_group = \"nogroup\"",
+        "upstream = [\"10.77.0.53:53\"]",
+    );
+    daemon.launch_in(&ns);
     daemon.write_policy("catalogue.toml", CATALOGUE);
     let world = World { daemon, ns, site, _server: server, _dir: dir };
     world.daemon.bind_new("alpha", &["--scope", "read:db"]);
@@ -357,7 +365,8 @@ while True:
 
 /// What an ordinary Python agent does: threads, a process pool and a manager (pipes, semaphores
 /// in /dev/shm, a Unix socket in /tmp), a subprocess, a third-party package, and a name lookup
-/// through the granted resolver followed by a connect to the granted service.
+/// (through ztseg's DNS proxy, which asks the namespace's resolver for the granted name)
+/// followed by a connect to the granted service.
 const PYTHON_AGENT: &str = r#"
 import multiprocessing, socket, subprocess, threading
 import jwt  # a third-party package (Debian's python3-jwt)

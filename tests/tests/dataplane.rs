@@ -612,11 +612,14 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(probe(at, &["tcp:10.77.0.1:8001"]), ["EPERM"]);
     let report = ztseg::dataplane::uninstall(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.links_detached, ztseg::dataplane::program_names().count());
-    assert_eq!(report.links_detached, 8, "connect4/6, sendmsg4/6, sock_create, packets_in/out, setsockopt");
+    assert_eq!(
+        report.links_detached, 12,
+        "connect4/6, sendmsg4/6, sock_create, packets_in/out, setsockopt, recvmsg4/6, getpeername4/6"
+    );
     assert_eq!(report.maps_unpinned, ztseg::dataplane::pins::PINNED_MAPS.len());
     assert_eq!(
-        report.maps_unpinned, 9,
-        "agents, rules4/6, events, drops, stats, replies, summaries, summary_epoch"
+        report.maps_unpinned, 11,
+        "agents, rules4/6, events, drops, stats, replies, summaries, summary_epoch, learned, dns_peers"
     );
     assert!(!site.pin_dir.exists());
     // The cgroup was empty, so it is gone too; a process in a fresh cgroup there is unconfined.

@@ -168,7 +168,7 @@ fn a_udp_socket_connected_to_port_0_cannot_hear_every_port() {
     // Connected to port 0, a UDP socket takes datagrams from every port of the peer; no rule
     // can grant port 0, not even one for every port of the address.
     let w = world();
-    let ops = ["udp-connect-only:10.79.0.3:0", "udp-connect-only:10.79.0.3:53"];
+    let ops = ["udp-connect-only:10.79.0.3:0", "udp-connect-only:10.79.0.3:54"];
     assert_eq!(probe(At { netns: &w.here, cgroup: None }, &ops), ["ok", "ok"]);
     let (code, out, err) = run_agent(&w.daemon, &w.here, "alpha", None, &ops);
     assert_eq!((code, out), (0, vec!["EPERM".to_owned(), "ok".to_owned()]), "{err}");

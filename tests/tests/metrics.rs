@@ -98,6 +98,12 @@ fn wait_for(port: u16, series: &str, want: f64) -> BTreeMap<String, f64> {
 }
 
 /// Ports of the TCP sockets `pid` listens on (its fds' inodes looked up in /proc/net/tcp{,6}).
+/// The TCP ports `daemon` listens on, less its DNS proxy's (which listens on the loopback
+/// device only, for the agents' DNS: see tests/tests/dns.rs).
+fn listening(daemon: &Daemon) -> Vec<u16> {
+    listening_ports(daemon.pid()).into_iter().filter(|p| *p != daemon.dns_port).collect()
+}
+
 fn listening_ports(pid: u32) -> Vec<u16> {
     let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -153,7 +159,7 @@ fn counters_move_by_exactly_the_decisions_an_agent_made() {
     let mut daemon = configure(&site, &dir.path, &format!("listen = \"127.0.0.1:{port}\""));
     daemon.launch();
     // Positive control of the listening check below: exactly the configured port.
-    assert_eq!(listening_ports(daemon.pid()), [port]);
+    assert_eq!(listening(&daemon), [port]);
     daemon.write_policy("catalogue.toml", CATALOGUE);
     daemon.bind_new("analyst", &["--op", "op-metrics", "--scope", "read:svc"]);
     let first = wait_for(port, "ztseg_agents{state=\"active\"}", 1.0);
@@ -236,7 +242,7 @@ fn with_metrics_off_the_daemon_listens_on_no_tcp_port() {
     let dir = TempDir::new("ztseg-metrics-off");
     let daemon = Daemon::start(&site, &dir.path);
     assert!(fs::read_to_string(&daemon.config).unwrap().find("[metrics]").is_none());
-    assert_eq!(listening_ports(daemon.pid()), Vec::<u16>::new());
+    assert_eq!(listening(&daemon), Vec::<u16>::new());
     // The control socket still works (the daemon is up, not merely quiet).
     assert_eq!(daemon.ztseg(&["status"]).0, 0);
 }
@@ -277,7 +283,7 @@ fn a_unix_socket_endpoint_serves_only_metrics_and_outlasts_idle_and_slow_clients
     let mut daemon = configure(&site, &dir.path, &format!("listen = \"unix:{}\"", socket.display()));
     daemon.launch();
     assert_eq!(fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o660);
-    assert_eq!(listening_ports(daemon.pid()), Vec::<u16>::new());
+    assert_eq!(listening(&daemon), Vec::<u16>::new());
     let unix = || {
         let stream = UnixStream::connect(&socket).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -31,7 +31,7 @@ const TTL_SECONDS: u64 = 20;
 const SERVICES: [(&str, &str); 7] = [
     ("10.0.5.12:5432", "sales database (scope read:data.sales_q1_2026)"),
     ("10.0.6.20:443", "report store (scope write:report.draft.2026q1)"),
-    ("10.0.53.53:53", "DNS resolver (baseline)"),
+    ("10.0.53.53:53", "DNS resolver (its port 53: to ztseg's DNS proxy)"),
     ("203.0.113.10:443", "a web site (tool http, forbidden)"),
     ("10.0.7.22:22", "an internal host's ssh (tool bash, forbidden)"),
     ("10.0.5.13:5432", "another database (not granted)"),

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod decision;
+pub mod dns;
 pub mod event;
 pub mod maps;
 pub mod packet;

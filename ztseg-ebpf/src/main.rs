@@ -14,6 +14,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod dns;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -123,24 +125,40 @@ static RCU_BARRIER_INNER: Array<u32, 1> = Array::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    judge_v4(&ctx, ACTION_CONNECT)
+    // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
+    match dns::redirect_v4(&ctx, ACTION_CONNECT) {
+        dns::NOT_DNS => judge_v4(&ctx, ACTION_CONNECT),
+        verdict => verdict,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    judge_v6(&ctx, ACTION_CONNECT)
+    // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
+    match dns::redirect_v6(&ctx, ACTION_CONNECT) {
+        dns::NOT_DNS => judge_v6(&ctx, ACTION_CONNECT),
+        verdict => verdict,
+    }
 }
 
 /// Runs for unconnected UDP sends only; a connected UDP socket was judged at connect. An
 /// allowed destination is remembered on the socket, so that its replies come in.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge_v4(&ctx, ACTION_SENDMSG)
+    // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
+    match dns::redirect_v4(&ctx, ACTION_SENDMSG) {
+        dns::NOT_DNS => judge_v4(&ctx, ACTION_SENDMSG),
+        verdict => verdict,
+    }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge_v6(&ctx, ACTION_SENDMSG)
+    // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
+    match dns::redirect_v6(&ctx, ACTION_SENDMSG) {
+        dns::NOT_DNS => judge_v6(&ctx, ACTION_SENDMSG),
+        verdict => verdict,
+    }
 }
 
 /// Every packet into an agent's socket: nothing comes in while the agent is killed, paused,
@@ -818,7 +836,10 @@ fn decide_v4(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 4]) -> D
     } else {
         NO_MATCH
     };
-    held(judged(dir, combine_found(&at_port, &any_port), task.mode()), task.paused())
+    let decided = combine_found(&at_port, &any_port);
+    let decided =
+        dns::learned_or(task, dir, proto, port, [u32::from_ne_bytes(addr), 0, 0, 0], FAMILY_V4, decided);
+    held(judged(dir, decided, task.mode()), task.paused())
 }
 
 #[inline(always)]
@@ -843,7 +864,9 @@ fn decide_v6(task: &Task, dir: u8, proto: u8, port: [u8; 2], addr: [u8; 16]) -> 
     } else {
         NO_MATCH
     };
-    held(judged(dir, combine_found(&at_port, &any_port), task.mode()), task.paused())
+    let decided = combine_found(&at_port, &any_port);
+    let decided = dns::learned_or(task, dir, proto, port, words(addr), FAMILY_V6, decided);
+    held(judged(dir, decided, task.mode()), task.paused())
 }
 
 // Keeps NO_RULE_ID referenced for readers: events of gate denials carry it as rule_id.

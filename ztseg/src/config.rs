@@ -55,6 +55,8 @@ pub struct Config {
     pub audit: Audit,
     /// The Prometheus metrics endpoint (off unless `listen` is set).
     pub metrics: Metrics,
+    /// The DNS proxy that agents' port 53 goes to.
+    pub dns: Dns,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             risk: Risk::default(),
             audit: Audit::default(),
             metrics: Metrics::default(),
+            dns: Dns::default(),
         }
     }
 }
@@ -332,6 +335,141 @@ impl Listen {
     }
 }
 
+/// `[dns]`: the DNS proxy every agent's DNS goes to (docs/configuration.md#dns).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns {
+    /// Port 53 of every agent (UDP and TCP, any address) goes to the proxy. Off: port 53 is an
+    /// ordinary destination that rules grant or not, and rules to DNS names grant nothing.
+    pub enabled: bool,
+    /// A /16 inside 127.0.0.0/8 (not 127.0.0.0/16): the agent in slot N is sent to address
+    /// N + 1 of it, which is how the proxy knows whose query it reads.
+    pub proxy_net: ipnet::Ipv4Net,
+    /// The proxy's port on those addresses (UDP and TCP).
+    pub port: u16,
+    /// The resolvers the proxy asks, as "IP:PORT". Empty: the nameservers of the host's
+    /// /etc/resolv.conf.
+    pub upstream: Vec<SocketAddr>,
+    /// How long an upstream resolver is waited for before the next one is asked.
+    pub upstream_timeout_ms: u64,
+    /// An answer's addresses are granted for its TTL clamped to this range (and never past
+    /// the token's `exp`); the TTLs the agent sees are at most that.
+    pub ttl_min_seconds: u32,
+    pub ttl_max_seconds: u32,
+    /// Distinct names an agent may hold answers for at once.
+    pub max_names: usize,
+    /// Learned entries (address x port x protocol) an agent may hold at once.
+    pub max_addresses: usize,
+    /// Distinct names an agent may query under one wildcard rule per window.
+    pub wildcard_names: usize,
+    pub wildcard_window_seconds: u64,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            proxy_net: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 53, 0, 0), 16)
+                .unwrap_or_else(|_| ipnet::Ipv4Net::default()),
+            port: 10053,
+            upstream: Vec::new(),
+            upstream_timeout_ms: 2000,
+            ttl_min_seconds: 5,
+            ttl_max_seconds: 300,
+            max_names: 1024,
+            max_addresses: 4096,
+            wildcard_names: 64,
+            wildcard_window_seconds: 60,
+        }
+    }
+}
+
+impl Dns {
+    /// What is wrong with `[dns]`, if anything: (key, problem).
+    fn problem(&self) -> Option<(&'static str, String)> {
+        let net = self.proxy_net;
+        let loopback: ipnet::Ipv4Net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).ok()?;
+        if net.prefix_len() != 16 || !loopback.contains(&net) || net.network() != net.addr() {
+            return Some((
+                "dns.proxy_net",
+                format!("must be a /16 network inside 127.0.0.0/8, like \"127.53.0.0/16\", got {net}"),
+            ));
+        }
+        if net.addr().octets()[1] == 0 {
+            return Some((
+                "dns.proxy_net",
+                format!(
+                    "is {net}, which holds 127.0.0.1 and the host's own resolvers; use another /16, like \"127.53.0.0/16\""
+                ),
+            ));
+        }
+        if self.port == 0 {
+            return Some(("dns.port", "must be a port number, 1-65535".to_owned()));
+        }
+        if let Some(bad) = self.upstream.iter().find(|u| u.port() == 0 || u.ip().is_unspecified()) {
+            return Some((
+                "dns.upstream",
+                format!("has {bad}; give each resolver as \"IP:PORT\", e.g. \"192.0.2.53:53\""),
+            ));
+        }
+        if let Some(own) =
+            self.upstream.iter().find(|u| matches!(u.ip(), std::net::IpAddr::V4(ip) if net.contains(&ip)))
+        {
+            return Some((
+                "dns.upstream",
+                format!("has {own}, an address of the proxy itself (dns.proxy_net)"),
+            ));
+        }
+        if !(1..=60_000).contains(&self.upstream_timeout_ms) {
+            return Some((
+                "dns.upstream_timeout_ms",
+                format!("must be 1-60000, got {}", self.upstream_timeout_ms),
+            ));
+        }
+        if self.ttl_min_seconds == 0
+            || self.ttl_min_seconds > self.ttl_max_seconds
+            || self.ttl_max_seconds > 86_400
+        {
+            return Some((
+                "dns.ttl_min_seconds",
+                format!(
+                    "and dns.ttl_max_seconds need 1 <= min <= max <= 86400, got {} and {}",
+                    self.ttl_min_seconds, self.ttl_max_seconds
+                ),
+            ));
+        }
+        let most = ztseg_common::dns::MAX_LEARNED as usize;
+        if self.max_names == 0 || self.max_names > most {
+            return Some(("dns.max_names", format!("must be 1-{most}, got {}", self.max_names)));
+        }
+        if self.max_addresses == 0 || self.max_addresses > most {
+            return Some(("dns.max_addresses", format!("must be 1-{most}, got {}", self.max_addresses)));
+        }
+        if self.wildcard_names == 0
+            || self.wildcard_window_seconds == 0
+            || self.wildcard_window_seconds > 86_400
+        {
+            return Some((
+                "dns.wildcard_names",
+                format!(
+                    "must be at least 1 per dns.wildcard_window_seconds of 1-86400, got {} per {}",
+                    self.wildcard_names, self.wildcard_window_seconds
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The settings the kernel programs are loaded with.
+    pub fn kernel_config(&self) -> ztseg_common::dns::DnsConfig {
+        if self.enabled {
+            ztseg_common::dns::DnsConfig::new(self.proxy_net.addr().octets(), self.port)
+        } else {
+            ztseg_common::dns::DnsConfig::OFF
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -477,6 +615,9 @@ impl Config {
         if let Err((key, problem)) = crate::risk::Params::from_config(&self.risk) {
             return invalid(&key, problem);
         }
+        if let Some((key, problem)) = self.dns.problem() {
+            return invalid(key, problem);
+        }
         Ok(())
     }
 }
@@ -571,6 +712,15 @@ suspend_at = 90
             ("[metrics]\nlisten = \"unix:metrics.sock\"", "metrics.listen"),
             ("[metrics]\nlisten = \"unix:/run/ztseg/ztseg.sock\"", "metrics.listen"),
             ("[metrics]\nagent_series = 5000", "metrics.agent_series"),
+            ("[dns]\nproxy_net = \"10.53.0.0/16\"", "dns.proxy_net"),
+            ("[dns]\nproxy_net = \"127.53.0.0/24\"", "dns.proxy_net"),
+            ("[dns]\nproxy_net = \"127.0.0.0/16\"", "dns.proxy_net"),
+            ("[dns]\nport = 0", "dns.port"),
+            ("[dns]\nupstream = [\"127.53.0.9:53\"]", "dns.upstream"),
+            ("[dns]\nupstream = [\"0.0.0.0:53\"]", "dns.upstream"),
+            ("[dns]\nttl_min_seconds = 400", "dns.ttl_min_seconds"),
+            ("[dns]\nmax_names = 0", "dns.max_names"),
+            ("[dns]\nwildcard_names = 0", "dns.wildcard_names"),
             ("[[issuers]]\niss = \"a\"\nkey = \"/k\"\nalgorithms = [\"HS256\"]", "issuers[0].algorithms"),
             (
                 "[[issuers]]\niss = \"a\"\nkey = \"/k\"\n[[issuers]]\niss = \"a\"\nkey = \"/k\"",

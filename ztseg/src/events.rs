@@ -37,6 +37,7 @@ pub fn action_name(action: u8) -> &'static str {
         ACTION_SOCKET => "socket",
         ACTION_ACCEPT => "accept",
         ACTION_RECEIVE => "receive",
+        ztseg_common::dns::ACTION_DNS => "dns",
         _ => "unknown",
     }
 }
@@ -72,6 +73,24 @@ pub fn reason_name(code: u8) -> &'static str {
         reason::PROTOCOL => "protocol",
         reason::UNRECORDED => "unrecorded",
         reason::SUSPENDED => "suspended",
+        _ => dns_reason_name(code),
+    }
+}
+
+/// The reasons of DNS decisions (`ztseg_common::dns::reason`).
+fn dns_reason_name(code: u8) -> &'static str {
+    use ztseg_common::dns::reason as dns;
+    match code {
+        dns::DNS_PROXY => "dns_proxy",
+        dns::PROXY_NET => "proxy_net",
+        dns::DNS_V6 => "dns_v6",
+        dns::QTYPE => "qtype",
+        dns::BUDGET => "budget",
+        dns::FULL => "full",
+        dns::CNAME => "cname",
+        dns::UPSTREAM => "upstream",
+        dns::INSTALL => "install",
+        dns::MALFORMED => "malformed",
         _ => "unknown",
     }
 }

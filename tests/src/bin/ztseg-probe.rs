@@ -25,6 +25,7 @@
 //!                                                           "ready"; sends "hi" on each connection
 //!                                                           and prints "accepted IP" / "udp IP"
 //! ztseg-probe listen-unix PATH|@NAME                        a Unix listener; "ready"; accepts until killed
+//! ztseg-probe dns-server ADDR ZONE LOG | race ...           see `probe_dns.rs`, with the dns-* ops
 //! OP: tcp:ADDR | udp-sendto:ADDR | udp-connect:ADDR            (ADDR: 1.2.3.4:80, [::1]:80)
 //!     | raw4 | udplite4 | mptcp4 | ping4 | ping6 | tcp4-socket     (socket creation only)
 //!     side doors: ptrace:PID | environ:PID | mem:PID | vmread:PID | getfd:PID:FD (take the
@@ -41,6 +42,10 @@
 //! It moves itself into the cgroup (and network namespace) before it opens any socket, as
 //! `ztseg run` does, because the kernel judges a socket by the cgroup it was created in.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test tool: a panic is the report")]
+
+/// The DNS client ops, the race, and the authoritative server (its own doc lists them).
+#[path = "../probe_dns.rs"]
+mod dns;
 
 use std::{
     collections::BTreeMap,
@@ -62,6 +67,9 @@ fn errno_name(e: &io::Error) -> String {
 
 fn run_op(op: &str) -> String {
     let (kind, addr) = op.split_once(':').unwrap_or((op, ""));
+    if let Some(outcome) = dns::run_op(kind, addr) {
+        return outcome;
+    }
     let result = match kind {
         "tcp" => TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).map(drop),
         // Closed with a reset (SO_LINGER 0): no TIME_WAIT, so load runs do not run out of ports.
@@ -708,6 +716,8 @@ fn main() {
             while io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {}
         }
         "echo" => echo(&args[0]),
+        "dns-server" => dns::server(&args),
+        "race" => dns::race(&args),
         "capture" => capture(&args[0]),
         "stream" => stream(&args[0]),
         "listen" => listen(&args[0]),

@@ -66,6 +66,8 @@ pub enum Release {
     Ring { consumer: super::ring::Consumer, upto: u64 },
     /// Tell the sender (the summaries drain, which then deletes what the batch summarised).
     Notify(mpsc::Sender<()>),
+    /// Wake the sender's task (the DNS proxy, which then releases the answer it recorded).
+    Wake(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Release {
@@ -73,6 +75,9 @@ impl Release {
         match self {
             Self::Ring { consumer, upto } => consumer.release(upto),
             Self::Notify(tx) => {
+                let _ = tx.send(());
+            }
+            Self::Wake(tx) => {
                 let _ = tx.send(());
             }
         }

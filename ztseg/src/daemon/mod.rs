@@ -306,7 +306,27 @@ async fn serve(config: Config) -> Result<()> {
         // The packaged default config: the daemon enforces, but no agent can be granted anything.
         warn!("no [[issuers]] configured: every token is refused (unknown_issuer) until one is");
     }
-    let (mut dataplane, report) = Dataplane::start(&config.pin_dir, &root)?;
+    let load = crate::dataplane::LoadOptions { dns: config.dns.kernel_config() };
+    let (mut dataplane, report) = Dataplane::start_with(&config.pin_dir, &root, &load)?;
+    // The DNS proxy's sockets, once the pin dir is this daemon's (a second daemon is told that
+    // first): agents' DNS goes nowhere else.
+    let dns_bound = config
+        .dns
+        .enabled
+        .then(|| {
+            crate::dns::proxy::bind(config.dns.port).with_context(|| {
+                format!(
+                    "cannot listen for the DNS proxy on port {} of the loopback (dns.port)",
+                    config.dns.port
+                )
+            })
+        })
+        .transpose()?;
+    let learned = dataplane.take_learned().context("the learned map was already taken")?;
+    let dns_store = Arc::new(Mutex::new(
+        crate::dns::Store::new(Box::new(learned), crate::dns::Limits::of(&config.dns))
+            .context("cannot read the pinned learned map")?,
+    ));
     let observer = metrics_bound.as_ref().and_then(|_| {
         crate::dataplane::observe::Observer::open(dataplane.pin_paths())
             .inspect_err(|e| warn!(error = %e, "metrics: cannot open the pinned maps; agents' kill switches, ring drops and program run times are not shown"))
@@ -359,6 +379,9 @@ async fn serve(config: Config) -> Result<()> {
 
     let trail = state::Trail { audit: audit.clone(), directory: directory.clone(), risk: engine };
     let mut state = State::new(config.clone(), cgroups, dataplane, verifier, replay, revoked, trail);
+    if config.dns.enabled {
+        state.set_dns(dns_store.clone());
+    }
     let mut fields = Map::new();
     fields.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     fields.insert("links_updated".into(), json!(report.links_updated));
@@ -374,6 +397,8 @@ async fn serve(config: Config) -> Result<()> {
     state.restore();
     state.apply_bindings(&mut refused);
     state.forget_strangers();
+    // Learned addresses of agents that are gone (or all of them, with DNS off) go too.
+    dns_store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget_strangers();
     state.save_replay();
     state.persist();
 
@@ -466,6 +491,17 @@ async fn serve(config: Config) -> Result<()> {
             .spawn(move || take_risk_actions(&shared, risk_rx))
             .context("cannot start the risk actions thread")?;
     }
+    if let Some(bound) = dns_bound {
+        let resolvers = crate::dns::upstream::resolvers(&config.dns);
+        if resolvers.is_empty() {
+            error!(
+                "the DNS proxy has no upstream resolver (none in [dns] upstream nor /etc/resolv.conf): every allowed name is answered SERVFAIL"
+            );
+        }
+        let records = Arc::new(DnsRecords { audit: shared.audit.clone() });
+        let proxy = crate::dns::proxy::Proxy::new(dns_store, &config.dns, resolvers, records);
+        crate::dns::proxy::spawn(proxy, bound).context("cannot start the DNS proxy thread")?;
+    }
     tokio::spawn(housekeeping(shared.clone()));
     control_thread(shared.clone(), listener)?;
 
@@ -506,6 +542,40 @@ async fn serve(config: Config) -> Result<()> {
         crate::metrics::server::unbind(listen);
     }
     Ok(())
+}
+
+/// The DNS proxy's records go to the audit writer like the kernel's decisions (scored by the
+/// risk engine in log order); an allowed answer waits until its record is in the log file.
+struct DnsRecords {
+    audit: audit_writer::AuditSender,
+}
+
+impl crate::dns::proxy::Records for DnsRecords {
+    fn send(
+        &self,
+        fields: Map<String, serde_json::Value>,
+        agent: Option<Arc<str>>,
+        observation: Option<crate::risk::Observation>,
+        allowed: bool,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let decision = audit_writer::Decision {
+            body: crate::audit::Body::from_map(&fields),
+            agent,
+            written: None,
+            denied: !allowed,
+            decided_ns: None,
+            observation,
+        };
+        let (release, written) = if allowed {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(audit_writer::Release::Wake(tx)), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.audit.send_decisions(vec![decision], Some(permit), release);
+        written
+    }
 }
 
 /// Carries out the risk engine's pauses and suspensions, in the order it crossed them.

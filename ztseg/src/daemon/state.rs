@@ -95,6 +95,8 @@ pub struct ActiveGrant {
     pub hash: [u8; 32],
     pub claims: Claims,
     pub origins: Arc<Vec<String>>,
+    /// Its rules to DNS names, as the DNS proxy judges queries by them.
+    pub names: Arc<crate::dns::NameRules>,
     pub entries: usize,
     /// Catalogue generation it was compiled against.
     pub generation: u64,
@@ -183,6 +185,9 @@ pub struct State<K: Kernel = Dataplane> {
     /// Tokens whose rights were taken back before their `exp`.
     revoked: Revocations,
     risk: Arc<std::sync::Mutex<risk::Engine>>,
+    /// The DNS proxy's store of names and learned addresses (`[dns] enabled`): kept with each
+    /// registration, grant, revocation and removal.
+    dns: Option<Arc<std::sync::Mutex<crate::dns::Store>>>,
 }
 
 use clock::unix_now_secs as now_unix;
@@ -270,7 +275,19 @@ impl<K: Kernel> State<K> {
             directory,
             audit,
             risk,
+            dns: None,
         }
+    }
+
+    /// Keeps the DNS proxy's store with the agents and their grants from now on.
+    pub fn set_dns(&mut self, store: Arc<std::sync::Mutex<crate::dns::Store>>) {
+        self.dns = Some(store);
+    }
+
+    /// The DNS store, if the proxy runs; a poisoned lock is taken as is (every change to the
+    /// store completes or leaves its maps as they were).
+    fn dns(&self) -> Option<std::sync::MutexGuard<'_, crate::dns::Store>> {
+        self.dns.as_ref().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     fn persisted_dir(&self) -> PathBuf {
@@ -401,6 +418,9 @@ impl<K: Kernel> State<K> {
                     return Err(Refusal::new(Code::Dataplane, e.to_string()));
                 }
             };
+            if let Some(mut dns) = self.dns() {
+                dns.register(cgroup_id, registered.slot, id.as_str(), uid);
+            }
             self.by_cgroup.insert(cgroup_id, id.clone());
             self.by_path.insert(relative.clone(), id.clone());
             self.uids.insert(uid);
@@ -509,12 +529,29 @@ impl<K: Kernel> State<K> {
         self.replay.check_and_record(&claims, token, agent, now, leeway)?;
         self.replay_dirty = true;
         let cgroup_id = record.cgroup_id;
+        let previous = record.active.as_ref().map(|a| {
+            let info =
+                TableInfo { origins: a.origins.clone(), op: a.claims.op.clone(), jti: a.claims.jti.clone() };
+            (a.names.clone(), clock::boot_deadline_now(a.claims.exp), Arc::new(info))
+        });
         let deadline = clock::boot_deadline_now(claims.exp);
+        let names = crate::dns::NameRules::new(compiled.names, &compiled.origins);
         // The directory learns the new table before the kernel switches to it, so the event
         // reader never sees a decision of a table it cannot name.
         let origins = Arc::new(compiled.origins);
         let info = TableInfo { origins: origins.clone(), op: claims.op.clone(), jti: claims.jti.clone() };
         let directory = Arc::clone(&self.directory);
+        // Names: the kernel consults the learned addresses of an agent whose grant has some
+        // (the flag goes on before the switch, off after it), and the DNS store moves them to
+        // the new rules before the switch.
+        let named = self.dns.is_some() && names.allows_any();
+        if named {
+            self.kernel
+                .set_flag(cgroup_id, ztseg_common::dns::FLAG_NAMES, true)
+                .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+        }
+        let dns = self.dns.clone();
+        let dns_info = Arc::new(info.clone());
         let table = self
             .kernel
             .grant_announced(cgroup_id, &compiled.entries, deadline, |table| {
@@ -522,14 +559,35 @@ impl<K: Kernel> State<K> {
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .add_table(cgroup_id, table, info);
+                if let Some(dns) = &dns {
+                    let mut dns = dns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    dns.regrant(cgroup_id, names.clone(), deadline, dns_info);
+                }
             })
-            .map_err(|e| Refusal::new(Code::Dataplane, e.to_string()))?;
+            .map_err(|e| {
+                // The store goes back to the grant the kernel kept.
+                if let Some(mut dns) = self.dns() {
+                    match previous {
+                        Some((names, deadline, info)) => dns.regrant(cgroup_id, names, deadline, info),
+                        None => dns.withdraw(cgroup_id),
+                    }
+                }
+                Refusal::new(Code::Dataplane, e.to_string())
+            })?;
+        if !named
+            && matches!(self.kernel.agent(cgroup_id), Ok(Some(s)) if s.flags & ztseg_common::dns::FLAG_NAMES != 0)
+            && let Err(e) = self.kernel.set_flag(cgroup_id, ztseg_common::dns::FLAG_NAMES, false)
+        {
+            // It only costs a lookup: the store holds no address for a grant without names.
+            warn!(agent = %agent, error = %e, "cannot clear the agent's names flag");
+        }
         self.directory().keep_tables(cgroup_id, table.table, table.previous);
         let active = ActiveGrant {
             token: token.to_owned(),
             hash,
             claims,
             origins,
+            names,
             entries: table.entries,
             generation: self.generation,
             expiry_logged: false,
@@ -588,6 +646,9 @@ impl<K: Kernel> State<K> {
     /// agent's kill switch on instead (fail closed: `ztseg revive` lifts it) and says so in the
     /// log and the audit chain. An error means neither held and the kernel may still grant.
     fn withdraw(&mut self, agent: &AgentId, cgroup_id: u64) -> Result<(), String> {
+        if let Some(mut dns) = self.dns() {
+            dns.withdraw(cgroup_id);
+        }
         let Err(e) = self.kernel.revoke(cgroup_id) else { return Ok(()) };
         match self.kernel.set_killed(cgroup_id, true) {
             Ok(()) => {
@@ -647,6 +708,9 @@ impl<K: Kernel> State<K> {
         self.uids.remove(&record.uid);
         if let Err(e) = self.kernel.unregister(record.cgroup_id) {
             warn!(agent = %agent, error = %e, "unregistering in the kernel failed");
+        }
+        if let Some(mut dns) = self.dns() {
+            dns.unregister(record.cgroup_id);
         }
         // Forgotten by the directory only once the kernel no longer knows it.
         self.directory().remove_agent(record.cgroup_id);

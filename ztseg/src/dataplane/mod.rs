@@ -42,6 +42,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 use ztseg_common::{
     agent::{AgentState, FLAG_KILLED},
+    dns::{self, DnsConfig, DnsPeer, Learned, LearnedValue},
     event::{AgentStats, Summary, SummaryKey},
     maps,
     packet::Peers,
@@ -118,7 +119,7 @@ impl Hook {
 }
 
 /// Every program ztseg attaches, by name in the object (also its link's pin name).
-const PROGRAMS: [(&str, Hook); 8] = [
+const PROGRAMS: [(&str, Hook); 12] = [
     ("connect4", Hook::SockAddr(CgroupSockAddrAttachType::Connect4)),
     ("connect6", Hook::SockAddr(CgroupSockAddrAttachType::Connect6)),
     ("sendmsg4", Hook::SockAddr(CgroupSockAddrAttachType::UDPSendMsg4)),
@@ -127,6 +128,11 @@ const PROGRAMS: [(&str, Hook); 8] = [
     ("packets_in", Hook::Skb(CgroupSkbAttachType::Ingress)),
     ("packets_out", Hook::Skb(CgroupSkbAttachType::Egress)),
     ("setsockopt", Hook::Sockopt(CgroupSockoptAttachType::Set)),
+    // DNS: the proxy's address shown as the resolver the agent asked (`ztseg_common::dns`).
+    ("recvmsg4", Hook::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg4)),
+    ("recvmsg6", Hook::SockAddr(CgroupSockAddrAttachType::UDPRecvMsg6)),
+    ("getpeername4", Hook::SockAddr(CgroupSockAddrAttachType::GetPeerName4)),
+    ("getpeername6", Hook::SockAddr(CgroupSockAddrAttachType::GetPeerName6)),
 ];
 
 /// Names of the attached programs, for status output and tests.
@@ -180,6 +186,19 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DataplaneError {
     move |source| DataplaneError::Program { name, source: Box::new(source) }
+}
+
+/// The `learned` map: (agent cgroup id, family, protocol, port, address) -> expiry and rule.
+pub type LearnedMap = HashMap<MapData, Learned, LearnedValue>;
+
+/// The name of the DNS settings in the object (`ztseg-ebpf/src/dns.rs`).
+const DNS_CONFIG_GLOBAL: &str = "DNS_CONFIG";
+
+/// How the programs are loaded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Port 53 redirected to the DNS proxy, or not ([`DnsConfig::OFF`]: the rules judge it).
+    pub dns: DnsConfig,
 }
 
 /// What `Dataplane::start` found and did.
@@ -257,6 +276,8 @@ pub struct Dataplane {
     events: Option<aya::maps::Map>,
     /// Handed to the summaries drain once (`take_summaries`).
     summaries: Option<Summaries>,
+    /// Handed to the DNS proxy's store once (`take_learned`).
+    learned: Option<LearnedMap>,
     drops: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, AgentStats>,
     /// The RCU barrier's map-in-map and the inner map stored into it.
@@ -340,7 +361,7 @@ impl std::fmt::Display for Shape {
 }
 
 /// Every pinned map and the shape these programs expect of it.
-fn expected_shapes() -> [(&'static str, Shape); 9] {
+fn expected_shapes() -> [(&'static str, Shape); 11] {
     [
         (
             maps::AGENTS,
@@ -371,6 +392,11 @@ fn expected_shapes() -> [(&'static str, Shape); 9] {
             ),
         ),
         (maps::SUMMARY_EPOCH, Shape::new(MapType::Array, size_of::<u32>(), size_of::<u32>(), 1)),
+        (
+            dns::LEARNED,
+            Shape::new(MapType::Hash, size_of::<Learned>(), size_of::<LearnedValue>(), dns::MAX_LEARNED),
+        ),
+        (dns::DNS_PEERS, Shape::new(MapType::SkStorage, size_of::<i32>(), size_of::<DnsPeer>(), 0)),
     ]
 }
 
@@ -439,6 +465,15 @@ impl Dataplane {
     /// created if missing), or, when pins exist under `pin_dir`, adopts them: the pinned maps
     /// keep their contents and each pinned link gets the new program swapped in atomically.
     pub fn start(pin_dir: &Path, root_cgroup: &Path) -> Result<(Self, StartReport), DataplaneError> {
+        Self::start_with(pin_dir, root_cgroup, &LoadOptions::default())
+    }
+
+    /// [`Self::start`] with the programs loaded with `options` (the DNS proxy's settings).
+    pub fn start_with(
+        pin_dir: &Path,
+        root_cgroup: &Path,
+        options: &LoadOptions,
+    ) -> Result<(Self, StartReport), DataplaneError> {
         if PROGRAM_OBJECT.is_empty() {
             return Err(DataplaneError::NoPrograms);
         }
@@ -449,6 +484,7 @@ impl Dataplane {
         let root_cgroup_id = cgroup::ensure(root_cgroup)?;
 
         let mut loader = EbpfLoader::new();
+        loader.override_global(DNS_CONFIG_GLOBAL, &options.dns, true);
         let map_pins: Vec<(&str, PathBuf)> = pins::PINNED_MAPS.iter().map(|m| (*m, paths.map(m))).collect();
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
@@ -468,6 +504,7 @@ impl Dataplane {
             rules_v6: take_map(&mut ebpf, maps::RULES_V6)?,
             events: Some(ebpf.take_map(maps::EVENTS).ok_or(DataplaneError::Missing(maps::EVENTS))?),
             summaries: None,
+            learned: Some(take_map(&mut ebpf, dns::LEARNED)?),
             drops: take_map(&mut ebpf, maps::DROPS)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
             barrier: Arc::new(BarrierFds {
@@ -760,6 +797,11 @@ impl Dataplane {
     /// The summaries and their epoch, for the one task that drains them.
     pub fn take_summaries(&mut self) -> Option<Summaries> {
         self.summaries.take()
+    }
+
+    /// The `learned` map (addresses of names the DNS proxy answered), for its one writer.
+    pub fn take_learned(&mut self) -> Option<LearnedMap> {
+        self.learned.take()
     }
 
     /// Events lost to a full ring buffer, per CPU, since the maps were created.

@@ -10,15 +10,17 @@
 //! <pin dir>/replies            per-socket peers of unconnected UDP sends (socket storage)
 //! <pin dir>/summaries          per-CPU counts of repeated decisions of agents past their budget
 //! <pin dir>/summary_epoch      the summaries epoch the programs count in
+//! <pin dir>/learned            addresses the DNS proxy answered, per agent, with their expiry
+//! <pin dir>/dns_peers          per-socket resolver an agent asked (socket storage)
 //! <pin dir>/links/<program>    the BPF link that keeps <program> attached to the agents' root
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use ztseg_common::maps;
+use ztseg_common::{dns, maps};
 
 /// Maps that the programs use and that must outlive the daemon.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     maps::AGENTS,
     maps::RULES_V4,
     maps::RULES_V6,
@@ -28,6 +30,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     maps::REPLIES,
     maps::SUMMARIES,
     maps::SUMMARY_EPOCH,
+    dns::LEARNED,
+    dns::DNS_PEERS,
 ];
 
 /// Pinned maps that hold only counters: nothing enforced depends on them, so a daemon that finds

@@ -19,7 +19,7 @@ use std::{collections::BTreeSet, fmt};
 use ipnet::IpNet;
 use ztseg_common::rule::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
-use super::{Catalogue, Group, Mode, Ports, Protos, Rule};
+use super::{Catalogue, Group, Mode, NamePattern, Ports, Protos, Rule};
 use crate::dataplane::{Entry, Verdict};
 
 /// Most entries one grant may expand to.
@@ -37,11 +37,26 @@ pub struct Grant<'a> {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compiled {
     pub entries: Vec<Entry>,
+    /// The rules to DNS names, for the DNS proxy (they make no trie entry: the proxy writes
+    /// the addresses of its answers for them).
+    pub names: Vec<NameGrant>,
     /// One per catalogue rule, indexed by [`Entry::rule_id`]: `baseline#0`, `tool:http#1`,
     /// `scope:read:x#deny0`, `forbidden:tool:bash#0`, ...
     pub origins: Vec<String>,
     /// Catalogue rules compiled (`origins.len()`).
     pub rules: usize,
+}
+
+/// A rule to a DNS name in a compiled grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameGrant {
+    pub pattern: NamePattern,
+    /// `Deny` for a deny rule and for every rule of a forbidden tool.
+    pub verdict: Verdict,
+    /// Index into [`Compiled::origins`].
+    pub rule_id: u32,
+    pub ports: Ports,
+    pub protos: Protos,
 }
 
 /// The part of a grant a name came from.
@@ -129,14 +144,31 @@ impl Catalogue {
                 // Inbound traffic is never dry-run: an audit entry's inbound denies deny.
                 Role::Forbidden => (deny, Verdict::Deny),
             };
-            for (i, rule) in group.allow.iter().enumerate() {
+            // A rule's `#N` is its place in its list, names included.
+            for (i, rule) in address_positions(group, false).zip(&group.allow) {
                 compiled.push(format!("{prefix}#{i}"), rule, false, allow_verdict);
             }
-            for (i, rule) in group.deny.iter().enumerate() {
+            for (i, rule) in address_positions(group, true).zip(&group.deny) {
                 compiled.push(format!("{prefix}#deny{i}"), rule, false, deny);
             }
             for (i, rule) in group.inbound.iter().enumerate() {
                 compiled.push(format!("{prefix}#in{i}"), rule, true, inbound_verdict);
+            }
+            for name in &group.names {
+                let (origin, verdict) = if name.deny {
+                    (format!("{prefix}#deny{}", name.index), Verdict::Deny)
+                } else {
+                    (format!("{prefix}#{}", name.index), allow_verdict)
+                };
+                let rule_id = u32::try_from(compiled.origins.len()).unwrap_or(u32::MAX);
+                compiled.origins.push(origin);
+                compiled.names.push(NameGrant {
+                    pattern: name.pattern.clone(),
+                    verdict,
+                    rule_id,
+                    ports: name.ports.normalized(),
+                    protos: name.protos,
+                });
             }
         }
         compiled.rules = compiled.origins.len();
@@ -144,7 +176,19 @@ impl Catalogue {
     }
 }
 
+/// The places in its list (`allow`, or `deny`) of a group's address rules, in order: every
+/// place no name rule of that list takes.
+fn address_positions(group: &Group, deny: bool) -> impl Iterator<Item = usize> + '_ {
+    let taken: BTreeSet<usize> = group.names.iter().filter(|n| n.deny == deny).map(|n| n.index).collect();
+    (0..).filter(move |i| !taken.contains(i))
+}
+
 impl Compiled {
+    /// Whether the grant lets the agent resolve some name.
+    pub fn allows_names(&self) -> bool {
+        self.names.iter().any(|n| n.verdict == Verdict::Allow)
+    }
+
     fn push(&mut self, origin: String, rule: &Rule, inbound: bool, verdict: Verdict) {
         // At most MAX_ENTRIES rules (each has an entry), so the id always fits.
         let rule_id = u32::try_from(self.origins.len()).unwrap_or(u32::MAX);

@@ -24,6 +24,7 @@
 
 mod assemble;
 mod compile;
+mod name;
 mod parse;
 
 use std::{
@@ -36,7 +37,8 @@ use ipnet::IpNet;
 
 pub use self::{
     assemble::{Catalogue, Definition, PolicySet, assemble},
-    compile::{CompileError, Compiled, Grant, GrantKind, MAX_ENTRIES},
+    compile::{CompileError, Compiled, Grant, GrantKind, MAX_ENTRIES, NameGrant},
+    name::NamePattern,
 };
 use crate::agent_id::{AgentId, InvalidAgentId};
 
@@ -125,12 +127,32 @@ pub struct Group {
     pub mode: Mode,
     /// Line of the group's name (`[tools.http]`, `[baseline]`, ...).
     pub line: usize,
+    /// The rules of `allow` and `deny` whose `to` is a DNS name (`allow` and `deny` hold the
+    /// others), each with its place in its list.
+    pub names: Vec<NameRule>,
 }
 
 impl Group {
     pub fn rule_count(&self) -> usize {
-        self.allow.len() + self.deny.len() + self.inbound.len()
+        self.allow.len() + self.deny.len() + self.inbound.len() + self.names.len()
     }
+}
+
+/// A rule of `allow` or `deny` whose `to` is a DNS name or wildcard: what the agent may
+/// resolve (and then reach at the addresses of the answer, on these ports and protocols), or
+/// may not resolve.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NameRule {
+    pub pattern: NamePattern,
+    pub ports: Ports,
+    /// `Tcp`, `Udp` or `TcpUdp` (ICMP cannot be reached through a name).
+    pub protos: Protos,
+    /// In `deny` rather than `allow`.
+    pub deny: bool,
+    /// Its place (from 0) in its list, among address rules and names alike: its origin's `#N`.
+    pub index: usize,
+    /// Line where the rule starts.
+    pub line: usize,
 }
 
 /// One catalogue rule: a destination network, its ports and protocols.

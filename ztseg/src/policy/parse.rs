@@ -20,7 +20,8 @@ use serde::{Deserialize, de};
 use toml::Spanned;
 
 use super::{
-    Binding, Errors, Group, Mode, PolicyError, PolicyFile, PortRange, Ports, Protos, Rule, TokenSource,
+    Binding, Errors, Group, Mode, NamePattern, NameRule, PolicyError, PolicyFile, PortRange, Ports, Protos,
+    Rule, TokenSource, name,
 };
 use crate::{agent_id::AgentId, config::line_col};
 
@@ -191,14 +192,29 @@ impl Checker<'_> {
     }
 
     fn group(&mut self, line: usize, raw: RawGroup) -> Group {
+        let mut names = Vec::new();
+        let mut rules = |list: Vec<Spanned<RawRule>>, allow: bool, names: &mut Vec<NameRule>| {
+            let mut rules = Vec::new();
+            for (index, raw) in list.into_iter().enumerate() {
+                match self.rule(raw, allow, index) {
+                    Some(To::Net(rule)) => rules.push(rule),
+                    Some(To::Name(rule)) => names.push(rule),
+                    None => {}
+                }
+            }
+            rules
+        };
+        let allow = rules(raw.allow, true, &mut names);
+        let deny = rules(raw.deny, false, &mut names);
         Group {
-            allow: raw.allow.into_iter().filter_map(|r| self.rule(r, true)).collect(),
-            deny: raw.deny.into_iter().filter_map(|r| self.rule(r, false)).collect(),
+            allow,
+            deny,
             inbound: raw.inbound.into_iter().filter_map(|r| self.inbound(r)).collect(),
             // An invalid mode is reported; the group is kept (for the cross-file checks) as
             // enforced, and the file is refused anyway.
             mode: raw.mode.as_ref().and_then(|m| self.mode(m)).unwrap_or_default(),
             line,
+            names,
         }
     }
 
@@ -216,13 +232,51 @@ impl Checker<'_> {
         }
     }
 
-    fn rule(&mut self, raw: Spanned<RawRule>, allow: bool) -> Option<Rule> {
+    /// A rule of `allow` (`allow` true) or `deny`, the `index`th of its list: to an address or
+    /// network, or to a DNS name.
+    fn rule(&mut self, raw: Spanned<RawRule>, allow: bool, index: usize) -> Option<To> {
         let line = self.line(&raw.span());
         let raw = raw.into_inner();
+        let text = raw.to.get_ref().as_str();
+        if parse_net(text).is_none() && name::looks_like_name(text) {
+            return self.name_rule(&raw, !allow, index, line).map(To::Name);
+        }
         let net = self.net("to", &raw.to, allow);
         let protos = raw.proto.as_ref().map_or(Some(Protos::TcpUdp), |p| self.protos(p));
         let ports = raw.ports.map_or(Some(Ports::All), |p| self.ports(p, protos));
-        Some(Rule { net: net?, ports: ports?, protos: protos?, line })
+        Some(To::Net(Rule { net: net?, ports: ports?, protos: protos?, line }))
+    }
+
+    /// A rule whose `to` is a DNS name: checked as a name, for TCP and UDP only, with few
+    /// enough ports (each address of an answer is kept once per port and protocol).
+    fn name_rule(&mut self, raw: &RawRule, deny: bool, index: usize, line: usize) -> Option<NameRule> {
+        let to_line = self.line(&raw.to.span());
+        let text = raw.to.get_ref().as_str();
+        let pattern = match NamePattern::parse(text) {
+            Ok(pattern) => Some(pattern),
+            Err(why) => self.invalid(to_line, format!("`to = {text:?}` {why}")),
+        };
+        let protos = match &raw.proto {
+            None => Some(Protos::TcpUdp),
+            Some(p) if p.get_ref() == "icmp" => self.invalid(
+                self.line(&p.span()),
+                format!("a rule to the name {text:?} with proto = \"icmp\" can never match (ping sockets are refused to agents); use \"tcp\" or \"udp\", or leave it out for both"),
+            ),
+            Some(p) => self.protos(p),
+        };
+        let ports = raw.ports.clone().map_or(Some(Ports::All), |p| self.ports(p, protos));
+        if let (Some(ports), Some(protos)) = (&ports, protos) {
+            let per_address = ports.entry_count() * protos.numbers(IpNet::from(IpAddr::from([0u8; 4]))).len();
+            if per_address > MAX_NAME_PORTS {
+                return self.invalid(
+                    line,
+                    format!(
+                        "the rule to the name {text:?} names {per_address} ports and protocols; a name rule may name at most {MAX_NAME_PORTS} (each address of an answer is granted once per port), or every port (leave `ports` out)"
+                    ),
+                );
+            }
+        }
+        Some(NameRule { pattern: pattern?, ports: ports?, protos: protos?, deny, index, line })
     }
 
     /// An inbound grant is an allow (bounded senders) of TCP or UDP: an agent has no socket that
@@ -247,16 +301,11 @@ impl Checker<'_> {
     fn net(&mut self, key: &str, to: &Spanned<String>, allow: bool) -> Option<IpNet> {
         let line = self.line(&to.span());
         let text = to.get_ref().as_str();
-        let parsed = if text.contains('/') {
-            text.parse::<IpNet>().ok()
-        } else {
-            text.parse::<IpAddr>().ok().map(IpNet::from)
-        };
-        let Some(net) = parsed else {
+        let Some(net) = parse_net(text) else {
             if looks_like_dns_name(text) {
                 return self.invalid(
                     line,
-                    format!("`{key} = {text:?}` is a DNS name; DNS names are not supported yet, give an IP address or CIDR"),
+                    format!("`{key} = {text:?}` is a DNS name; an inbound rule names its senders by IP address or CIDR"),
                 );
             }
             return self.invalid(line, format!("`{key} = {text:?}` is not an IPv4/IPv6 address or CIDR"));
@@ -477,6 +526,21 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// What `to` names: a network, or a DNS name.
+enum To {
+    Net(Rule),
+    Name(NameRule),
+}
+
+/// Ports times protocols a name rule may name: each address of an answer is one entry of the
+/// kernel's `learned` map per port and protocol ("every port" is one).
+pub const MAX_NAME_PORTS: usize = 64;
+
+/// An address (one host) or a CIDR network, if `text` is one.
+fn parse_net(text: &str) -> Option<IpNet> {
+    if text.contains('/') { text.parse::<IpNet>().ok() } else { text.parse::<IpAddr>().ok().map(IpNet::from) }
 }
 
 /// Something that is not an address but reads like a host name (`example.com`, `db-1`).

@@ -173,7 +173,7 @@ fn empty_file_and_empty_groups_are_fine() {
     let file = assert_accepted("[tools.pandas]\nallow = []\n[tools.numpy]\n");
     assert_eq!(
         file.tools["pandas"],
-        Group { allow: vec![], deny: vec![], inbound: vec![], mode: Mode::Enforce, line: 1 }
+        Group { allow: vec![], deny: vec![], inbound: vec![], mode: Mode::Enforce, line: 1, names: vec![] }
     );
     assert_eq!(file.tools["numpy"].line, 3);
 }
@@ -298,15 +298,73 @@ fn host_bits_are_refused_with_the_network_probably_meant() {
 }
 
 #[test]
-fn dns_names_are_not_supported_yet() {
-    for name in ["example.com", "db-1", "localhost"] {
-        assert_refused(
-            &format!("[tools.t]\nallow = [{{ to = {name:?}, ports = [443] }}]"),
-            2,
-            "DNS names are not supported yet",
-        );
-    }
+fn dns_names_are_rules_of_their_own_with_ports_and_protocols() {
+    let file = assert_accepted(
+        "[tools.t]\nallow = [\n  { to = \"10.0.0.1\", ports = [22] },\n  { to = \"api.example.com\", ports = [443], proto = \"tcp\" },\n  { to = \"*.cdn.example.com\" },\n]\ndeny = [{ to = \"evil.example.com\" }]\n",
+    );
+    let group = &file.tools["t"];
+    assert_eq!(group.allow.len(), 1);
+    assert_eq!(group.names.len(), 3);
+    let api = &group.names[0];
+    assert_eq!(api.pattern, NamePattern::Exact("api.example.com".into()));
+    assert_eq!((api.deny, api.index, api.line, api.protos), (false, 1, 4, Protos::Tcp));
+    assert_eq!(api.ports, Ports::Ranges(vec![PortRange { lo: 443, hi: 443 }]));
+    let cdn = &group.names[1];
+    assert_eq!(cdn.pattern, NamePattern::Wildcard("cdn.example.com".into()));
+    assert_eq!((cdn.index, cdn.ports.clone(), cdn.protos), (2, Ports::All, Protos::TcpUdp));
+    assert_eq!((group.names[2].deny, group.names[2].index), (true, 0));
+    assert_eq!(group.rule_count(), 4);
     assert_accepted("[tools.t]\nallow = [{ to = \"192.0.2.10\", ports = [443] }]");
+
+    // Compiled: address rules keep their place in the list (`#N`), names get theirs, and make
+    // no trie entry; a forbidden tool's names are denies.
+    let catalogue = assemble(&[file]).unwrap().catalogue;
+    let tools = names(&["t"]);
+    let compiled = catalogue.compile(&Grant { tools: &tools, ..Grant::default() }).unwrap();
+    assert_eq!(compiled.origins, ["tool:t#0", "tool:t#1", "tool:t#2", "tool:t#deny0"]);
+    assert_eq!(compiled.entries.len(), 2, "10.0.0.1 port 22, tcp and udp");
+    let verdicts: Vec<(String, Verdict, u32)> =
+        compiled.names.iter().map(|n| (n.pattern.to_string(), n.verdict, n.rule_id)).collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("api.example.com".to_owned(), Verdict::Allow, 1),
+            ("*.cdn.example.com".to_owned(), Verdict::Allow, 2),
+            ("evil.example.com".to_owned(), Verdict::Deny, 3),
+        ]
+    );
+    assert!(compiled.allows_names());
+    let forbidden = catalogue.compile(&Grant { forbidden_tools: &tools, ..Grant::default() }).unwrap();
+    assert!(forbidden.names.iter().all(|n| n.verdict == Verdict::Deny));
+    assert!(!forbidden.allows_names());
+}
+
+#[test]
+fn bad_names_are_refused_with_their_line_and_how_to_write_them() {
+    let cases = [
+        ("*", "`*` alone would match every name"),
+        ("*.com", "wildcard over the top-level domain"),
+        ("a.*.example.com", "only \"*.parent.domain\" is a wildcard"),
+        ("API.example.com", "write names in lower case"),
+        ("api.example.com.", "ends with a dot"),
+        ("localhost", "single label"),
+        ("db-1", "single label"),
+        ("b\u{fc}cher.example", "punycode"),
+    ];
+    for (name, needle) in cases {
+        assert_refused(&format!("[tools.t]\nallow = [\n{{ to = {name:?}, ports = [443] }}]"), 3, needle);
+    }
+    assert_refused(
+        "[tools.t]\nallow = [{ to = \"a.example\", proto = \"icmp\" }]",
+        2,
+        "with proto = \"icmp\" can never match",
+    );
+    assert_refused(
+        "[tools.t]\nallow = [{ to = \"a.example\", ports = [\"1000-1100\"] }]",
+        2,
+        "names 202 ports and protocols; a name rule may name at most 64",
+    );
+    assert_accepted("[tools.t]\nallow = [{ to = \"a.example\", ports = [\"1000-1031\"] }]");
 }
 
 #[test]
@@ -566,7 +624,7 @@ fn an_agent_cgroup_inside_another_agents_is_refused() {
 fn check_path_reports_every_error_of_every_file() {
     let dir = TempDir::new();
     dir.write("a.toml", "[tools.http]\nallow = [{ to = \"203.0.113.0/24\", ports = [80] }]\n");
-    dir.write("b.toml", "[tools.http]\nallow = []\n[scopes.s]\nallow = [{ to = \"example.com\" }]\n");
+    dir.write("b.toml", "[tools.http]\nallow = []\n[scopes.s]\nallow = [{ to = \"*.com\" }]\n");
     dir.write("c.toml", "[tools.x\n");
     dir.write("notes.txt", "not a policy");
     dir.write(".hidden.toml", "garbage [");
@@ -574,7 +632,7 @@ fn check_path_reports_every_error_of_every_file() {
     let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 3, "{shown:#?}");
     assert!(shown[0].contains("b.toml:1: tool \"http\" is defined twice") && shown[0].contains("a.toml:1"));
-    assert!(shown[1].contains("b.toml:4: `to = \"example.com\"` is a DNS name"));
+    assert!(shown[1].contains("b.toml:4: `to = \"*.com\"` is a wildcard over the top-level domain"));
     assert!(matches!(errors[2], PolicyError::Syntax { line: 1, .. }) && shown[2].contains("c.toml:1:"));
 
     // The same dir, fixed.
@@ -787,6 +845,7 @@ fn hand_made_full_port_ranges_are_every_port() {
             inbound: vec![],
             mode: Mode::Enforce,
             line: 1,
+            names: vec![],
         },
     );
     let t = names(&["t"]);

@@ -16,13 +16,16 @@
 //! | `side_door` | a refused socket (raw, or a protocol ztseg does not judge) | 10 | 40 | 60 min |
 //! | `stale_token` | a decision refused for an expired or missing token | 1 | 15 | 10 min |
 //! | `tripwire` | any attempt on a tripwire address (cloud metadata by default) | 100 | 100 | 24 h |
+//! | `dns` | a DNS query the proxy refused: a name no rule allows or a deny names, a record type it does not forward, a wildcard's budget spent, a CNAME to an unallowed name, a malformed query | 1 | 40 | 30 min |
 //!
 //! A `would_deny` decision (audit mode: denied by the rules, let through) counts as the denial
 //! it would have been (`denied`, `forbidden`, `scan`): an agent in audit mode that scans is
 //! paused all the same, and its pause is enforced.
 //!
 //! Why these: a policy that denies routine traffic all day reaches `denied` 20 (+ `rate` 15 in a
-//! tight retry loop): 35, under the pause. A port scan reaches `scan` 55 + `denied` 20: paused.
+//! tight retry loop): 35, under the pause. Names smuggled out through DNS (a query per chunk of
+//! data, under a domain no rule allows) reach `denied` 20 + `dns` 40: 60, with a scan or a
+//! forbidden tool on top paused; none of those queries leaves the host. A port scan reaches `scan` 55 + `denied` 20: paused.
 //! Hammering a forbidden tool's destination after that adds `forbidden`: suspended. Benign
 //! work (package installs, clones, API calls to granted hosts) earns at most `new_destination`.
 //!
@@ -46,6 +49,7 @@ use std::{
 use serde_json::{Map, Value, json};
 use ztseg_common::{
     decision::reason,
+    dns::{ACTION_DNS, reason as dns_reason},
     event::{ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET},
 };
 
@@ -62,10 +66,11 @@ pub enum Class {
     SideDoor,
     StaleToken,
     Tripwire,
+    Dns,
 }
 
 impl Class {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Denied,
         Self::Forbidden,
         Self::Scan,
@@ -74,6 +79,7 @@ impl Class {
         Self::SideDoor,
         Self::StaleToken,
         Self::Tripwire,
+        Self::Dns,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -86,6 +92,7 @@ impl Class {
             Self::SideDoor => "side_door",
             Self::StaleToken => "stale_token",
             Self::Tripwire => "tripwire",
+            Self::Dns => "dns",
         }
     }
 
@@ -108,6 +115,7 @@ impl Class {
             Self::SideDoor => (10.0, 40.0, 3600.0),
             Self::StaleToken => (1.0, 15.0, 600.0),
             Self::Tripwire => (100.0, 100.0, 86_400.0),
+            Self::Dns => (1.0, 40.0, 1800.0),
         };
         Weights { points, cap, half_life_us: half_life_s * 1e6 }
     }
@@ -502,7 +510,7 @@ impl Engine {
     pub fn observe(&mut self, obs: &Observation) -> Vec<Change> {
         // Inbound traffic is what others do to the agent, and a decision refused because the
         // agent is already killed, paused or suspended is a consequence, not new evidence.
-        let outbound = matches!(obs.action, ACTION_CONNECT | ACTION_SENDMSG | ACTION_SOCKET);
+        let outbound = matches!(obs.action, ACTION_CONNECT | ACTION_SENDMSG | ACTION_SOCKET | ACTION_DNS);
         if !outbound || matches!(obs.reason, reason::KILLED | reason::PAUSED | reason::SUSPENDED) {
             return Vec::new();
         }
@@ -552,6 +560,9 @@ impl Engine {
             (false, reason::NO_RULE | reason::FORBIDDEN) => {
                 let class = if obs.reason == reason::FORBIDDEN { Class::Forbidden } else { Class::Denied };
                 signal(agent, class, obs.count);
+                if obs.action == ACTION_DNS {
+                    signal(agent, Class::Dns, obs.count);
+                }
                 if let Some(dst) = obs.dst {
                     agent.scan.expire(agent.t_us, params.scan_window_us);
                     if let Some((on_host, hosts)) = agent.scan.add(agent.t_us, dst, obs.dport) {
@@ -564,6 +575,9 @@ impl Engine {
                 }
             }
             (false, reason::RAW_SOCKET | reason::PROTOCOL) => signal(agent, Class::SideDoor, obs.count),
+            (false, dns_reason::QTYPE | dns_reason::BUDGET | dns_reason::CNAME | dns_reason::MALFORMED) => {
+                signal(agent, Class::Dns, obs.count);
+            }
             (false, reason::EXPIRED | reason::NO_TOKEN) => signal(agent, Class::StaleToken, obs.count),
             (false, _) => {}
         }
@@ -691,6 +705,7 @@ fn what(action: u8) -> &'static str {
         ACTION_CONNECT => "connects",
         ACTION_SENDMSG => "sends",
         ACTION_SOCKET => "sockets",
+        ACTION_DNS => "DNS queries",
         _ => "decisions",
     }
 }
@@ -750,6 +765,13 @@ fn explain(class: Class, agent: &AgentRisk, params: &Params) -> String {
             secs
         ),
         Class::Tripwire => write!(s, "{} {}, a tripwire address", what(action), endpoint(dst, port)),
+        Class::Dns => write!(
+            s,
+            "{} DNS queries refused in {:.0} s, the last for {}",
+            p.count,
+            secs,
+            crate::events::reason_name(why)
+        ),
     };
     s
 }

@@ -64,6 +64,7 @@ fn action_code(name: &str) -> Option<u8> {
         "socket" => ACTION_SOCKET,
         "accept" => ACTION_ACCEPT,
         "receive" => ACTION_RECEIVE,
+        "dns" => ztseg_common::dns::ACTION_DNS,
         _ => return None,
     })
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use proptest::prelude::*;
 use ztseg_common::{
     decision::reason,
+    dns::{ACTION_DNS, reason as dns_reason},
     event::{ACTION_ACCEPT, ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET},
 };
 
@@ -249,6 +250,32 @@ fn a_config_cannot_let_one_class_pause_an_agent_alone() {
     assert_eq!(Params::from_config(&risk).unwrap_err().0, "risk.classes.scam");
 }
 
+#[test]
+fn names_smuggled_through_dns_score_denied_and_dns_but_do_not_pause_alone() {
+    let mut t = Trace::new("exfil");
+    for _ in 0..1000 {
+        t.at(2_000).push(ACTION_DNS, false, reason::NO_RULE, None, 53, 1);
+    }
+    // Record types the proxy does not forward, to a name it would.
+    for _ in 0..10 {
+        t.at(2_000).push(ACTION_DNS, false, dns_reason::QTYPE, None, 53, 1);
+    }
+    let (engine, changes, _) = run(&t.obs);
+    let view = engine.view("exfil", t.now);
+    let of = |class| view.contributors.iter().find(|c| c.class == class).map_or(0.0, |c| c.points);
+    assert!((of(Class::Denied) - 20.0).abs() < 0.5, "{view:?}");
+    assert!((of(Class::Dns) - 40.0).abs() < 0.5, "{view:?}");
+    assert!(view.score < 70.0 && view.standing == Standing::Active, "{view:?}");
+    let dns = changes.iter().rev().find(|c| c.class == Class::Dns).unwrap();
+    assert!(dns.reason.contains("DNS queries refused"), "{}", dns.reason);
+    // An answered query is no evidence.
+    let mut fine = Trace::new("fine");
+    for _ in 0..100 {
+        fine.at(10_000).push(ACTION_DNS, true, reason::RULE, None, 53, 1);
+    }
+    assert_eq!(run(&fine.obs).0.view("fine", fine.now).score, 0.0);
+}
+
 /// The JSON record the daemon writes for `o` (the fields the engine reads, as the daemon names
 /// them). A denial is written as a `would_deny` (audit mode: let through) at every other seq:
 /// the engine scores it as the denial it would have been, live and replayed.
@@ -279,7 +306,7 @@ fn record_of(o: &Observation) -> Map<String, Value> {
 fn observation() -> impl Strategy<Value = (u64, u8, u8, u8, u8, u16, u64)> {
     (
         0u64..3 * SECOND,
-        prop::sample::select(vec![ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, ACTION_ACCEPT]),
+        prop::sample::select(vec![ACTION_CONNECT, ACTION_SENDMSG, ACTION_SOCKET, ACTION_ACCEPT, ACTION_DNS]),
         prop::sample::select(vec![
             reason::RULE,
             reason::NO_RULE,
@@ -287,6 +314,9 @@ fn observation() -> impl Strategy<Value = (u64, u8, u8, u8, u8, u16, u64)> {
             reason::EXPIRED,
             reason::RAW_SOCKET,
             reason::PAUSED,
+            dns_reason::QTYPE,
+            dns_reason::BUDGET,
+            dns_reason::FULL,
         ]),
         0u8..4,
         0u8..20,
@@ -300,7 +330,9 @@ fn trace_of(raw: &[(u64, u8, u8, u8, u8, u16, u64)]) -> Vec<Observation> {
     for &(gap, action, why, host_a, host_b, port, count) in raw {
         t.now += gap;
         let dst = if host_a == 3 { ip(169, 254, 169, 254) } else { ip(10, host_a, 0, host_b) };
-        t.push(action, why == reason::RULE, why, (action != ACTION_SOCKET).then_some(dst), port, count);
+        // A DNS record has no destination (the proxy answered it), a socket's neither.
+        let dst = (action != ACTION_SOCKET && action != ACTION_DNS).then_some(dst);
+        t.push(action, why == reason::RULE, why, dst, port, count);
     }
     t.obs
 }
