@@ -384,10 +384,7 @@ struct Task {
     /// entry (`slot` then says so): not an `Option`, whose `None` payload LLVM may spill
     /// uninitialised, which the verifier refuses.
     agent: AgentState,
-    /// The agent's rule table and stats slot (0 and `UNREGISTERED_SLOT` without one), read
-    /// from the entry itself: a `None`'s payload is undefined, and LLVM may spill it, which the
-    /// verifier refuses (an uninitialised register).
-    table: u32,
+    /// The agent's stats slot, `UNREGISTERED_SLOT` without an entry.
     slot: u32,
     /// For an incoming packet: no task of the agent is running, the record carries the socket
     /// owner's uid (read from this skb only when a record is written) and no pid or comm. Null
@@ -402,11 +399,7 @@ impl Task {
     fn current() -> Self {
         // SAFETY: plain helper calls without arguments.
         let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
-        // SAFETY: the reference is only read here, never kept.
-        let found = unsafe { AGENTS.get(cgroup_id) };
-        let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
-        let agent = found.copied().unwrap_or_default();
-        Self { cgroup_id, now, agent, table, slot, packet: core::ptr::null_mut() }
+        Self::of(cgroup_id, now, core::ptr::null_mut())
     }
 
     /// The agent whose socket an incoming packet reached (the socket's cgroup).
@@ -414,11 +407,18 @@ impl Task {
     fn of_packet(ctx: &SkBuffContext) -> Self {
         // SAFETY: the kernel hands cgroup_skb programs a valid skb; the helpers only read it.
         let (cgroup_id, now) = unsafe { (bpf_skb_cgroup_id(ctx.skb.skb), bpf_ktime_get_boot_ns()) };
-        // SAFETY: as in `current`.
+        Self::of(cgroup_id, now, ctx.skb.skb)
+    }
+
+    /// The agent of `cgroup_id`: its entry copied out (all zero without one, the slot then
+    /// `UNREGISTERED_SLOT`).
+    #[inline(always)]
+    fn of(cgroup_id: u64, now: u64, packet: *mut __sk_buff) -> Self {
+        // SAFETY: the reference is only read here, never kept.
         let found = unsafe { AGENTS.get(cgroup_id) };
-        let (table, slot) = found.map_or((0, UNREGISTERED_SLOT), |a| (a.table, a.slot));
+        let slot = found.map_or(UNREGISTERED_SLOT, |a| a.slot);
         let agent = found.copied().unwrap_or_default();
-        Self { cgroup_id, now, agent, table, slot, packet: ctx.skb.skb }
+        Self { cgroup_id, now, agent, slot, packet }
     }
 
     #[inline(always)]
@@ -449,9 +449,10 @@ impl Task {
         if self.slot == UNREGISTERED_SLOT { None } else { Some(&self.agent) }
     }
 
+    /// The rule table in force (0 without an entry: the zeroed `agent`).
     #[inline(always)]
     fn table(&self) -> u32 {
-        self.table
+        self.agent.table
     }
 
     #[inline(always)]

@@ -206,19 +206,6 @@ pub fn summary_body(
     body_of(first, who, ts, Some(counted), timestamps)
 }
 
-/// [`summary_body`] with the times mapped as [`decision_body_at`] does.
-pub fn summary_body_at(
-    first: &Event,
-    count: u64,
-    last_boot_ns: u64,
-    who: &Attribution,
-    (boot_now_ns, unix_now_ns): (u64, u64),
-    timestamps: &mut Timestamps,
-) -> Body {
-    let counted = Counted { count, last_ns: wall_ns(last_boot_ns, boot_now_ns, unix_now_ns) };
-    summary_body(first, counted, who, wall_ns(first.ts_boot_ns, boot_now_ns, unix_now_ns), timestamps)
-}
-
 fn body_of(
     event: &Event,
     who: &Attribution,
@@ -258,17 +245,6 @@ fn body_of(
         .u64("uid", u64::from(event.uid_gid as u32))
         .str("verdict", verdict_name(event.verdict));
     body.finish()
-}
-
-/// [`decision_body`] of an event whose boot-clock time maps to wall-clock time by one reading
-/// of both clocks (`boot_now_ns`, `unix_now_ns`).
-pub fn decision_body_at(
-    event: &Event,
-    who: &Attribution,
-    (boot_now_ns, unix_now_ns): (u64, u64),
-    timestamps: &mut Timestamps,
-) -> Body {
-    decision_body(event, who, wall_ns(event.ts_boot_ns, boot_now_ns, unix_now_ns), timestamps)
 }
 
 /// What the risk engine reads of a decision of an agent, exactly as its record (made by

@@ -356,12 +356,15 @@ impl<P: Fn(Line)> Writer<P> {
         if record.get("event").and_then(Value::as_str) != Some("resume") {
             return;
         }
-        if let Some(risk::replay::Input::Resume { agent, ts_us }) = risk::replay::input_of(record) {
+        // Read from the record itself, as the replay reads its line (`replay::input`).
+        let agent = record.get("agent").and_then(Value::as_str);
+        let ts_us = record.get("ts").and_then(Value::as_str).and_then(risk::replay::micros);
+        if let (Some(agent), Some(ts_us)) = (agent, ts_us) {
             self.scoring
                 .engine
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .resume(&agent, ts_us);
+                .resume(agent, ts_us);
         }
     }
 

@@ -947,7 +947,7 @@ impl<K: Kernel> State<K> {
             return Err(unknown_agent(agent));
         }
         let view = self.risk().view(agent.as_str(), risk::replay::us_of(SystemTime::now()));
-        let shown = |x: f64| (x * 100.0).round() / 100.0;
+        let shown = risk::shown;
         Ok(RiskView {
             agent: agent.to_string(),
             contributors: view

@@ -318,7 +318,7 @@ pub struct Contributor {
 }
 
 /// Two decimals: what records and answers show (the engine keeps full precision).
-fn shown(x: f64) -> f64 {
+pub fn shown(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

@@ -52,7 +52,8 @@ pub enum Input {
     },
 }
 
-fn micros(ts: &str) -> Option<u64> {
+/// µs since the Unix epoch of a record's RFC 3339 `ts`.
+pub fn micros(ts: &str) -> Option<u64> {
     let t = humantime::parse_rfc3339(ts).ok()?;
     u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()
 }
@@ -133,21 +134,14 @@ pub fn replay_file(params: Params, path: &Path) -> std::io::Result<(Engine, Vec<
             break;
         }
         // Most lines are decisions; a daemon record other than `resume` is skipped unparsed.
-        let daemon = memchr_event(&line);
-        if daemon && !contains(&line, b"\"event\":\"resume\"") {
+        if memchr::memmem::find(&line, b"\"event\":").is_some()
+            && memchr::memmem::find(&line, b"\"event\":\"resume\"").is_none()
+        {
             continue;
         }
         inputs.extend(input(&line));
     }
     Ok(replay(params, inputs))
-}
-
-fn memchr_event(line: &[u8]) -> bool {
-    contains(line, b"\"event\":")
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The µs of a `SystemTime` (for the live side, which has ns).
