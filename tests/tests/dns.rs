@@ -402,6 +402,7 @@ fn a_name_whose_address_changes_works_at_the_new_one_and_stops_at_the_old_after_
         .unwrap();
     let second = &w.inside(&alpha, &[&ask("moving.llm.test", "A")])[0];
     assert_eq!(field(second, "answers"), "10.77.0.2", "{second}");
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.2:443"]), ["ok"], "the new address is reached");
     // The old address keeps working until its TTL (1 s, the minimum of this daemon), then stops.
     let mut until = std::process::Command::new(probe_bin());
     until

@@ -189,6 +189,17 @@ fn counters_move_by_exactly_the_decisions_an_agent_made() {
     let after = wait_for(port, "ztseg_audit_pending_records", 0.0);
     drop(stats);
 
+    // The series the negative controls below read as 0 are there, not missing (which `value`
+    // would read as 0 too).
+    for series in [
+        "ztseg_bpf_stats_enabled",
+        "ztseg_ring_dropped_records_total",
+        "ztseg_program_runs_total{program=\"connect6\"}",
+        "ztseg_control_request_duration_seconds_count{kind=\"kill\"}",
+        "ztseg_control_request_duration_seconds_count{kind=\"status\"}",
+    ] {
+        assert!(before.contains_key(series) && after.contains_key(series), "{series} missing: {after:#?}");
+    }
     let delta = |series: &str| value(&after, series) - value(&before, series);
     let moved: Vec<(&str, f64)> = [
         ("ztseg_decisions_total{verdict=\"allow\",reason=\"rule\"}", 2.0),

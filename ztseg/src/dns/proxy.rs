@@ -364,14 +364,15 @@ impl Proxy {
             let outcome = refused(reason::UNREGISTERED, None, "no agent has this proxy address".into());
             return (ResponseCode::Refused, outcome, None);
         }
-        let admitted = match self.store().admit(slot, &question.name, clock::boot_now_ns()) {
-            Ok(admitted) => admitted,
-            Err(r) => return (ResponseCode::Refused, refused(r.reason, r.rule_id, r.detail), None),
-        };
+        // The type first: a query refused for its type spends none of a wildcard's budget.
         if !answer::forwarded_type(question.qtype) {
             let detail = format!("{} queries are not forwarded (only A and AAAA)", question.qtype);
             return (ResponseCode::Refused, refused(dns_reason::QTYPE, None, detail), None);
         }
+        let admitted = match self.store().admit(slot, &question.name, clock::boot_now_ns()) {
+            Ok(admitted) => admitted,
+            Err(r) => return (ResponseCode::Refused, refused(r.reason, r.rule_id, r.detail), None),
+        };
         let upstream = match upstream::ask(&self.upstream, question, self.timeout).await {
             Ok(answer) => answer,
             Err(upstream::Failed(why)) => {

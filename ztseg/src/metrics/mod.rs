@@ -30,7 +30,8 @@ pub use self::render::{Format, render};
 /// Verdict codes counted apart (`rule::VERDICT_*` of decisions are 1-3: allow, deny, would_deny);
 /// others count as 0.
 const VERDICT_CODES: usize = 4;
-/// Reason codes counted apart (`decision::reason::*` are 1-11); others count as 0.
+/// Reason codes counted apart (`decision::reason::*`, DNS reasons included, are all below it);
+/// others count as 0.
 const REASON_CODES: usize = 16;
 
 /// Decisions by (verdict code, reason code).
