@@ -56,7 +56,8 @@ fn main() -> ExitCode {
 }
 
 /// Options: `--runs N` (default 5), `--quick` (fewer operations per run), `--daemon PATH` (the
-/// ztseg binary for the control-plane figures), `--out DIR`, `--control-only`.
+/// ztseg binary for the control-plane figures), `--out DIR`, `--control-only`, `--kernel-only` (the
+/// ztseg data-plane cases alone: no nftables cases, no bulk runs, no daemon figures).
 pub struct Options {
     pub runs: usize,
     pub tcp_ops: u64,
@@ -67,6 +68,8 @@ pub struct Options {
     pub control_only: bool,
     /// `--dns-only`: only the DNS figures.
     pub dns_only: bool,
+    /// `--kernel-only`: only the ztseg data-plane cases.
+    pub kernel_only: bool,
     pub quick: bool,
     /// How long each bulk-throughput run sends.
     pub bulk_ms: u64,
@@ -81,6 +84,7 @@ fn options(args: &[String]) -> Result<Options> {
         out: PathBuf::from("target/bench"),
         control_only: false,
         dns_only: false,
+        kernel_only: false,
         quick: false,
         bulk_ms: 1000,
     };
@@ -93,6 +97,7 @@ fn options(args: &[String]) -> Result<Options> {
             "--out" => o.out = PathBuf::from(it.next().context("--out DIR")?),
             "--control-only" => o.control_only = true,
             "--dns-only" => o.dns_only = true,
+            "--kernel-only" => o.kernel_only = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -555,7 +560,7 @@ fn run(args: &[String]) -> Result<()> {
                 cases.push(Case { setup: Setup::Ztseg { rules: *n, agents }, allowed, cgroup: path.clone() });
             }
         }
-        if agents == 1 {
+        if agents == 1 && !opts.kernel_only {
             for shape in [
                 NftShape::List(1),
                 NftShape::List(1_000),
@@ -632,7 +637,7 @@ fn run(args: &[String]) -> Result<()> {
         results.order.extend(cases);
     }
     set_bpf_stats(stats_were_on)?;
-    if !opts.control_only {
+    if !opts.control_only && !opts.kernel_only {
         // What the cgroup_skb programs cost per packet: bulk TCP across a veth link from an
         // agent (its one rule grants the sink) and from outside, interleaved in the same runs.
         // The connect is judged once; every data packet out and every ACK in runs a program.
@@ -664,11 +669,12 @@ fn run(args: &[String]) -> Result<()> {
     ));
     drop(dataplane);
 
-    let control = match &opts.daemon {
+    let daemon = opts.daemon.as_ref().filter(|_| !opts.kernel_only);
+    let control = match daemon {
         Some(daemon) => Some(control_plane::run(&bench, daemon, &ns, &fs_)?),
         None => None,
     };
-    let dns = match &opts.daemon {
+    let dns = match daemon {
         Some(daemon) => Some(dns::run(&bench, daemon, &fs_, opts.quick)?),
         None => None,
     };

@@ -56,11 +56,6 @@ impl Decision {
         Self { verdict: VERDICT_DENY, reason, rule_id: NO_RULE_ID }
     }
 
-    /// A socket the agent may create (sock_create has no rule behind it).
-    pub const fn allow_socket() -> Self {
-        Self { verdict: VERDICT_ALLOW, reason: reason::RULE, rule_id: NO_RULE_ID }
-    }
-
     /// Denied by the rules but let through (audit mode): `reason` and `rule_id` say what
     /// would have denied it.
     pub const fn would_deny(reason: u8, rule_id: u32) -> Self {

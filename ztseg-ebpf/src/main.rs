@@ -321,19 +321,18 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands a valid `bpf_sock` to cgroup/sock_create programs.
     let (family, sock_type, protocol) =
         unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
-    // The common case, a TCP or UDP socket of a registered agent, reaches nothing by itself: it is
-    // let through with one lookup, neither timed, counted nor recorded.
-    let judged = sock_type != SOCK_RAW && (protocol == PROTO_TCP as u32 || protocol == PROTO_UDP as u32);
-    // SAFETY: a plain helper call; the map reference is only tested, never kept.
-    if judged && unsafe { AGENTS.get(bpf_get_current_cgroup_id()).is_some() } {
+    // A TCP or UDP socket reaches nothing by itself: its connects, sends and every packet in are
+    // judged (an unregistered cgroup's included, refused as `unregistered` there). It is let
+    // through at once, with no lookup, neither timed, counted nor recorded: this hook runs for
+    // every socket an agent opens, and the decision that matters is the connect's.
+    if sock_type != SOCK_RAW && (protocol == PROTO_TCP as u32 || protocol == PROTO_UDP as u32) {
         return ALLOW;
     }
     let task = Task::current();
     let decision = match task.gate() {
         Err(denied) if denied.reason == reason::UNREGISTERED => denied,
         _ if sock_type == SOCK_RAW => Decision::deny(reason::RAW_SOCKET),
-        _ if !judged => Decision::deny(reason::PROTOCOL),
-        _ => Decision::allow_socket(),
+        _ => Decision::deny(reason::PROTOCOL),
     };
     let dest = Dest {
         family: if family == AF_INET6 { FAMILY_V6 } else { FAMILY_V4 },
@@ -342,8 +341,7 @@ pub fn sock_create(ctx: SockContext) -> i32 {
         addr: [0; 4],
         port: [0; 2],
     };
-    // Creating a TCP or UDP socket reaches nothing by itself; only refusals are worth a record.
-    task.report(ACTION_SOCKET, dest, &decision, !decision.passes())
+    task.report(ACTION_SOCKET, dest, &decision, true)
 }
 
 /// Neutralises the socket options that would let something no hook judges reach the agent
