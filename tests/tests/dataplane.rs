@@ -14,7 +14,7 @@ use ztseg::{
 };
 use ztseg_common::{
     agent::AgentState,
-    event::{AgentStats, UNREGISTERED_SLOT},
+    event::{AgentCounts, AgentStats, UNREGISTERED_SLOT},
     maps::MAX_AGENTS,
     rule::{PROTO_TCP, PROTO_UDP, Rule4, RuleValue, TABLE_NO_EVERY_PORT, VERDICT_ALLOW, VERDICT_DENY},
 };
@@ -470,7 +470,7 @@ fn a_second_start_adopts_the_pins_and_enforcement_never_lapses() {
 }
 
 /// `bpftool map lookup` of one `stats` slot: the named fields of each CPU's copy, summed.
-fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentStats) {
+fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentCounts) {
     let key: Vec<String> = slot.to_le_bytes().iter().map(|b| b.to_string()).collect();
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "lookup", "pinned"])
@@ -486,12 +486,14 @@ fn bpftool_stats(site: &Site, slot: u32) -> (usize, AgentStats) {
     let each: Vec<AgentStats> = cpus
         .iter()
         .map(|v| AgentStats {
-            decisions: field(v, "decisions"),
-            denied: field(v, "denied"),
-            dropped: field(v, "dropped"),
-            emitted: field(v, "emitted"),
+            passed_written: field(v, "passed_written"),
+            denied_written: field(v, "denied_written"),
+            passed_summarised: field(v, "passed_summarised"),
+            denied_summarised: field(v, "denied_summarised"),
+            denied_dropped: field(v, "denied_dropped"),
             unrecorded: field(v, "unrecorded"),
-            summarised: field(v, "summarised"),
+            passed_quiet: field(v, "passed_quiet"),
+            denied_quiet: field(v, "denied_quiet"),
             ..AgentStats::default()
         })
         .collect();
@@ -510,7 +512,7 @@ fn a_stats_array_pinned_by_an_older_version_is_replaced_and_counts_again() {
     let pin = site.pin_dir.join("stats");
     {
         let mut old = Array::<MapData, AgentStats>::create(MAX_AGENTS + 1, 0).unwrap();
-        let stale = AgentStats { decisions: 1000, denied: 1000, emitted: 1000, ..AgentStats::default() };
+        let stale = AgentStats { denied_written: 1000, ..AgentStats::default() };
         old.set(UNREGISTERED_SLOT, stale, 0).unwrap();
         old.pin(&pin).unwrap();
     }
@@ -519,7 +521,7 @@ fn a_stats_array_pinned_by_an_older_version_is_replaced_and_counts_again() {
     let (mut dp, report) = Dataplane::start(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.counters_replaced, ["stats"]);
     assert_eq!(MapInfo::from_pin(&pin).unwrap().map_type().unwrap(), MapType::PerCpuArray);
-    assert_eq!(dp.stats(UNREGISTERED_SLOT).unwrap(), AgentStats::default(), "the old counts are gone");
+    assert_eq!(dp.stats(UNREGISTERED_SLOT).unwrap(), AgentCounts::default(), "the old counts are gone");
 
     let slot = dp.register(id).unwrap().slot;
     dp.grant(id, &[allow("10.77.0.1/32", PROTO_TCP, 8001)], boot_now_ns() + HOUR_NS).unwrap();

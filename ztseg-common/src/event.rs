@@ -63,46 +63,93 @@ pub struct Event {
 /// Per-agent counters, indexed by the agent's slot; the last index counts processes in no
 /// registered agent (`UNREGISTERED_SLOT`). The `stats` map is per-CPU: each CPU's programs add to
 /// that CPU's copy (atomic adds, no line shared between CPUs), and a reader sums the copies
-/// ([`AgentStats::total`]).
+/// into [`AgentCounts`] ([`AgentStats::total`]).
+///
+/// Each decision adds one to exactly one counter, the one of its outcome (one atomic add per
+/// decision, the cheapest a program can count); the totals a reader wants are sums of them.
+/// "Passed" is an allow or a would-be denial let through in audit mode; "denied" a denial.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentStats {
-    pub decisions: u64,
-    pub denied: u64,
-    /// Denials whose record was not written: the events ring was more than half full (the rest
-    /// is kept for allows) or full. The denial stood and is counted here and in `denied`.
-    pub dropped: u64,
-    /// Events the programs tried to write (written + dropped + unrecorded). Allowed socket
-    /// creations are neither counted nor reported.
-    pub emitted: u64,
-    /// Allows refused because their record could not be written (the ring was full, or the
-    /// agent was over its record budget and the summaries map was full): reason `unrecorded`,
-    /// counted in `denied` too.
+    /// Passed, its record written to the ring.
+    pub passed_written: u64,
+    /// Denied, its record written to the ring.
+    pub denied_written: u64,
+    /// Passed and counted in a summary (the agent was over its record budget on this CPU, or
+    /// the ring was full).
+    pub passed_summarised: u64,
+    /// Denied and counted in a summary.
+    pub denied_summarised: u64,
+    /// Denied with no record: the ring was more than half full (the rest is kept for allows)
+    /// or full, and the summaries map full too. The denial stood.
+    pub denied_dropped: u64,
+    /// An allow refused because no record of it could be made (reason `unrecorded`).
     pub unrecorded: u64,
-    /// Decisions counted in a summary (the agent was over its record budget on this CPU)
-    /// instead of each written to the ring.
-    pub summarised: u64,
+    /// Passed and not reported: a packet judged without a record.
+    pub passed_quiet: u64,
+    /// Denied and not reported.
+    pub denied_quiet: u64,
     /// Not a counter: when this CPU's current record-budget window began (boot ns).
     pub budget_start_ns: u64,
     /// Not a counter: records written to the ring in that window.
     pub budget_used: u64,
 }
 
+/// An agent's counts across the host, from its per-CPU [`AgentStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounts {
+    pub decisions: u64,
+    /// Decisions that were refused (`unrecorded` allows included).
+    pub denied: u64,
+    /// Denials whose record was neither written nor summarised.
+    pub dropped: u64,
+    /// Events the programs tried to write to the ring (written + dropped + unrecorded). A TCP
+    /// or UDP socket's creation is neither counted nor reported.
+    pub emitted: u64,
+    /// Allows refused because their record could not be made.
+    pub unrecorded: u64,
+    /// Decisions counted in a summary instead of each written to the ring.
+    pub summarised: u64,
+}
+
 impl AgentStats {
     /// The sum of per-CPU copies: the agent's counts across the host.
     #[must_use]
-    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> Self {
-        per_cpu.into_iter().fold(Self::default(), |sum, cpu| Self {
-            // Wrapping, as the kernel's adds do; 2^64 decisions are not reached.
-            decisions: sum.decisions.wrapping_add(cpu.decisions),
-            denied: sum.denied.wrapping_add(cpu.denied),
-            dropped: sum.dropped.wrapping_add(cpu.dropped),
-            emitted: sum.emitted.wrapping_add(cpu.emitted),
+    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a Self>) -> AgentCounts {
+        // Wrapping, as the kernel's adds do; 2^64 decisions are not reached.
+        let sum = per_cpu.into_iter().fold(Self::default(), |sum, cpu| Self {
+            passed_written: sum.passed_written.wrapping_add(cpu.passed_written),
+            denied_written: sum.denied_written.wrapping_add(cpu.denied_written),
+            passed_summarised: sum.passed_summarised.wrapping_add(cpu.passed_summarised),
+            denied_summarised: sum.denied_summarised.wrapping_add(cpu.denied_summarised),
+            denied_dropped: sum.denied_dropped.wrapping_add(cpu.denied_dropped),
             unrecorded: sum.unrecorded.wrapping_add(cpu.unrecorded),
-            summarised: sum.summarised.wrapping_add(cpu.summarised),
+            passed_quiet: sum.passed_quiet.wrapping_add(cpu.passed_quiet),
+            denied_quiet: sum.denied_quiet.wrapping_add(cpu.denied_quiet),
             budget_start_ns: 0,
             budget_used: 0,
-        })
+        });
+        let denied = sum
+            .denied_written
+            .wrapping_add(sum.denied_summarised)
+            .wrapping_add(sum.denied_dropped)
+            .wrapping_add(sum.unrecorded)
+            .wrapping_add(sum.denied_quiet);
+        AgentCounts {
+            decisions: denied
+                .wrapping_add(sum.passed_written)
+                .wrapping_add(sum.passed_summarised)
+                .wrapping_add(sum.passed_quiet),
+            denied,
+            dropped: sum.denied_dropped,
+            emitted: sum
+                .passed_written
+                .wrapping_add(sum.denied_written)
+                .wrapping_add(sum.denied_dropped)
+                .wrapping_add(sum.unrecorded),
+            unrecorded: sum.unrecorded,
+            summarised: sum.passed_summarised.wrapping_add(sum.denied_summarised),
+        }
     }
 }
 
@@ -181,7 +228,7 @@ mod tests {
         assert_eq!(offset_of!(Event, reason), 78);
         // Ring buffer records are 8-byte aligned.
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<AgentStats>(), 64);
+        assert_eq!(size_of::<AgentStats>(), 80);
         assert_eq!(size_of::<SummaryKey>(), 40);
         assert_eq!(offset_of!(SummaryKey, port), 32);
         assert_eq!(offset_of!(SummaryKey, epoch), 39);
@@ -191,33 +238,27 @@ mod tests {
     }
 
     #[test]
-    fn per_cpu_copies_sum_field_by_field() {
+    fn per_cpu_copies_sum_into_the_totals_of_their_outcomes() {
         let cpus = [
-            AgentStats { decisions: 3, denied: 1, emitted: 3, budget_used: 3, ..AgentStats::default() },
+            AgentStats { passed_written: 2, denied_written: 1, budget_used: 3, ..AgentStats::default() },
             AgentStats::default(),
             AgentStats {
-                decisions: 5,
-                denied: 2,
-                dropped: 1,
-                emitted: 4,
+                passed_written: 1,
+                denied_written: 1,
+                passed_summarised: 1,
+                denied_summarised: 1,
+                denied_dropped: 1,
                 unrecorded: 1,
-                summarised: 2,
+                passed_quiet: 3,
+                denied_quiet: 2,
                 budget_start_ns: 9,
                 budget_used: 4,
             },
         ];
         assert_eq!(
             AgentStats::total(&cpus),
-            AgentStats {
-                decisions: 8,
-                denied: 3,
-                dropped: 1,
-                emitted: 7,
-                unrecorded: 1,
-                summarised: 2,
-                ..AgentStats::default()
-            }
+            AgentCounts { decisions: 14, denied: 7, dropped: 1, emitted: 7, unrecorded: 1, summarised: 2 }
         );
-        assert_eq!(AgentStats::total(&[]), AgentStats::default());
+        assert_eq!(AgentStats::total(&[]), AgentCounts::default());
     }
 }

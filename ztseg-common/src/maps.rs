@@ -27,7 +27,7 @@ pub const RCU_BARRIER: &str = "rcu_barrier";
 pub const RCU_BARRIER_INNER: &str = "rcu_barrier_in";
 
 /// Registered agents at most (also the size of the per-agent stats array, whose
-/// `(MAX_AGENTS + 1) * 32` bytes, 512 KiB, are allocated once per possible CPU).
+/// `(MAX_AGENTS + 1) * 80` bytes, 1.25 MiB, are allocated once per possible CPU).
 pub const MAX_AGENTS: u32 = 16_384;
 
 /// Per-CPU counts of repeated decisions of agents over their record budget, drained by the

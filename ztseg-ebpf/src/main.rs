@@ -470,7 +470,7 @@ impl Task {
     #[inline(always)]
     fn report(&self, action: u8, dest: Dest, decision: &Decision, emit: bool) -> i32 {
         if !emit {
-            self.count(decision, None);
+            self.count(decision, Outcome::Quiet);
             return verdict(decision);
         }
         // A denial shed past half the ring takes no record of the budget. What passes (an allow,
@@ -483,7 +483,7 @@ impl Task {
             // window of backlog; it also drains on a timer.
             let wake = if wake_reader(ring_unread()) { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
             entry.submit(wake.into());
-            self.count(decision, Some(true));
+            self.count(decision, Outcome::Written);
             return verdict(decision);
         }
         if to_ring && let Some(drops) = DROPS.get_ptr_mut(0) {
@@ -491,30 +491,16 @@ impl Task {
             unsafe { count(drops) };
         }
         if self.summarise(action, &dest, decision) {
-            self.count_summarised(decision);
+            self.count(decision, Outcome::Summarised);
             return verdict(decision);
         }
         if decision.passes() {
-            return self.refuse_unrecorded(decision);
+            // Logged before delivered, or not delivered: an allow (or a would-be denial in audit
+            // mode) whose record cannot be made is refused with reason `unrecorded`.
+            self.count(decision, Outcome::Unrecorded);
+            return DENY;
         }
-        self.count(decision, Some(false));
-        DENY
-    }
-
-    /// Logged before delivered, or not delivered: an allow (or a would-be denial in audit mode)
-    /// whose record cannot be made is refused with reason `unrecorded`.
-    #[inline(always)]
-    fn refuse_unrecorded(&self, decision: &Decision) -> i32 {
-        let refused =
-            Decision { verdict: VERDICT_DENY, reason: reason::UNRECORDED, rule_id: decision.rule_id };
-        self.count(&refused, None);
-        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
-            // SAFETY: this CPU's copy of a valid array element (see `count`).
-            unsafe {
-                count(&raw mut (*stats).emitted);
-                count(&raw mut (*stats).unrecorded);
-            }
-        }
+        self.count(decision, Outcome::Dropped);
         DENY
     }
 
@@ -666,37 +652,41 @@ impl Task {
         }
     }
 
-    /// Counts a decision that went into a summary.
+    /// Counts a decision in the one counter of its outcome (see `AgentStats`).
     #[inline(always)]
-    fn count_summarised(&self, decision: &Decision) {
-        self.count(decision, None);
-        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
-            // SAFETY: this CPU's copy of a valid array element (see `count`).
-            unsafe { count(&raw mut (*stats).summarised) };
+    fn count(&self, decision: &Decision, outcome: Outcome) {
+        let Some(stats) = STATS.get_ptr_mut(self.slot()) else { return };
+        let passed = decision.passes();
+        // SAFETY: this CPU's copy of a valid array element (see `count`).
+        unsafe {
+            let counter = match outcome {
+                Outcome::Written if passed => &raw mut (*stats).passed_written,
+                Outcome::Written => &raw mut (*stats).denied_written,
+                Outcome::Summarised if passed => &raw mut (*stats).passed_summarised,
+                Outcome::Summarised => &raw mut (*stats).denied_summarised,
+                Outcome::Dropped => &raw mut (*stats).denied_dropped,
+                Outcome::Unrecorded => &raw mut (*stats).unrecorded,
+                Outcome::Quiet if passed => &raw mut (*stats).passed_quiet,
+                Outcome::Quiet => &raw mut (*stats).denied_quiet,
+            };
+            count(counter);
         }
     }
+}
 
-    /// Counts a decision; `written` is whether its event was written (None: not reported).
-    #[inline(always)]
-    fn count(&self, decision: &Decision, written: Option<bool>) {
-        if let Some(stats) = STATS.get_ptr_mut(self.slot()) {
-            // SAFETY: this CPU's copy of a valid array element (see `count`).
-            unsafe {
-                count(&raw mut (*stats).decisions);
-                if decision.verdict == VERDICT_DENY {
-                    count(&raw mut (*stats).denied);
-                }
-                match written {
-                    Some(true) => count(&raw mut (*stats).emitted),
-                    Some(false) => {
-                        count(&raw mut (*stats).emitted);
-                        count(&raw mut (*stats).dropped);
-                    }
-                    None => {}
-                }
-            }
-        }
-    }
+/// What became of a decision's record (the counter `Task::count` adds to).
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// Written to the ring.
+    Written,
+    /// Counted in a summary.
+    Summarised,
+    /// A denial neither written nor summarised.
+    Dropped,
+    /// An allow refused because neither way could record it.
+    Unrecorded,
+    /// Not reported (`emit` false).
+    Quiet,
 }
 
 /// Bytes written to the events ring and not yet consumed by the daemon.

@@ -15,7 +15,7 @@ use std::{
 
 use ztseg_common::{
     agent::{AgentState, FLAG_KILLED},
-    event::AgentStats,
+    event::AgentCounts,
 };
 
 use super::kernel::Kernel;
@@ -240,8 +240,8 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn stats(&self, _slot: u32) -> Result<AgentStats, DataplaneError> {
-        Ok(AgentStats::default())
+    fn stats(&self, _slot: u32) -> Result<AgentCounts, DataplaneError> {
+        Ok(AgentCounts::default())
     }
 
     fn ensure_cgroup(&mut self, path: &Path) -> Result<u64, CgroupError> {

@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, io, path::Path, time::Duration};
 
-use ztseg_common::{agent::AgentState, event::AgentStats};
+use ztseg_common::{agent::AgentState, event::AgentCounts};
 
 use crate::{
     cgroup::{self, CgroupError},
@@ -53,7 +53,7 @@ pub trait Kernel {
     fn set_mode(&mut self, cgroup_id: u64, mode: u32) -> Result<(), DataplaneError>;
 
     /// Kernel counters of an agent slot.
-    fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError>;
+    fn stats(&self, slot: u32) -> Result<AgentCounts, DataplaneError>;
 
     /// Creates the cgroup directory if missing and returns its id (`cgroup::ensure`).
     fn ensure_cgroup(&mut self, path: &Path) -> Result<u64, CgroupError>;
@@ -122,7 +122,7 @@ impl Kernel for Dataplane {
         Dataplane::set_mode(self, cgroup_id, mode)
     }
 
-    fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {
+    fn stats(&self, slot: u32) -> Result<AgentCounts, DataplaneError> {
         Dataplane::stats(self, slot)
     }
 

@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use ztseg_common::{
     agent::{AgentState, FLAG_KILLED},
     dns::{self, DnsConfig, DnsPeer, Learned, LearnedValue},
-    event::{AgentStats, Summary, SummaryKey},
+    event::{AgentCounts, AgentStats, Summary, SummaryKey},
     maps,
     packet::Peers,
     rule::{ANY_PORT, Rule4, Rule6, RuleValue, TABLE_NO_EVERY_PORT},
@@ -811,7 +811,7 @@ impl Dataplane {
     }
 
     /// Kernel counters of an agent slot (or `event::UNREGISTERED_SLOT`), summed over the CPUs.
-    pub fn stats(&self, slot: u32) -> Result<AgentStats, DataplaneError> {
+    pub fn stats(&self, slot: u32) -> Result<AgentCounts, DataplaneError> {
         let per_cpu = self.stats.get(&slot, 0).map_err(map_err(maps::STATS))?;
         Ok(AgentStats::total(per_cpu.iter()))
     }
@@ -1127,10 +1127,10 @@ mod tests {
     #[test]
     fn a_shape_reads_as_type_and_sizes() {
         let stats = shape_of(maps::STATS);
-        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 64 B, 16385 entries");
+        assert_eq!(stats.to_string(), "PerCpuArray, key 4 B, value 80 B, 16385 entries");
         assert_eq!(
             Shape { map_type: None, ..stats }.to_string(),
-            "unknown type, key 4 B, value 64 B, 16385 entries"
+            "unknown type, key 4 B, value 80 B, 16385 entries"
         );
     }
 }
