@@ -481,6 +481,12 @@ fn pipeline_rate(
     })
 }
 
+/// The middle value (the upper of the two middle ones).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// The risk engine's cost per record, alone: 20 agents' decisions (allows to a few granted
 /// destinations, routine denials, one agent scanning), fed as the audit writer feeds them.
 fn scoring_cost() -> (f64, usize) {
@@ -717,54 +723,58 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
     )?;
 
     // Event pipeline: a backlog of decisions made while the daemon is stopped, then drained;
-    // with the risk engine scoring every record (as deployed) and without, in five pairs of
-    // turns, each turn on a daemon started for it, the pair's order alternating (scored first,
-    // then unscored first) so that both see the machine's same moments. The cost of scoring is
-    // the median of the five pairs' ratios; the rates are the medians of five each.
+    // with the risk engine scoring every record (as deployed) and without, in six pairs of
+    // turns, each turn on a daemon started for it and three drains long, the pair's order
+    // alternating (scored first, then unscored first) so that both see the machine's same
+    // moments. A turn's rate is the median of its drains; a pair's ratio, scored over unscored;
+    // the cost of scoring, the median of the pairs' ratios. The rates are the medians of the
+    // six turns each.
     let unscored_config = dir.join("ztseg-unscored.toml");
     fs::write(&unscored_config, format!("{}\n[risk]\nenabled = false\n", fs::read_to_string(&config_path)?))?;
     let (mut scored, mut unscored, mut short) = (Vec::new(), Vec::new(), Vec::new());
     let mut daemon = daemon;
     let mut first = 0;
-    let pairs = 5;
+    let (pairs, drains) = (6, 3);
     for turn in (0..pairs).flat_map(|pair| if pair % 2 == 0 { [true, false] } else { [false, true] }) {
         drop(daemon);
         daemon = Daemon::start(daemon_bin, if turn { &config_path } else { &unscored_config })?;
-        let drain = pipeline_rate(bench, &daemon, &socket, &root, ns, first)?;
-        first += 20;
-        if drain.arrived < PIPELINE_BACKLOG || drain.dropped > 0 || drain.refused > 0 {
-            short.push(format!(
-                "{} of {PIPELINE_BACKLOG} arrived, {} dropped by the ring, {} connects refused",
-                drain.arrived, drain.dropped, drain.refused
-            ));
+        let mut rates = Vec::new();
+        for _ in 0..drains {
+            let drain = pipeline_rate(bench, &daemon, &socket, &root, ns, first)?;
+            first += 20;
+            if drain.arrived < PIPELINE_BACKLOG || drain.dropped > 0 || drain.refused > 0 {
+                short.push(format!(
+                    "{} of {PIPELINE_BACKLOG} arrived, {} dropped by the ring, {} connects refused",
+                    drain.arrived, drain.dropped, drain.refused
+                ));
+            }
+            rates.push(drain.rate);
         }
-        if turn { scored.push(drain.rate) } else { unscored.push(drain.rate) }
+        if turn { scored.push(median(&mut rates)) } else { unscored.push(median(&mut rates)) }
     }
     let ratios: Vec<f64> = scored.iter().zip(&unscored).map(|(s, u)| s / u).collect();
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let listed = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
     let (scored_median, unscored_median) = (median(&mut scored), median(&mut unscored));
     fig.add(
         "event pipeline: ring -> attribution -> audit append -> risk scoring -> stream",
         format!(
-            "{scored_median:.0} events/s (a {PIPELINE_BACKLOG}-event backlog; median of {}){}",
+            "{scored_median:.0} events/s (a {PIPELINE_BACKLOG}-event backlog; median of {} turns of {drains} drains: {}){}",
+            scored.len(),
             listed(&scored),
             if short.is_empty() { String::new() } else { format!("; short drains: {}", short.join("; ")) }
         ),
     );
+    let (per_event, events) = scoring_cost();
     fig.add(
         "event pipeline without risk scoring ([risk] enabled = false)",
         format!(
-            "{unscored_median:.0} events/s (median of {}); with scoring {:.1}% of that (median of the pairs' {})",
+            "{unscored_median:.0} events/s (median of {}); with scoring {:.1}% of that (median of the pairs' {}); the engine alone takes {:.1}% of the pipeline's time per record",
             listed(&unscored),
             100.0 * median(&mut ratios.clone()),
-            ratios.iter().map(|r| format!("{:.1}%", 100.0 * r)).collect::<Vec<_>>().join(", ")
+            ratios.iter().map(|r| format!("{:.1}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
+            100.0 * per_event * 1e-9 * scored_median
         ),
     );
-    let (per_event, events) = scoring_cost();
     fig.add(
         "risk scoring cost per decision record (engine alone, one thread)",
         format!("{per_event:.0} ns ({events} records of 20 agents: allows, denials, a scan)"),
