@@ -259,8 +259,9 @@ pub struct Binding {
 pub enum TokenSource {
     /// An absolute path (a relative `token_file` is resolved against the policy file's directory).
     File(PathBuf),
-    /// The token itself (`token = "eyJ..."`).
-    Inline(String),
+    /// The token itself (`token = "eyJ..."`), shared by the binding's copies (the parsed file's
+    /// and the assembled catalogue's): 10,000 agents' tokens are ~4.6 MB each time they are held.
+    Inline(std::sync::Arc<str>),
 }
 
 impl fmt::Debug for TokenSource {

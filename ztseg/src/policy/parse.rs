@@ -456,7 +456,7 @@ impl Checker<'_> {
             (None, Some(token)) if token.get_ref().trim().is_empty() => {
                 self.invalid(self.line(&token.span()), "`token` is empty".to_owned())
             }
-            (None, Some(token)) => Some(TokenSource::Inline(token.get_ref().clone())),
+            (None, Some(token)) => Some(TokenSource::Inline(token.get_ref().as_str().into())),
         };
         let cgroup = match &raw.cgroup {
             None => Some(None),

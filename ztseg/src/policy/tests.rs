@@ -162,7 +162,7 @@ cgroup = "agents.slice/a1"
         [Rule { net: net("10.0.5.0/24"), ports: Ports::All, protos: Protos::TcpUdp, line: 4 }]
     );
     let binding = file.binding.unwrap();
-    assert_eq!(binding.token, TokenSource::Inline("eyJhbGciOiJFZERTQSJ9.e30.sig".to_owned()));
+    assert_eq!(binding.token, TokenSource::Inline("eyJhbGciOiJFZERTQSJ9.e30.sig".into()));
     assert_eq!(binding.cgroup, Some(PathBuf::from("agents.slice/a1")));
 }
 
@@ -550,7 +550,7 @@ fn token_files_resolve_against_the_policy_file_directory() {
 
 #[test]
 fn inline_tokens_are_not_printed() {
-    let source = TokenSource::Inline("eyJ.secret.sig".to_owned());
+    let source = TokenSource::Inline("eyJ.secret.sig".into());
     assert_eq!(format!("{source:?}"), "Inline(<14 bytes>)");
     let file = assert_accepted("[agent]\nid = \"a\"\ntoken = \"eyJ.secret.sig\"");
     assert!(!format!("{file:?}").contains("secret"));
