@@ -378,9 +378,11 @@ fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
     let set_b =
         [allow("10.77.0.0/30", PROTO_TCP, 8001), rule("10.77.0.2/32", PROTO_TCP, 0, Verdict::Deny, 9)];
     dp.grant(id, &set_a, deadline).unwrap();
+    // Closed with a reset: tens of thousands of connects to one destination in TIME_WAIT would
+    // use up the ephemeral ports (EADDRNOTAVAIL, counted as `other`) on a fast machine.
     let looping = probe_loop(
         At { netns: &ns, cgroup: Some(&agent) },
-        &["tcp:10.77.0.1:8001", "tcp:10.77.0.1:8002", "tcp:10.77.0.2:8001"],
+        &["tcp-rst:10.77.0.1:8001", "tcp-rst:10.77.0.1:8002", "tcp-rst:10.77.0.2:8001"],
     );
     let mut switches = 0;
     for round in 0..300 {
@@ -398,9 +400,9 @@ fn replacing_a_rule_set_under_a_connect_loop_never_gaps_or_leaks() {
         thread::yield_now();
     }
     let counts = loop_counts(&looping.finish());
-    let both = counts["tcp:10.77.0.1:8001"];
-    let neither = counts["tcp:10.77.0.1:8002"];
-    let only_a = counts["tcp:10.77.0.2:8001"];
+    let both = counts["tcp-rst:10.77.0.1:8001"];
+    let neither = counts["tcp-rst:10.77.0.1:8002"];
+    let only_a = counts["tcp-rst:10.77.0.2:8001"];
     assert_eq!(both.1 + both.2, 0, "a connect both sets allow was refused: {both:?}");
     assert_eq!(neither.0, 0, "a connect neither set allows got through: {neither:?}");
     assert!(both.0 > 0 && only_a.0 + only_a.1 > 0);
@@ -446,8 +448,10 @@ fn a_second_start_adopts_the_pins_and_enforcement_never_lapses() {
     // While one holds the pins, another start is refused and changes nothing.
     assert!(matches!(Dataplane::start(&site.pin_dir, &site.root), Err(DataplaneError::Busy { .. })));
 
-    let looping =
-        probe_loop(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8001", "tcp:10.77.0.2:8001"]);
+    let looping = probe_loop(
+        At { netns: &ns, cgroup: Some(&agent) },
+        &["tcp-rst:10.77.0.1:8001", "tcp-rst:10.77.0.2:8001"],
+    );
     drop(first);
     let (mut second, report) = Dataplane::start(&site.pin_dir, &site.root).unwrap();
     assert_eq!(report.links_updated, ztseg::dataplane::program_names().count());
@@ -464,8 +468,8 @@ fn a_second_start_adopts_the_pins_and_enforcement_never_lapses() {
         )
         .unwrap();
     let counts = loop_counts(&looping.finish());
-    assert_eq!(counts["tcp:10.77.0.1:8001"].1 + counts["tcp:10.77.0.1:8001"].2, 0, "{counts:?}");
-    assert_eq!(counts["tcp:10.77.0.2:8001"].0, 0, "{counts:?}");
+    assert_eq!(counts["tcp-rst:10.77.0.1:8001"].1 + counts["tcp-rst:10.77.0.1:8001"].2, 0, "{counts:?}");
+    assert_eq!(counts["tcp-rst:10.77.0.2:8001"].0, 0, "{counts:?}");
     assert_eq!(probe(At { netns: &ns, cgroup: Some(&agent) }, &["tcp:10.77.0.1:8002"]), ["ok"]);
 }
 
