@@ -104,6 +104,64 @@ fn kill_cuts_established_tcp_and_udp_both_ways_and_closes_the_sockets() {
     assert!(out.contains("socket(s) closed"), "{out}");
 }
 
+/// Waits for `proc` to say it connected and for 3 chunks back over TCP and UDP each.
+fn until_flowing(proc: &mut Proc) {
+    assert_eq!(proc.line(), "connected");
+    let (mut tcp, mut udp) = (0, 0);
+    while tcp < 3 || udp < 3 {
+        let line = proc.line();
+        if line.starts_with("tcp ") {
+            tcp += 1;
+        } else if line.starts_with("udp ") {
+            udp += 1;
+        } else {
+            panic!("unexpected line before the cut: {line}");
+        }
+    }
+}
+
+#[test]
+fn kill_closes_a_socket_another_agent_made_and_handed_over() {
+    // Two compromised agents that can reach each other (a Unix socket both can open): beta makes
+    // TCP and UDP sockets and hands them to alpha (SCM_RIGHTS), which connects them under its own
+    // rules. They stay in beta's cgroup: found by cgroup, they would outlive alpha's kill, and
+    // their packets are judged by beta's (live) state.
+    let w = world("300");
+    w.daemon.bind_new("beta", &["--scope", "stream", "--ttl", "300"]);
+    let (alpha, beta) = (w._site.root.join("alpha"), w._site.root.join("beta"));
+    let mut command = Command::new(ztseg_integration::probe_bin());
+    command.arg("--netns").arg(w.ns.path()).arg("--cgroup").arg(&beta);
+    command.arg("stream-moved").arg(&alpha).arg("10.77.0.1:8003");
+    let mut handed = Proc::spawn(command);
+    until_flowing(&mut handed);
+    // The control: beta's own connections, which alpha's kill must leave alone.
+    let cmd = [w.daemon.probe.as_os_str(), OsStr::new("stream"), OsStr::new("10.77.0.1:8003")];
+    let mut neighbour = spawn_agent(&w.daemon, &w.ns, "beta", &cmd, &[]);
+    until_flowing(&mut neighbour);
+
+    let (code, out, err) = w.daemon.ztseg(&["kill", "alpha"]);
+    let killed_at = boot_ns();
+    assert_eq!(code, 0, "{err}");
+    // Absence cannot be awaited: watch for a while in which, uncut, some 50 echoes would arrive.
+    std::thread::sleep(std::time::Duration::from_nanos(5 * STAMP_SLACK_NS));
+    let handed_lines = handed.finish();
+    let neighbour_lines = neighbour.finish();
+    let late = |lines: &[String], prefix: &str| {
+        stamps(lines, prefix).into_iter().filter(|&t| t > killed_at + STAMP_SLACK_NS).count()
+    };
+    assert_eq!(
+        (late(&handed_lines, "tcp "), late(&handed_lines, "udp ")),
+        (0, 0),
+        "chunks reached alpha's handed-over sockets after its kill: {handed_lines:?}"
+    );
+    assert!(handed_lines.iter().any(|l| l == "tcp-closed ECONNABORTED"), "{handed_lines:?}\n{out}");
+    let record = w.daemon.wait_event("the kill record", |r| r["event"] == "kill");
+    assert!(record["sockets_closed"].as_u64().unwrap_or(0) >= 2, "{record}");
+    // Beta is not killed: its own connections still carry chunks both ways.
+    assert!(late(&neighbour_lines, "tcp ") > 0 && late(&neighbour_lines, "udp ") > 0, "{neighbour_lines:?}");
+    assert!(!neighbour_lines.iter().any(|l| l.starts_with("tcp-closed")), "{neighbour_lines:?}");
+}
+
 #[test]
 fn expiry_cuts_established_traffic_with_the_daemon_stopped_and_a_restart_keeps_it_cut() {
     let mut w = world("4");

@@ -4,7 +4,12 @@
 //!
 //! sock_diag sees one network namespace per netlink socket: every namespace one of the agent's
 //! processes is in gets its own (opened from a thread that joins that namespace). A socket is the
-//! agent's when its cgroup id (INET_DIAG_CGROUP_ID) is the agent's cgroup.
+//! agent's when its cgroup id (INET_DIAG_CGROUP_ID) is the agent's cgroup, or when one of the
+//! agent's processes holds it (its inode among the `socket:[N]` descriptors of
+//! `/proc/PID/task/TID/fd`): a socket another agent made and handed over (SCM_RIGHTS) stays in
+//! its maker's cgroup, but is connected, and used, by the holder, and dies with the holder's
+//! rights. (A socket handed on again to an agent that is not cut goes on under that agent's
+//! state: from then on it is that agent's connection.)
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -64,8 +69,18 @@ fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
-/// The socket in one `inet_diag_msg` (with its attributes), if its cgroup is one of `wanted`.
-fn parse_found(payload: &[u8], protocol: u8, wanted: &HashSet<u64>) -> Option<Found> {
+/// Where `inet_diag_msg` has the socket's inode: after family, state, timer, retrans, the
+/// 48-byte id, expires, rqueue, wqueue and uid.
+const INODE_AT: usize = 68;
+
+/// The socket in one `inet_diag_msg` (with its attributes), if its cgroup is one of `wanted`, or
+/// else if a process of one of them holds it (`held`: socket inode -> the holder's cgroup id).
+fn parse_found(
+    payload: &[u8],
+    protocol: u8,
+    wanted: &HashSet<u64>,
+    held: &HashMap<u64, u64>,
+) -> Option<Found> {
     if payload.len() < MESSAGE {
         return None;
     }
@@ -82,7 +97,9 @@ fn parse_found(payload: &[u8], protocol: u8, wanted: &HashSet<u64>) -> Option<Fo
         }
         at += (len + 3) & !3;
     }
-    let cgroup_id = cgroup.filter(|c| wanted.contains(c))?;
+    let inode = payload[INODE_AT..INODE_AT + 4].try_into().map(u32::from_ne_bytes).ok();
+    let cgroup_id =
+        cgroup.filter(|c| wanted.contains(c)).or_else(|| held.get(&u64::from(inode?)).copied())?;
     Some(Found {
         cgroup_id,
         family: payload[0],
@@ -136,8 +153,15 @@ impl Diag {
         usize::try_from(rc).map_err(|_| io::Error::last_os_error())
     }
 
-    /// Every socket of `family`/`protocol` whose cgroup is one of `wanted`.
-    fn dump(&self, family: u8, protocol: u8, wanted: &HashSet<u64>) -> io::Result<Vec<Found>> {
+    /// Every socket of `family`/`protocol` whose cgroup is one of `wanted`, or held by one of
+    /// their processes (`held`).
+    fn dump(
+        &self,
+        family: u8,
+        protocol: u8,
+        wanted: &HashSet<u64>,
+        held: &HashMap<u64, u64>,
+    ) -> io::Result<Vec<Found>> {
         self.send(&request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, protocol, &[0; 48]))?;
         let mut found = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -149,7 +173,7 @@ impl Diag {
                     NLMSG_ERROR => {
                         return Err(netlink_error(payload).unwrap_or_else(|| io::Error::other("dump failed")));
                     }
-                    _ => found.extend(parse_found(payload, protocol, wanted)),
+                    _ => found.extend(parse_found(payload, protocol, wanted, held)),
                 }
             }
         }
@@ -196,13 +220,40 @@ fn namespaces<'a>(cgroups: impl IntoIterator<Item = &'a Path>) -> Vec<Option<std
     std::iter::once(None).chain(by_ns.into_values().map(Some)).collect()
 }
 
-/// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), in each
-/// network namespace their processes are in, with one dump per namespace, family and protocol
-/// however many cgroups there are. Returns how many were closed per cgroup id. One failure does
-/// not stop the rest: every socket that can be closed is, and the first error is returned
-/// afterwards.
+/// The inodes of the sockets the processes in `targets` (path, id) hold, each with its holder's
+/// cgroup id. Every thread's descriptor table is read: a thread made without CLONE_FILES has one
+/// of its own. A process or descriptor gone meanwhile is skipped.
+fn held_sockets(targets: &[(&Path, u64)]) -> HashMap<u64, u64> {
+    let mut held = HashMap::new();
+    for (cgroup, id) in targets {
+        for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
+            let tasks = Path::new("/proc").join(pid.trim()).join("task");
+            for task in fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                for fd in fs::read_dir(task.path().join("fd")).into_iter().flatten().flatten() {
+                    let Ok(target) = fs::read_link(fd.path()) else { continue };
+                    let inode = target
+                        .to_str()
+                        .and_then(|t| t.strip_prefix("socket:["))
+                        .and_then(|t| t.strip_suffix(']'))
+                        .and_then(|n| n.parse::<u64>().ok());
+                    if let Some(inode) = inode {
+                        held.insert(inode, *id);
+                    }
+                }
+            }
+        }
+    }
+    held
+}
+
+/// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), and
+/// every one their processes hold, in each network namespace their processes are in, with one
+/// dump per namespace, family and protocol however many cgroups there are. Returns how many were
+/// closed per cgroup id. One failure does not stop the rest: every socket that can be closed is,
+/// and the first error is returned afterwards.
 pub fn close_all(targets: &[(&Path, u64)]) -> io::Result<HashMap<u64, usize>> {
     let wanted: HashSet<u64> = targets.iter().map(|(_, id)| *id).collect();
+    let held = held_sockets(targets);
     let mut closed: HashMap<u64, usize> = wanted.iter().map(|id| (*id, 0)).collect();
     let mut first_error = None;
     for netns in namespaces(targets.iter().map(|(path, _)| *path)) {
@@ -217,7 +268,7 @@ pub fn close_all(targets: &[(&Path, u64)]) -> io::Result<HashMap<u64, usize>> {
         };
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
-                let found = match diag.dump(family, protocol, &wanted) {
+                let found = match diag.dump(family, protocol, &wanted, &held) {
                     Ok(found) => found,
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -256,20 +307,29 @@ mod tests {
     }
 
     #[test]
-    fn a_message_is_the_agents_only_when_its_cgroup_attribute_says_so() {
+    fn a_message_is_the_agents_when_its_cgroup_attribute_says_so_or_one_of_its_processes_holds_it() {
         let mut msg = vec![0u8; MESSAGE];
         msg[0] = 10;
         msg[4..52].copy_from_slice(&[9u8; 48]);
+        msg[INODE_AT..INODE_AT + 4].copy_from_slice(&4242u32.to_ne_bytes());
         let mut attr = vec![12, 0, INET_DIAG_CGROUP_ID as u8, 0];
         attr.extend_from_slice(&77u64.to_ne_bytes());
         msg.extend_from_slice(&attr);
         let wanted = |ids: &[u64]| ids.iter().copied().collect::<HashSet<u64>>();
+        let none = HashMap::new();
         assert_eq!(
-            parse_found(&msg, 6, &wanted(&[5, 77])),
+            parse_found(&msg, 6, &wanted(&[5, 77]), &none),
             Some(Found { cgroup_id: 77, family: 10, protocol: 6, id: [9; 48] })
         );
-        assert_eq!(parse_found(&msg, 6, &wanted(&[78])), None);
-        assert_eq!(parse_found(&msg[..MESSAGE], 6, &wanted(&[77])), None, "no cgroup attribute");
+        assert_eq!(parse_found(&msg, 6, &wanted(&[78]), &none), None);
+        assert_eq!(parse_found(&msg[..MESSAGE], 6, &wanted(&[77]), &none), None, "no cgroup attribute");
+        // Made in cgroup 77, held by a process of agent 78: 78's.
+        let held: HashMap<u64, u64> = [(4242, 78)].into();
+        assert_eq!(
+            parse_found(&msg, 6, &wanted(&[78]), &held),
+            Some(Found { cgroup_id: 78, family: 10, protocol: 6, id: [9; 48] })
+        );
+        assert_eq!(parse_found(&msg, 6, &wanted(&[78]), &[(4243, 78)].into()), None, "another inode");
     }
 
     #[test]

@@ -470,12 +470,33 @@ fn capture(iface: &str) {
 }
 
 fn stream(addr: &str) {
-    use std::io::Read as _;
     exit_on_stdin_close();
     let target: SocketAddr = addr.parse().unwrap();
-    let mut tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+    let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
     let udp = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
     udp.connect(target).unwrap();
+    stream_on(tcp, udp);
+}
+
+/// `stream-moved CGROUP ADDR`: makes its TCP and UDP sockets where it starts (in one agent's
+/// cgroup), moves itself into CGROUP (another agent's), connects them there and streams as
+/// `stream` does: the state of a socket one agent made and handed to another (SCM_RIGHTS),
+/// which the other connected under its own rules.
+fn stream_moved(cgroup: &str, addr: &str) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    exit_on_stdin_close();
+    let target: SocketAddr = addr.parse().unwrap();
+    let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let tcp = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    let udp = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+    std::fs::write(format!("{cgroup}/cgroup.procs"), "0").unwrap();
+    connect(std::os::fd::AsRawFd::as_raw_fd(&tcp), &SockaddrStorage::from(target)).unwrap();
+    udp.connect(target).unwrap();
+    stream_on(TcpStream::from(tcp), udp);
+}
+
+fn stream_on(mut tcp: TcpStream, udp: UdpSocket) {
+    use std::io::Read as _;
     // Said before the readers start, so it is always the first line.
     emit("connected");
     // Each socket has a reader of its own that stamps a chunk the moment it is taken off the
@@ -720,6 +741,7 @@ fn main() {
         "race" => dns::race(&args),
         "capture" => capture(&args[0]),
         "stream" => stream(&args[0]),
+        "stream-moved" => stream_moved(&args[0], &args[1]),
         "listen" => listen(&args[0]),
         "listen-unix" => {
             use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
