@@ -95,16 +95,29 @@ fn udp_socket(server: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Asks `server` over UDP (connected or not): the answer, where it came from, and the socket's
 /// peer if connected.
+/// How a UDP query is sent: to an address, on a connected socket, or on a connected socket
+/// with a traffic-class control message (what QUIC stacks add for ECN).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Udp {
+    SendTo,
+    Connected,
+    ConnectedTos,
+}
+
 pub fn ask_udp(
     server: SocketAddr,
     message: &Message,
-    connected: bool,
+    how: Udp,
 ) -> io::Result<(Message, SocketAddr, Option<SocketAddr>)> {
     let socket = udp_socket(server)?;
     let bytes = message.to_vec().map_err(io::Error::other)?;
-    let peer = if connected {
+    let peer = if how != Udp::SendTo {
         socket.connect(server)?;
-        socket.send(&bytes)?;
+        if how == Udp::ConnectedTos {
+            send_with_tos(&socket, &bytes, server.is_ipv4())?;
+        } else {
+            socket.send(&bytes)?;
+        }
         Some(socket.peer_addr()?)
     } else {
         socket.send_to(&bytes, server)?;
@@ -113,6 +126,40 @@ pub fn ask_udp(
     let mut buf = [0u8; 4096];
     let (n, from) = socket.recv_from(&mut buf)?;
     Ok((check_reply(message, &buf[..n])?, from, peer))
+}
+
+/// Sends `data` on connected `socket` with a traffic-class control message (IP_TOS or
+/// IPV6_TCLASS, ECT(0)): the kernel then runs the sendmsg hook with no address.
+pub fn send_with_tos(socket: &UdpSocket, data: &[u8], v4: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let (level, kind) =
+        if v4 { (libc::IPPROTO_IP, libc::IP_TOS) } else { (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) };
+    let value: libc::c_int = 2;
+    let mut data = data.to_vec();
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: CMSG_SPACE is a size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header of CMSG_SPACE(int) bytes; CMSG_* walk it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), value);
+    }
+    // SAFETY: sendmsg reads msg, its iovec and control buffer, all live here.
+    if unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 pub fn ask_tcp(server: SocketAddr, message: &Message) -> io::Result<(Message, SocketAddr)> {
@@ -132,13 +179,15 @@ pub fn ask_tcp(server: SocketAddr, message: &Message) -> io::Result<(Message, So
 /// A `dns-*` or `lookup-connect` op; `None` if `kind` is none of them.
 pub fn run_op(kind: &str, arg: &str) -> Option<String> {
     let outcome = match kind {
-        "dns-udp" | "dns-conn" | "dns-tcp" => {
+        "dns-udp" | "dns-conn" | "dns-conn-tos" | "dns-tcp" => {
             let (server, name, qtype) = three(arg);
             let message = query(name, record_type(qtype));
             let server: SocketAddr = server.parse().unwrap();
             let result = match kind {
                 "dns-tcp" => ask_tcp(server, &message).map(|(m, peer)| (m, peer, Some(peer))),
-                _ => ask_udp(server, &message, kind == "dns-conn"),
+                "dns-conn" => ask_udp(server, &message, Udp::Connected),
+                "dns-conn-tos" => ask_udp(server, &message, Udp::ConnectedTos),
+                _ => ask_udp(server, &message, Udp::SendTo),
             };
             match result {
                 Ok((answer, from, peer)) => format!(
@@ -158,8 +207,11 @@ pub fn run_op(kind: &str, arg: &str) -> Option<String> {
                 let secret =
                     format!("{:016x}{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), std::process::id());
                 let label = base32(secret.as_bytes());
-                let outcome = match ask_udp(server, &query(&format!("{label}.{domain}"), RecordType::A), true)
-                {
+                let outcome = match ask_udp(
+                    server,
+                    &query(&format!("{label}.{domain}"), RecordType::A),
+                    Udp::Connected,
+                ) {
                     Ok((answer, _, _)) => format!("{:?}", answer.metadata.response_code),
                     Err(e) => errno_name(&e),
                 };
@@ -222,7 +274,7 @@ fn first_address(answer: &Message) -> Option<IpAddr> {
 
 /// An A query, then at once a TCP connect to the first address: "ok", an errno, "rcode=...".
 fn lookup_connect(server: SocketAddr, name: &str, port: u16) -> String {
-    match ask_udp(server, &query(name, RecordType::A), true) {
+    match ask_udp(server, &query(name, RecordType::A), Udp::Connected) {
         Err(e) => format!("lookup-{}", errno_name(&e)),
         Ok((answer, _, _)) => match first_address(&answer) {
             None => format!("rcode={:?}", answer.metadata.response_code),

@@ -197,6 +197,20 @@ fn expiry_cuts_established_traffic_with_the_daemon_stopped_and_a_restart_keeps_i
 }
 
 #[test]
+fn a_connected_udp_send_with_a_traffic_class_goes_to_its_judged_destination() {
+    // ECN as QUIC stacks set it: an IP_TOS control message on a connected socket's send, which
+    // makes the kernel run the sendmsg hook with no address (the connected one is used).
+    let w = world("300");
+    let ops =
+        ["udp-connect-tos:10.77.0.1:8003", "udp-connect:10.77.0.1:8003", "udp-connect-tos:10.77.0.1:8004"];
+    assert_eq!(probe(At { netns: &w.ns, cgroup: None }, &ops), ["ok", "ok", "ok"]);
+    let (code, out, err) = run_agent(&w.daemon, &w.ns, "alpha", None, &ops);
+    assert_eq!(code, 0, "{err}");
+    // 8004 is no destination of alpha's: refused at the connect, before any send.
+    assert_eq!(out, ["ok", "ok", "EPERM"]);
+}
+
+#[test]
 fn ip_options_never_leave_an_agent() {
     let w = world("300");
     let ops = ["ipopts:10.77.0.1:8003", "udp-sendto:10.77.0.1:8003"];

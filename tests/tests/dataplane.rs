@@ -62,6 +62,30 @@ fn inside_and_outside(ns: &Netns, cgroup: &Path, ops: &[&str]) -> (Vec<String>, 
 }
 
 #[test]
+fn a_connected_udp_send_with_a_traffic_class_is_judged_at_its_peer_over_v4_v6_and_v4_mapped() {
+    // The kernel runs the sendmsg hook with no address for such a send (see the probe's
+    // `udp-connect-tos`): it goes to the connected peer, judged at the connect.
+    let site = Site::new();
+    let (ns, _server) = two_hosts();
+    let mut dp = start(&site);
+    let (agent, id) = site.cgroup("agent");
+    dp.register(id).unwrap();
+    let deadline = boot_now_ns() + HOUR_NS;
+    dp.grant(id, &[allow("10.77.0.1/32", PROTO_UDP, 8001), allow("fd77::1/128", PROTO_UDP, 8001)], deadline)
+        .unwrap();
+    let ops = [
+        "udp-connect-tos:10.77.0.1:8001",
+        "udp-connect-tos:[fd77::1]:8001",
+        "udp-connect-tos:[::ffff:10.77.0.1]:8001",
+        "udp-connect-tos:10.77.0.1:8002",
+        "udp-connect-tos:[fd77::1]:8002",
+    ];
+    let (inside, outside) = inside_and_outside(&ns, &agent, &ops);
+    assert_eq!(outside, ["ok"; 5]);
+    assert_eq!(inside, ["ok", "ok", "ok", "EPERM", "EPERM"]);
+}
+
+#[test]
 fn only_the_allowed_destination_is_reachable_over_v4_v6_and_v4_mapped() {
     let site = Site::new();
     let (ns, _server) = two_hosts();

@@ -435,6 +435,9 @@ fn every_way_of_asking_reaches_the_proxy_and_dot_and_doh_stay_closed() {
         &[
             &format!("dns-udp:{UPSTREAM}/{name}/A"),
             &format!("dns-conn:{UPSTREAM}/{name}/A"),
+            // With a traffic class on the send: the hook sees no address, the query still
+            // goes to the proxy its socket was connected to.
+            &format!("dns-conn-tos:{UPSTREAM}/{name}/A"),
             &format!("dns-tcp:{UPSTREAM}/{name}/A"),
             // A resolver the agent hard-coded, which does not exist here.
             &format!("dns-conn:192.0.2.53:53/{name}/A"),
@@ -444,7 +447,7 @@ fn every_way_of_asking_reaches_the_proxy_and_dot_and_doh_stay_closed() {
     for outcome in &asked {
         assert_eq!(field(outcome, "answers"), "10.77.0.1", "{outcome}");
     }
-    assert_eq!(w.upstream_saw(name), 5, "each was forwarded by the proxy");
+    assert_eq!(w.upstream_saw(name), 6, "each was forwarded by the proxy");
     // IPv6: an AAAA answer is granted as an IPv6 destination, on the rule's port only.
     let aaaa = &w.inside(&alpha, &[&ask(name, "AAAA")])[0];
     assert_eq!(field(aaaa, "answers"), "fd77::1", "{aaaa}");

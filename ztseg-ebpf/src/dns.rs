@@ -24,7 +24,7 @@ use ztseg_common::{
     rule::{ANY_PORT, DIR_OUT, PROTO_TCP, PROTO_UDP, VERDICT_ALLOW, effective_v4},
 };
 
-use crate::{ALLOW, Dest, Task, port_of, protocol_of, remember_peer, v4_dest};
+use crate::{ALLOW, Dest, Target, Task, port_of, protocol_of, remember_peer, v4_dest};
 
 /// What `redirect_v4`/`redirect_v6` return for a destination that is not theirs: the rules
 /// judge it. (Not an `Option`: see `Task`.)
@@ -51,15 +51,14 @@ fn config() -> DnsConfig {
 /// Connect or unconnected send of an IPv4 socket: port 53 goes to the proxy, the proxy's
 /// network is refused, anything else is [`NOT_DNS`].
 #[inline(always)]
-pub fn redirect_v4(ctx: &SockAddrContext, action: u8) -> i32 {
+pub fn redirect_v4(ctx: &SockAddrContext, action: u8, target: Target) -> i32 {
     let config = config();
     if config.enabled == 0 {
         return NOT_DNS;
     }
-    // SAFETY: the kernel hands a valid `bpf_sock_addr` to cgroup/sock_addr programs.
-    let raw = unsafe { (*ctx.sock_addr).user_ip4 };
+    let raw = target.ip[0];
     let addr = effective_v4(raw.to_ne_bytes());
-    let port = port_of(ctx);
+    let port = target.port;
     let intercept = config.intercept(port, addr);
     if intercept == Intercept::Pass {
         return NOT_DNS;
@@ -74,6 +73,12 @@ pub fn redirect_v4(ctx: &SockAddrContext, action: u8) -> i32 {
     // sends (the kernel judges each of its sends here, as to the IPv4 address); it names no one
     // else, so it is let through as a query. Any other address of the proxy's network is not.
     let own = intercept == Intercept::ProxyNet && addr == proxy && port == config.port;
+    if !target.given && !own {
+        // A connected socket's send with no address goes to its peer and cannot be redirected:
+        // a peer other than the agent's proxy was connected without the redirect (and judged by
+        // the rules then); the rules judge it now.
+        return NOT_DNS;
+    }
     let decision = if intercept == Intercept::ProxyNet && !own {
         Decision::deny(dns_reason::PROXY_NET)
     } else {
@@ -83,7 +88,7 @@ pub fn redirect_v4(ctx: &SockAddrContext, action: u8) -> i32 {
         remember_resolver(ctx, [raw, 0, 0, 0], port, FAMILY_V4);
     }
     let verdict = task.report(action, v4_dest(proto, port, addr), &decision, true);
-    if verdict == ALLOW {
+    if verdict == ALLOW && target.given {
         // SAFETY: `user_ip4` and `user_port` are writable in connect4 and sendmsg4 programs;
         // `user_port` is a 4-byte field with the port in its first two bytes.
         unsafe {
@@ -110,14 +115,15 @@ pub fn redirect_v4(ctx: &SockAddrContext, action: u8) -> i32 {
 /// is refused (`dns_v6`). IPv4-mapped destinations of unconnected sends never get here: the
 /// kernel hands those to the sendmsg4 program.
 #[inline(always)]
-pub fn redirect_v6(ctx: &SockAddrContext, action: u8) -> i32 {
+pub fn redirect_v6(ctx: &SockAddrContext, action: u8, target: Target) -> i32 {
     let config = config();
-    if config.enabled == 0 {
+    // A connected socket's send with no address goes to its peer: a socket connected to port 53
+    // through the redirect sends from the IPv4 side (sendmsg4); any other peer is the rules'.
+    if config.enabled == 0 || !target.given {
         return NOT_DNS;
     }
-    // SAFETY: as above. `user_ip6` is four network-order words.
-    let w = unsafe { (*ctx.sock_addr).user_ip6 };
-    let port = port_of(ctx);
+    let w = target.ip;
+    let port = target.port;
     let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
     // An IPv4-mapped destination is intercepted as its IPv4 address would be; an IPv6 one on
     // port 53 only (the proxy's network is IPv4).

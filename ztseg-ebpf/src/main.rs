@@ -47,8 +47,8 @@ use ztseg_common::{
     maps::{EVENTS_BYTES, MAX_AGENTS, MAX_RULES, MAX_SUMMARIES, SHED_DENIALS_AT, wake_reader},
     packet::{self, Arrival, Headers, Peer, Peers, REPLY_PEERS, STATE_ESTABLISHED},
     rule::{
-        ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, VERDICT_DENY,
-        effective_v4, effective_v6, has_every_port,
+        ANY_PORT, DIR_IN, DIR_OUT, Dest6, PROTO_TCP, PROTO_UDP, Rule4, Rule6, RuleValue, effective_v4,
+        effective_v6, has_every_port,
     },
     sockopt,
 };
@@ -126,8 +126,9 @@ static RCU_BARRIER_INNER: Array<u32, 1> = Array::new();
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
-    match dns::redirect_v4(&ctx, ACTION_CONNECT) {
-        dns::NOT_DNS => judge_v4(&ctx, ACTION_CONNECT),
+    let target = Target::given_v4(&ctx);
+    match dns::redirect_v4(&ctx, ACTION_CONNECT, target) {
+        dns::NOT_DNS => judge_v4(&ctx, ACTION_CONNECT, target),
         verdict => verdict,
     }
 }
@@ -135,19 +136,99 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
-    match dns::redirect_v6(&ctx, ACTION_CONNECT) {
-        dns::NOT_DNS => judge_v6(&ctx, ACTION_CONNECT),
+    let target = Target::given_v6(&ctx);
+    match dns::redirect_v6(&ctx, ACTION_CONNECT, target) {
+        dns::NOT_DNS => judge_v6(&ctx, ACTION_CONNECT, target),
         verdict => verdict,
     }
 }
 
-/// Runs for unconnected UDP sends only; a connected UDP socket was judged at connect. An
-/// allowed destination is remembered on the socket, so that its replies come in.
+/// Where a connect or send goes, as the hook sees it: the address the call gave, or, for a
+/// send with none (`given` false), the socket's connected peer. A connected UDP socket's send
+/// that carries an IP-level control message (IP_TOS or IPV6_TCLASS for ECN, IP_PKTINFO: what
+/// QUIC stacks add) runs the sendmsg hook with an all-zero address, and the datagram goes to
+/// the connected peer, so that is what is judged. A given address never reads as none: the
+/// kernel refuses a send to port 0 before the hook. (Not an `Option`: see `Task`.)
+#[derive(Clone, Copy)]
+pub struct Target {
+    /// Network order: `[ip4, 0, 0, 0]` or the four words of an IPv6 address.
+    pub ip: [u32; 4],
+    /// Network order.
+    pub port: [u8; 2],
+    pub given: bool,
+}
+
+impl Target {
+    #[inline(always)]
+    fn given_v4(ctx: &SockAddrContext) -> Self {
+        // SAFETY: the kernel hands a valid `bpf_sock_addr` to cgroup/sock_addr programs.
+        Self { ip: [unsafe { (*ctx.sock_addr).user_ip4 }, 0, 0, 0], port: port_of(ctx), given: true }
+    }
+
+    #[inline(always)]
+    fn given_v6(ctx: &SockAddrContext) -> Self {
+        // SAFETY: as above.
+        Self { ip: unsafe { (*ctx.sock_addr).user_ip6 }, port: port_of(ctx), given: true }
+    }
+
+    /// Whether the hook was run with no address (see the type).
+    #[inline(always)]
+    fn none_given(ctx: &SockAddrContext) -> bool {
+        // SAFETY: as above; `user_family` is readable in every sock_addr program.
+        let family = unsafe { (*ctx.sock_addr).user_family };
+        family == 0 && port_of(ctx) == [0, 0]
+    }
+
+    #[inline(always)]
+    fn send_v4(ctx: &SockAddrContext) -> Self {
+        if !Self::none_given(ctx) {
+            return Self::given_v4(ctx);
+        }
+        // SAFETY: the context's socket is never null; `dst_ip4` and `dst_port` (network
+        // order, in the first two bytes of its 4-byte word) are readable fields of `bpf_sock`.
+        // Volatile, field by field: the verifier allows no pointer arithmetic on a socket, only
+        // loads at constant offsets from it.
+        let (ip, port) = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let ip = core::ptr::read_volatile(&raw const (*sk).dst_ip4);
+            let port = core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()).to_ne_bytes();
+            (ip, [port[0], port[1]])
+        };
+        Self { ip: [ip, 0, 0, 0], port, given: false }
+    }
+
+    #[inline(always)]
+    fn send_v6(ctx: &SockAddrContext) -> Self {
+        if !Self::none_given(ctx) {
+            return Self::given_v6(ctx);
+        }
+        // SAFETY: as in `send_v4`; `dst_ip6` is four network-order words, read one by one.
+        let (ip, port) = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let ip6 = (&raw const (*sk).dst_ip6).cast::<u32>();
+            let ip = [
+                core::ptr::read_volatile(ip6),
+                core::ptr::read_volatile(ip6.add(1)),
+                core::ptr::read_volatile(ip6.add(2)),
+                core::ptr::read_volatile(ip6.add(3)),
+            ];
+            let port = core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()).to_ne_bytes();
+            (ip, [port[0], port[1]])
+        };
+        Self { ip, port, given: false }
+    }
+}
+
+/// Runs for unconnected UDP sends, and for a connected socket's send with an IP-level control
+/// message (see `Target`); other sends of a connected UDP socket were judged at its connect. An
+/// allowed destination of an unconnected send is remembered on the socket, so that its replies
+/// come in.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
     // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
-    match dns::redirect_v4(&ctx, ACTION_SENDMSG) {
-        dns::NOT_DNS => judge_v4(&ctx, ACTION_SENDMSG),
+    let target = Target::send_v4(&ctx);
+    match dns::redirect_v4(&ctx, ACTION_SENDMSG, target) {
+        dns::NOT_DNS => judge_v4(&ctx, ACTION_SENDMSG, target),
         verdict => verdict,
     }
 }
@@ -155,8 +236,9 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     // Port 53 goes to the daemon's DNS proxy (see `dns`); everything else to the rules.
-    match dns::redirect_v6(&ctx, ACTION_SENDMSG) {
-        dns::NOT_DNS => judge_v6(&ctx, ACTION_SENDMSG),
+    let target = Target::send_v6(&ctx);
+    match dns::redirect_v6(&ctx, ACTION_SENDMSG, target) {
+        dns::NOT_DNS => judge_v6(&ctx, ACTION_SENDMSG, target),
         verdict => verdict,
     }
 }
@@ -754,37 +836,45 @@ fn bytes16(w: [u32; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn judge_v4(ctx: &SockAddrContext, action: u8) -> i32 {
+fn judge_v4(ctx: &SockAddrContext, action: u8, target: Target) -> i32 {
     let task = Task::current();
-    // SAFETY: as above. `user_ip4` is network order; its bytes are the address as written.
-    let addr = effective_v4(unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes());
-    let port = port_of(ctx);
+    // Network order: its bytes are the address as written.
+    let addr = effective_v4(target.ip[0].to_ne_bytes());
+    let port = target.port;
     let (dest, decision) = match protocol_of(ctx) {
         Ok(proto) => (v4_dest(proto, port, addr), decide_v4(&task, DIR_OUT, proto, port, addr)),
         Err(denied) => (v4_dest(u8::MAX, port, addr), denied),
     };
-    finish(ctx, &task, action, dest, &decision)
+    finish(ctx, &task, action, target, dest, &decision)
 }
 
 /// Reports the decision of a connect or send; an allowed unconnected send's destination is
-/// remembered on the socket first, so that the reply finds it.
+/// remembered on the socket first, so that the reply finds it (a connected socket's replies
+/// come from its peer).
 #[inline(always)]
-fn finish(ctx: &SockAddrContext, task: &Task, action: u8, dest: Dest, decision: &Decision) -> i32 {
-    if action == ACTION_SENDMSG && decision.passes() {
+fn finish(
+    ctx: &SockAddrContext,
+    task: &Task,
+    action: u8,
+    target: Target,
+    dest: Dest,
+    decision: &Decision,
+) -> i32 {
+    if action == ACTION_SENDMSG && target.given && decision.passes() {
         remember_peer(ctx, &Peer { addr: dest.addr, port: dest.port, family: dest.family, _pad: 0 });
     }
     task.report(action, dest, decision, true)
 }
 
 #[inline(always)]
-fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
+fn judge_v6(ctx: &SockAddrContext, action: u8, target: Target) -> i32 {
     let task = Task::current();
-    // SAFETY: as above. `user_ip6` is four network-order words.
-    let w = unsafe { (*ctx.sock_addr).user_ip6 };
+    // Four network-order words.
+    let w = target.ip;
     let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
     let addr =
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]];
-    let port = port_of(ctx);
+    let port = target.port;
     let (dest, decision) = match (protocol_of(ctx), effective_v6(addr)) {
         (Ok(proto), Dest6::V4(v4)) => (v4_dest(proto, port, v4), decide_v4(&task, DIR_OUT, proto, port, v4)),
         (Ok(proto), Dest6::V6(v6)) => (
@@ -793,7 +883,7 @@ fn judge_v6(ctx: &SockAddrContext, action: u8) -> i32 {
         ),
         (Err(denied), _) => (Dest { family: FAMILY_V6, proto: u8::MAX, addr: w, port }, denied),
     };
-    finish(ctx, &task, action, dest, &decision)
+    finish(ctx, &task, action, target, dest, &decision)
 }
 
 /// What the rules decided, with the agent's mode applied: an outbound denial by the rules is

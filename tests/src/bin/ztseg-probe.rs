@@ -90,6 +90,15 @@ fn run_op(op: &str) -> String {
             let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
             UdpSocket::bind(local).and_then(|s| s.connect(target).and_then(|()| s.send(b"probe"))).map(drop)
         }
+        // A connected UDP socket sending with an IP-level control message (IP_TOS, as QUIC
+        // stacks do for ECN): the kernel then runs the sendmsg hook with no address.
+        "udp-connect-tos" => {
+            let target: SocketAddr = addr.parse().unwrap();
+            let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(local).and_then(|s| {
+                s.connect(target).and_then(|()| dns::send_with_tos(&s, b"probe", target.is_ipv4()))
+            })
+        }
         "raw4" => raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
         "udplite4" => raw_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
         "mptcp4" => raw_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
