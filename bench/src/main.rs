@@ -584,6 +584,11 @@ fn run(args: &[String]) -> Result<()> {
                     let program = if proto == "tcp" { "connect4" } else { "sendmsg4" };
                     let before = stats::prog_counters(&links.join(program))?;
                     let socket_before = stats::prog_counters(&links.join("sock_create"))?;
+                    let packets = |links: &Path| -> Result<u64> {
+                        Ok(stats::prog_counters(&links.join("packets_in"))?.0
+                            + stats::prog_counters(&links.join("packets_out"))?.0)
+                    };
+                    let packets_before = packets(&links)?;
                     let trouble_before = ns.tcp_trouble()?;
                     let (base_timed, timed) = measure_pair(
                         &bench,
@@ -596,6 +601,7 @@ fn run(args: &[String]) -> Result<()> {
                     let (ns_op, ok, failed) = (timed.p50, timed.ok, timed.failed);
                     let after = stats::prog_counters(&links.join(program))?;
                     let socket_after = stats::prog_counters(&links.join("sock_create"))?;
+                    let packets_after = packets(&links)?;
                     let label = case.label();
                     let expect_ok = case.allowed || matches!(case.setup, Setup::None);
                     if (expect_ok && failed > 0) || (!expect_ok && ok > 0) {
@@ -611,8 +617,14 @@ fn run(args: &[String]) -> Result<()> {
                     if base_timed.p50 > 0.0 {
                         results.ratio.entry((label.clone(), proto)).or_default().push(ns_op / base_timed.p50);
                     }
-                    // The socket-creation hook of the TCP case: agent lookup, gate and counters
-                    // but no rule lookup and no event record (allowed creations are not logged).
+                    // The packet programs' time per TCP connect: every packet of the agent's
+                    // side of a connect and close, both ways (SYN, ACK, FIN and theirs).
+                    if proto == "tcp" && matches!(case.setup, Setup::Ztseg { .. }) && after.1 > before.1 {
+                        let ns = (packets_after - packets_before) as f64 / (after.1 - before.1) as f64;
+                        results.kernel_ns.entry((label.clone(), "packets")).or_default().push(ns);
+                    }
+                    // The socket-creation hook of the TCP case: it reads the socket's type and
+                    // protocol and lets a TCP socket through (see the report).
                     if proto == "tcp"
                         && matches!(case.setup, Setup::Ztseg { .. })
                         && socket_after.1 > socket_before.1

@@ -45,8 +45,8 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>, dns: Opt
         opts.udp_ops
     );
     md.push_str("Figures: every operation is timed on its own; a cell is the median over runs of each run's per-operation median (p50) or 99th percentile (p99), with the spread over runs (min-max) in parentheses, so a few stalled operations move p99, not p50. Ratios: each case runs in alternating turns of 64 operations with a baseline worker (outside every enforcing cgroup, to the allowed destination, in a namespace of its own set up the same way, so nftables rules of the case do not touch it), so both see the same moment of the machine; the ratio is the case's p50 over the baseline's p50 of that pair. The \"no programs\" row pairs the baseline with itself: the spread of its ratio is the bench's own noise. Kernel decision: BPF run-time statistics (run_time_ns / run_cnt) of connect4 (TCP) and sendmsg4 (UDP) during the case. Denied TCP connects end at the hook (EPERM) for ztseg and with a reset (reject) for nftables; denied UDP datagrams are refused (EPERM) by ztseg and dropped by nftables (which sendto also reports as EPERM). Every ztseg decision is recorded: as a ring record, which a reader thread drains as the daemon would, while the case's agent is within its record budget (2048 records per CPU per second), then counted in the kernel's summaries map (which the daemon would drain into one record per flow per second), so most decisions of a case are measured on the summary path; the control-plane figures compare the two paths' cost. The listeners' accept queues hold 4096 connections; \"TCP trouble\" counts the runs of a case in which the namespace's ListenOverflows, ListenDrops or RetransSegs grew (some connect then waited for a retransmission), with the counts summed.\n\n");
-    md.push_str("The socket hook column is the socket-creation hook in the TCP case: it reads the socket's type and protocol and lets a TCP or UDP socket through with no lookup (its connects and sends are judged), so it is also this machine's floor, what the kernel's run-time statistics charge for running a program that does nothing.\n\n");
-    md.push_str("| case | TCP p50 ns | TCP p99 ns | ratio | UDP p50 ns | UDP p99 ns | ratio | decision ns (TCP / UDP) | socket hook ns | TCP trouble |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    md.push_str("The socket hook column is the socket-creation hook in the TCP case: it reads the socket's type and protocol and lets a TCP or UDP socket through with no lookup (its connects and sends are judged), so it is also this machine's floor, what the kernel's run-time statistics charge for running a program that does nothing. The packet programs column is the time `packets_in` and `packets_out` took per TCP connect (every packet of the agent's side of the connect and the close, both ways): with the decision and the socket hook, the kernel side of what the ratio column shows.\n\n");
+    md.push_str("| case | TCP p50 ns | TCP p99 ns | ratio | UDP p50 ns | UDP p99 ns | ratio | decision ns (TCP / UDP) | socket hook ns | packet programs ns per connect | TCP trouble |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut seen = std::collections::BTreeSet::new();
     for case in &r.order {
         let label = case.label();
@@ -57,7 +57,7 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>, dns: Opt
         }
         let _ = writeln!(
             md,
-            "| {label} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
             cell(r.op(case, "tcp"), 1.0, 0),
             cell(r.p99(case, "tcp"), 1.0, 0),
             cell(r.ratio(case, "tcp"), 1.0, 3),
@@ -67,6 +67,7 @@ pub fn markdown(opts: &Options, r: &Results, control: Option<&Figures>, dns: Opt
             cell(r.kernel(case, "tcp"), 1.0, 0),
             cell(r.kernel(case, "udp"), 1.0, 0),
             cell(r.kernel(case, "socket"), 1.0, 0),
+            cell(r.kernel(case, "packets"), 1.0, 0),
             trouble_cell(r, case),
         );
     }
