@@ -50,18 +50,7 @@ fn boot_ns() -> u64 {
 fn streaming_agent(w: &World) -> Proc {
     let cmd = [w.daemon.probe.as_os_str(), OsStr::new("stream"), OsStr::new("10.77.0.1:8003")];
     let mut agent = spawn_agent(&w.daemon, &w.ns, "alpha", &cmd, &[]);
-    assert_eq!(agent.line(), "connected");
-    let (mut tcp, mut udp) = (0, 0);
-    while tcp < 3 || udp < 3 {
-        let line = agent.line();
-        if line.starts_with("tcp ") {
-            tcp += 1;
-        } else if line.starts_with("udp ") {
-            udp += 1;
-        } else {
-            panic!("unexpected line before the cut: {line}");
-        }
-    }
+    until_flowing(&mut agent);
     agent
 }
 
