@@ -222,28 +222,41 @@ fn namespaces<'a>(cgroups: impl IntoIterator<Item = &'a Path>) -> Vec<Option<std
 
 /// The inodes of the sockets the processes in `targets` (path, id) hold, each with its holder's
 /// cgroup id. Every thread's descriptor table is read: a thread made without CLONE_FILES has one
-/// of its own. A process or descriptor gone meanwhile is skipped.
+/// of its own. A process or descriptor gone meanwhile is skipped, and so is a process no longer
+/// in the cgroup once its descriptors are read: its pid may have been reused by a process that
+/// is no agent's, whose sockets must not be closed.
 fn held_sockets(targets: &[(&Path, u64)]) -> HashMap<u64, u64> {
     let mut held = HashMap::new();
     for (cgroup, id) in targets {
         for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
-            let tasks = Path::new("/proc").join(pid.trim()).join("task");
-            for task in fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let process = Path::new("/proc").join(pid.trim());
+            let mut inodes = Vec::new();
+            for task in fs::read_dir(process.join("task")).into_iter().flatten().flatten() {
                 for fd in fs::read_dir(task.path().join("fd")).into_iter().flatten().flatten() {
                     let Ok(target) = fs::read_link(fd.path()) else { continue };
-                    let inode = target
-                        .to_str()
-                        .and_then(|t| t.strip_prefix("socket:["))
-                        .and_then(|t| t.strip_suffix(']'))
-                        .and_then(|n| n.parse::<u64>().ok());
-                    if let Some(inode) = inode {
-                        held.insert(inode, *id);
-                    }
+                    inodes.extend(socket_inode(&target));
                 }
+            }
+            if still_in(&process, cgroup) {
+                held.extend(inodes.into_iter().map(|inode| (inode, *id)));
             }
         }
     }
     held
+}
+
+/// The inode of a descriptor's `socket:[N]` link.
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Whether `/proc/PID` is (still) a process of `cgroup`: its cgroup2 line (`0::/a/b`) names the
+/// cgroup's path below the mount.
+fn still_in(process: &Path, cgroup: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(process.join("cgroup")) else { return false };
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::/"))
+        .is_some_and(|relative| !relative.is_empty() && cgroup.ends_with(relative))
 }
 
 /// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), and
@@ -330,6 +343,29 @@ mod tests {
             Some(Found { cgroup_id: 78, family: 10, protocol: 6, id: [9; 48] })
         );
         assert_eq!(parse_found(&msg, 6, &wanted(&[78]), &[(4243, 78)].into()), None, "another inode");
+    }
+
+    #[test]
+    fn a_descriptor_is_a_socket_by_its_link() {
+        assert_eq!(socket_inode(Path::new("socket:[4242]")), Some(4242));
+        assert_eq!(socket_inode(Path::new("pipe:[4242]")), None);
+        assert_eq!(socket_inode(Path::new("/tmp/socket:[4242]")), None);
+        assert_eq!(socket_inode(Path::new("socket:[x]")), None);
+    }
+
+    #[test]
+    fn a_process_is_the_cgroups_only_while_its_cgroup_line_names_it() {
+        // This process: its own cgroup is the path its line names, and no other.
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let relative = own.lines().find_map(|l| l.strip_prefix("0::/")).unwrap().to_owned();
+        let me = Path::new("/proc/self");
+        let cgroup = Path::new("/sys/fs/cgroup").join(&relative);
+        if !relative.is_empty() {
+            assert!(still_in(me, &cgroup));
+            assert!(!still_in(me, &Path::new("/sys/fs/cgroup").join(format!("{relative}-other"))));
+        }
+        assert!(!still_in(me, Path::new("/sys/fs/cgroup/ztseg-no-such.slice/agent")));
+        assert!(!still_in(Path::new("/proc/no-such-process"), &cgroup));
     }
 
     #[test]
