@@ -236,9 +236,214 @@ pub fn run_op(kind: &str, arg: &str) -> Option<String> {
                 Err(_) => "resolve-failed".to_owned(),
             }
         }
+        "dns-case" => {
+            // N queries of NAME, the case of its letters spelling i (0x20 bits): one name to
+            // every rule and budget, N distinct messages to whoever reads them.
+            let (server, name, n) = three(arg);
+            let server: SocketAddr = server.parse().unwrap();
+            let mut rcodes: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+            for i in 0..n.parse::<u64>().unwrap() {
+                let mut bit = 0;
+                let cased: String = name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphabetic() {
+                            bit += 1;
+                            if (i >> (bit - 1)) & 1 == 1 { c.to_ascii_uppercase() } else { c }
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                let outcome = match ask_udp(server, &query(&cased, RecordType::A), Udp::Connected) {
+                    Ok((answer, _, _)) => format!("{:?}", answer.metadata.response_code),
+                    Err(e) => errno_name(&e),
+                };
+                *rcodes.entry(outcome).or_default() += 1;
+            }
+            rcodes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        }
+        "dns-raw-udp" => {
+            // Raw bytes (hex) over a connected UDP socket: the reply described, or an errno.
+            let (server, hex) = arg.rsplit_once('/').unwrap();
+            let server: SocketAddr = server.parse().unwrap();
+            let bytes = unhex(hex);
+            let result = udp_socket(server).and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.connect(server)?;
+                s.send(&bytes)?;
+                let mut buf = [0u8; 65535];
+                let n = s.recv(&mut buf)?;
+                Ok(buf[..n].to_vec())
+            });
+            match result {
+                Ok(reply) => raw_describe(&reply),
+                Err(e) => errno_name(&e),
+            }
+        }
+        "dns-raw-tcp" => {
+            // Raw bytes (hex, the caller frames them) over TCP; then every framed reply until
+            // the proxy closes or 3 s pass: "replies=N ..." and how it ended.
+            let (server, hex) = arg.rsplit_once('/').unwrap();
+            let server: SocketAddr = server.parse().unwrap();
+            let bytes = unhex(hex);
+            match TcpStream::connect_timeout(&server, TIMEOUT) {
+                Err(e) => errno_name(&e),
+                Ok(mut stream) => {
+                    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    if let Err(e) = stream.write_all(&bytes) {
+                        return Some(format!("write-{}", errno_name(&e)));
+                    }
+                    let mut replies = Vec::new();
+                    let end = loop {
+                        let mut len = [0u8; 2];
+                        if let Err(e) = stream.read_exact(&mut len) {
+                            break errno_name(&e);
+                        }
+                        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        if let Err(e) = stream.read_exact(&mut buf) {
+                            break errno_name(&e);
+                        }
+                        replies.push(raw_describe(&buf));
+                    };
+                    format!(
+                        "replies={} [{}] end={}",
+                        replies.len(),
+                        replies.join("; "),
+                        end.replace(' ', "_")
+                    )
+                }
+            }
+        }
+        "tfo" => {
+            // A TCP Fast Open send (sendto MSG_FASTOPEN, no connect) of a framed query.
+            let (server, hex) = arg.rsplit_once('/').unwrap();
+            let server: SocketAddr = server.parse().unwrap();
+            let bytes = unhex(hex);
+            tfo(server, &bytes)
+        }
+        "sendmmsg" => {
+            // One sendmmsg of N copies of a query (hex) to SERVER from an unconnected socket,
+            // then the replies read within 2 s: "sent=N replies=R" or an errno.
+            let (server, hex, n) = three(arg);
+            let server: SocketAddr = server.parse().unwrap();
+            sendmmsg(server, &unhex(hex), n.parse().unwrap())
+        }
         _ => return None,
     };
     Some(outcome)
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+fn raw_describe(reply: &[u8]) -> String {
+    match Message::from_vec(reply) {
+        Ok(m) => format!("id={} {}", m.metadata.id, describe(&m)).replace(' ', ","),
+        Err(_) => format!("undecodable-{}", reply.len()),
+    }
+}
+
+fn sockaddr_of(server: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match server {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn tfo(server: SocketAddr, bytes: &[u8]) -> String {
+    let family = if server.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain syscalls on a socket we own.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return errno_name(&io::Error::last_os_error());
+        }
+        let (ss, len) = sockaddr_of(server);
+        let tv = libc::timeval { tv_sec: 3, tv_usec: 0 };
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), 16);
+        let sent = libc::sendto(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const ss).cast(),
+            len,
+        );
+        if sent < 0 {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            return format!("send-{}", errno_name(&e));
+        }
+        let mut buf = [0u8; 4096];
+        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+        let out = if n < 2 {
+            format!("recv-{}", if n < 0 { errno_name(&io::Error::last_os_error()) } else { n.to_string() })
+        } else {
+            raw_describe(&buf[2..n as usize])
+        };
+        libc::close(fd);
+        out
+    }
+}
+
+fn sendmmsg(server: SocketAddr, bytes: &[u8], n: usize) -> String {
+    let socket = match udp_socket(server) {
+        Ok(s) => s,
+        Err(e) => return errno_name(&e),
+    };
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    use std::os::fd::AsRawFd as _;
+    let (mut ss, len) = sockaddr_of(server);
+    let mut data = bytes.to_vec();
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: zeroed mmsghdr is valid; pointers set to live buffers.
+    let mut msgs: Vec<libc::mmsghdr> = (0..n)
+        .map(|_| {
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (&raw mut ss).cast();
+            m.msg_hdr.msg_namelen = len;
+            m.msg_hdr.msg_iov = &raw mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: msgs and everything they point to live across the call.
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+    if sent < 0 {
+        return errno_name(&io::Error::last_os_error());
+    }
+    let mut replies = 0;
+    let mut buf = [0u8; 4096];
+    while socket.recv_from(&mut buf).is_ok() {
+        replies += 1;
+    }
+    format!("sent={sent} replies={replies}")
 }
 
 /// RFC 4648 base32, lower case, unpadded (what DNS tunnels put in labels).

