@@ -220,29 +220,66 @@ fn namespaces<'a>(cgroups: impl IntoIterator<Item = &'a Path>) -> Vec<Option<std
     std::iter::once(None).chain(by_ns.into_values().map(Some)).collect()
 }
 
+/// Descriptor links read at most in one scan: an agent's processes could otherwise make its own
+/// kill read billions (10,000 threads with tables of their own, each filled to the limit) while
+/// the daemon waits. Past it the scan stops, says so, and the sockets found so far are closed.
+const MAX_LINKS: usize = 1 << 20;
+
 /// The inodes of the sockets the processes in `targets` (path, id) hold, each with its holder's
-/// cgroup id. Every thread's descriptor table is read: a thread made without CLONE_FILES has one
-/// of its own. A process or descriptor gone meanwhile is skipped, and so is a process no longer
-/// in the cgroup once its descriptors are read: its pid may have been reused by a process that
-/// is no agent's, whose sockets must not be closed.
+/// cgroup id. Each descriptor table is read once: the process's, and a thread's own only when
+/// it has one (made without CLONE_FILES; `kcmp` says). A process or descriptor gone meanwhile is
+/// skipped, and so is a process no longer in the cgroup once its descriptors are read: its pid
+/// may have been reused by a process that is no agent's, whose sockets must not be closed.
 fn held_sockets(targets: &[(&Path, u64)]) -> HashMap<u64, u64> {
+    let mount =
+        fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| crate::cgroup::cgroup2_mount(&m));
     let mut held = HashMap::new();
+    let mut budget = MAX_LINKS;
     for (cgroup, id) in targets {
         for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
-            let process = Path::new("/proc").join(pid.trim());
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            let process = Path::new("/proc").join(pid.to_string());
             let mut inodes = Vec::new();
+            read_table(&process.join("fd"), &mut inodes, &mut budget);
             for task in fs::read_dir(process.join("task")).into_iter().flatten().flatten() {
-                for fd in fs::read_dir(task.path().join("fd")).into_iter().flatten().flatten() {
-                    let Ok(target) = fs::read_link(fd.path()) else { continue };
-                    inodes.extend(socket_inode(&target));
+                let tid = task.file_name().to_str().and_then(|t| t.parse::<i32>().ok());
+                if tid.is_some_and(|tid| tid != pid && !same_table(pid, tid)) {
+                    read_table(&task.path().join("fd"), &mut inodes, &mut budget);
                 }
             }
-            if still_in(&process, cgroup) {
+            if still_in(&process, cgroup, mount.as_deref()) {
                 held.extend(inodes.into_iter().map(|inode| (inode, *id)));
+            }
+            if budget == 0 {
+                tracing::warn!(cgroup = %cgroup.display(), "stopped reading the agent's descriptors after {MAX_LINKS}: sockets it holds past them stay open (their packets are still judged by their maker's state)");
+                return held;
             }
         }
     }
     held
+}
+
+/// Adds the socket inodes of descriptor table `dir` (`/proc/.../fd`) to `inodes`, spending a
+/// link of `budget` per descriptor.
+fn read_table(dir: &Path, inodes: &mut Vec<u64>, budget: &mut usize) {
+    for fd in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        if let Ok(link) = fs::read_link(fd.path()) {
+            inodes.extend(socket_inode(&link));
+        }
+    }
+}
+
+/// Whether thread `tid` shares process `pid`'s descriptor table (`kcmp` KCMP_FILES); not known
+/// reads as not shared, so its table is read.
+fn same_table(pid: i32, tid: i32) -> bool {
+    const KCMP_FILES: libc::c_long = 2;
+    // SAFETY: kcmp takes integers only and reads nothing of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, tid, KCMP_FILES, 0, 0) };
+    rc == 0
 }
 
 /// The inode of a descriptor's `socket:[N]` link.
@@ -251,12 +288,14 @@ fn socket_inode(link: &Path) -> Option<u64> {
 }
 
 /// Whether `/proc/PID` is (still) a process of `cgroup`: its cgroup2 line (`0::/a/b`) names the
-/// cgroup's path below the mount.
-fn still_in(process: &Path, cgroup: &Path) -> bool {
+/// cgroup, below the cgroup2 `mount` (when it cannot be found: the cgroup's path ends in it).
+fn still_in(process: &Path, cgroup: &Path, mount: Option<&Path>) -> bool {
     let Ok(text) = fs::read_to_string(process.join("cgroup")) else { return false };
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::/"))
-        .is_some_and(|relative| !relative.is_empty() && cgroup.ends_with(relative))
+    let Some(relative) = text.lines().find_map(|line| line.strip_prefix("0::/")) else { return false };
+    match mount {
+        Some(mount) => mount.join(relative) == cgroup,
+        None => !relative.is_empty() && cgroup.ends_with(relative),
+    }
 }
 
 /// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), and
@@ -359,13 +398,26 @@ mod tests {
         let own = fs::read_to_string("/proc/self/cgroup").unwrap();
         let relative = own.lines().find_map(|l| l.strip_prefix("0::/")).unwrap().to_owned();
         let me = Path::new("/proc/self");
-        let cgroup = Path::new("/sys/fs/cgroup").join(&relative);
-        if !relative.is_empty() {
-            assert!(still_in(me, &cgroup));
-            assert!(!still_in(me, &Path::new("/sys/fs/cgroup").join(format!("{relative}-other"))));
-        }
-        assert!(!still_in(me, Path::new("/sys/fs/cgroup/ztseg-no-such.slice/agent")));
-        assert!(!still_in(Path::new("/proc/no-such-process"), &cgroup));
+        let mount = Path::new("/sys/fs/cgroup");
+        let cgroup = mount.join(&relative);
+        assert!(still_in(me, &cgroup, Some(mount)));
+        // A cgroup whose path merely ends in the same names is another one.
+        assert!(!still_in(me, &mount.join("ztseg-elsewhere.slice").join(&relative), Some(mount)));
+        assert!(!still_in(me, &mount.join(format!("{relative}-other")), Some(mount)));
+        assert!(!still_in(me, Path::new("/sys/fs/cgroup/ztseg-no-such.slice/agent"), None));
+        assert!(!still_in(Path::new("/proc/no-such-process"), &cgroup, Some(mount)));
+    }
+
+    #[test]
+    fn a_thread_shares_its_process_table_unless_it_has_its_own() {
+        let pid = std::process::id() as i32;
+        // This test's thread (the harness runs each test on a thread of its own, made by std
+        // with CLONE_FILES) shares the process's table.
+        let own = nix::unistd::gettid().as_raw();
+        assert_ne!(own, pid, "the test runs on a thread other than the main one");
+        assert!(same_table(pid, own));
+        // An unknown task reads as not shared, so its table would be read.
+        assert!(!same_table(pid, i32::MAX));
     }
 
     #[test]

@@ -63,31 +63,39 @@ const RECORDS_IN_FLIGHT: usize = 4096;
 /// agent slot at once.
 struct Shares {
     limit: usize,
-    taken: Mutex<HashMap<u32, usize>>,
+    taken: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+/// One taken share, given back when dropped (a task that ends early, or panics, gives it back).
+struct Share {
+    taken: Arc<Mutex<HashMap<u32, usize>>>,
+    slot: u32,
 }
 
 impl Shares {
     fn new(limit: usize) -> Self {
-        Self { limit, taken: Mutex::new(HashMap::new()) }
+        Self { limit, taken: Arc::default() }
     }
 
-    /// Takes one of `slot`'s share; false when it has all of it.
-    fn take(&self, slot: u32) -> bool {
+    /// One of `slot`'s share; `None` when it has all of it.
+    fn take(&self, slot: u32) -> Option<Share> {
         let mut taken = self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = taken.entry(slot).or_insert(0);
         if *n >= self.limit {
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(Share { taken: self.taken.clone(), slot })
     }
+}
 
-    fn release(&self, slot: u32) {
+impl Drop for Share {
+    fn drop(&mut self) {
         let mut taken = self.taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = taken.get_mut(&slot) {
+        if let Some(n) = taken.get_mut(&self.slot) {
             *n -= 1;
             if *n == 0 {
-                taken.remove(&slot);
+                taken.remove(&self.slot);
             }
         }
     }
@@ -112,8 +120,8 @@ pub struct Counters {
     pub answered: AtomicU64,
     pub refused: AtomicU64,
     pub failed: AtomicU64,
-    /// UDP queries dropped unread: an agent with too many in flight, or not addressed to a
-    /// proxy address.
+    /// UDP queries dropped unread (an agent with too many in flight, or not addressed to a
+    /// proxy address), and TCP connections closed at once (an agent past its share).
     pub dropped: AtomicU64,
 }
 
@@ -255,10 +263,10 @@ impl Proxy {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if !self.per_agent.take(slot) {
+            let Some(share) = self.per_agent.take(slot) else {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
+            };
             let Ok(permit) = self.in_flight.clone().acquire_owned().await else { return };
             let query = buf[..n].to_vec();
             let (proxy, udp) = (self.clone(), udp.clone());
@@ -269,7 +277,7 @@ impl Proxy {
                         debug!(error = %e, "DNS proxy: an answer could not be sent");
                     }
                 }
-                proxy.per_agent.release(slot);
+                drop(share);
                 drop(permit);
             });
         }
@@ -290,14 +298,14 @@ impl Proxy {
             let (Some(slot), Ok(permit)) = (slot, connections.clone().try_acquire_owned()) else {
                 continue;
             };
-            if !self.tcp_per_agent.take(slot) {
+            let Some(share) = self.tcp_per_agent.take(slot) else {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
+            };
             let proxy = self.clone();
             tokio::spawn(async move {
                 proxy.serve_connection(slot, stream).await;
-                proxy.tcp_per_agent.release(slot);
+                drop(share);
                 drop(permit);
             });
         }
@@ -517,4 +525,22 @@ pub fn spawn(proxy: Arc<Proxy>, bound: Bound) -> io::Result<()> {
     })?;
     info!(upstream = ?upstream, "DNS proxy up");
     Ok(())
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_takes_at_most_its_share_and_a_dropped_share_comes_back() {
+        let shares = Shares::new(2);
+        let (a, b) = (shares.take(7).unwrap(), shares.take(7).unwrap());
+        assert!(shares.take(7).is_none(), "past its share");
+        // Another agent's share is its own.
+        let other = shares.take(8).unwrap();
+        drop(a);
+        let again = shares.take(7).expect("a share given back is taken again");
+        drop((b, again, other));
+        assert!(shares.taken.lock().unwrap().is_empty(), "nothing left taken");
+    }
 }
