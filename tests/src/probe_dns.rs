@@ -334,8 +334,9 @@ pub fn run_op(kind: &str, arg: &str) -> Option<String> {
     Some(outcome)
 }
 
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+/// The bytes of a hex argument.
+pub fn unhex(text: &str) -> Vec<u8> {
+    hex::decode(text).unwrap()
 }
 
 fn raw_describe(reply: &[u8]) -> String {

@@ -536,10 +536,6 @@ fn wire(id: u16, flags: u16, questions: &[(&[&[u8]], u16, u16)], counts: [u16; 3
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn framed(bytes: &[u8]) -> Vec<u8> {
     let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
     out.extend(bytes);
@@ -589,8 +585,8 @@ fn a_label_with_a_dot_is_refused_not_judged_as_another_name() {
     let odd = w.inside(
         &alpha,
         &[
-            &format!("dns-raw-udp:{UPSTREAM}/{}", hex(&q1(&[b"bad.mirror", b"test"], A))),
-            &format!("dns-raw-udp:{UPSTREAM}/{}", hex(&q1(&[b"evil.mirror", b"test"], A))),
+            &format!("dns-raw-udp:{UPSTREAM}/{}", hex::encode(q1(&[b"bad.mirror", b"test"], A))),
+            &format!("dns-raw-udp:{UPSTREAM}/{}", hex::encode(q1(&[b"evil.mirror", b"test"], A))),
         ],
     );
     assert_eq!((rcode(&odd[0]), rcode(&odd[1])), ("Refused", "Refused"), "{odd:?}");
@@ -650,7 +646,7 @@ fn malformed_and_odd_queries_never_go_upstream_and_the_proxy_keeps_answering() {
         ("star", q1(&[b"*", b"llm", b"test"], A), "Refused"),
     ];
     let ops: Vec<String> =
-        cases.iter().map(|(_, b, _)| format!("dns-raw-udp:{UPSTREAM}/{}", hex(b))).collect();
+        cases.iter().map(|(_, b, _)| format!("dns-raw-udp:{UPSTREAM}/{}", hex::encode(b))).collect();
     let got = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
     for ((name, _, expected), out) in cases.iter().zip(&got) {
         assert_eq!(rcode(out), *expected, "udp {name}: {out}");
@@ -666,7 +662,7 @@ fn malformed_and_odd_queries_never_go_upstream_and_the_proxy_keeps_answering() {
         ("split-len", vec![0]),
     ];
     let ops: Vec<String> =
-        tcp_cases.iter().map(|(_, b)| format!("dns-raw-tcp:{UPSTREAM}/{}", hex(b))).collect();
+        tcp_cases.iter().map(|(_, b)| format!("dns-raw-tcp:{UPSTREAM}/{}", hex::encode(b))).collect();
     let tcp = w.inside(&alpha, &ops.iter().map(String::as_str).collect::<Vec<_>>());
     // Three answers to the pipelined three (allowed, refused, allowed AAAA); nothing to the
     // zero-length, partial and split frames; FormErr to the junk.
@@ -706,7 +702,7 @@ fn one_agent_holding_tcp_connections_takes_only_its_share_of_the_proxy() {
     // busy with a refused query every 5 s. The proxy accepts connections in order: by the time
     // it takes alpha's, it has dealt with all of mallory's (which, with one pool for all
     // agents, took every connection it has).
-    let keep = hex(&framed(&q1(&[b"keep", b"alive", b"invalid"], A)));
+    let keep = hex::encode(framed(&q1(&[b"keep", b"alive", b"invalid"], A)));
     let mut hold = std::process::Command::new(probe_bin());
     hold.arg("--netns").arg(w.ns.path()).arg("--cgroup").arg(&mallory);
     hold.args(["dns-hold", UPSTREAM, "300", "10", &keep]);
@@ -729,9 +725,9 @@ fn fast_open_sendmmsg_and_mapped_addresses_all_go_to_the_own_proxy() {
     let w = World::new("");
     let alpha = w.agent("alpha", &["llm"]);
     let _beta = w.agent("beta", &["llm", "mirror"]);
-    let other = hex(&framed(&q1(&[b"other", b"test"], A)));
-    let allowed = hex(&framed(&q1(&[b"api", b"llm", b"test"], A)));
-    let other_udp = hex(&q1(&[b"other", b"test"], A));
+    let other = hex::encode(framed(&q1(&[b"other", b"test"], A)));
+    let allowed = hex::encode(framed(&q1(&[b"api", b"llm", b"test"], A)));
+    let other_udp = hex::encode(q1(&[b"other", b"test"], A));
     let got = w.inside(
         &alpha,
         &[

@@ -21,6 +21,11 @@
 //!                                                           a byte on each every 10 ms; prints
 //!                                                           "tcp|udp BOOT_NS" per chunk received, and
 //!                                                           "tcp-closed ERRNO" when TCP fails
+//! ztseg-probe stream-moved CGROUP ADDR                      as stream, its sockets made where it
+//!                                                           starts and connected after it moves
+//!                                                           itself into CGROUP (a handed-over socket)
+//! ztseg-probe dns-hold SERVER N SECS HEX                    N TCP connections to SERVER; "held K";
+//!                                                           a framed query (HEX) on each every 5 s
 //! ztseg-probe listen ADDR                                  a TCP listener and a UDP socket on ADDR;
 //!                                                           "ready"; sends "hi" on each connection
 //!                                                           and prints "accepted IP" / "udp IP"
@@ -753,10 +758,7 @@ fn main() {
             let server: SocketAddr = args[0].parse().unwrap();
             let n: usize = args[1].parse().unwrap();
             let secs: u64 = args[2].parse().unwrap();
-            let query: Vec<u8> = (0..args[3].len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&args[3][i..i + 2], 16).unwrap())
-                .collect();
+            let query = dns::unhex(&args[3]);
             let mut conns: Vec<TcpStream> = (0..n)
                 .filter_map(|_| TcpStream::connect_timeout(&server, Duration::from_secs(3)).ok())
                 .collect();
@@ -776,31 +778,6 @@ fn main() {
                 });
             }
             writeln!(out, "alive {}", conns.len()).unwrap();
-        }
-        "dns-flood" => {
-            // dns-flood SERVER SECS HEX: a connected UDP socket sends HEX as fast as it can for
-            // SECS s; "sent N".
-            let server: SocketAddr = args[0].parse().unwrap();
-            let secs: u64 = args[1].parse().unwrap();
-            let bytes: Vec<u8> = (0..args[2].len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&args[2][i..i + 2], 16).unwrap())
-                .collect();
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-            socket.connect(server).unwrap();
-            socket.set_nonblocking(true).unwrap();
-            let end = std::time::Instant::now() + Duration::from_secs(secs);
-            let mut sent = 0u64;
-            let mut buf = [0u8; 4096];
-            while std::time::Instant::now() < end {
-                for _ in 0..64 {
-                    if socket.send(&bytes).is_ok() {
-                        sent += 1;
-                    }
-                }
-                while socket.recv(&mut buf).is_ok() {}
-            }
-            writeln!(out, "sent {sent}").unwrap();
         }
         "race" => dns::race(&args),
         "capture" => capture(&args[0]),
