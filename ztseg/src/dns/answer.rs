@@ -72,7 +72,7 @@ pub fn question(bytes: &[u8]) -> Result<Question, Unusable> {
     }
     // Names as hosts have them: a label with a dot, a backslash or any other byte would be
     // written escaped (`bad\.mirror`) and then judged, split at its dots, as another name.
-    let host_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    let host_byte = |b: &u8| crate::policy::label_byte(b.to_ascii_lowercase());
     if !query.name().iter().all(|label| label.iter().all(host_byte)) {
         return refuse(
             ResponseCode::Refused,

@@ -38,7 +38,7 @@ use ipnet::IpNet;
 pub use self::{
     assemble::{Catalogue, Definition, PolicySet, assemble},
     compile::{CompileError, Compiled, Grant, GrantKind, MAX_ENTRIES, NameGrant},
-    name::NamePattern,
+    name::{NamePattern, label_byte},
 };
 use crate::agent_id::{AgentId, InvalidAgentId};
 

@@ -22,6 +22,12 @@ const MAX_NAME: usize = 253;
 /// Longest label.
 const MAX_LABEL: usize = 63;
 
+/// Whether `b` may stand in a label of a name: a lower-case letter, a digit, `-` or `_`. The
+/// policy check holds rules to it, and the DNS proxy the names agents ask (lower-cased first).
+pub fn label_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+}
+
 /// A name or a wildcard of a rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NamePattern {
@@ -81,10 +87,7 @@ impl NamePattern {
                     label.len()
                 ));
             }
-            if let Some(bad) = label
-                .bytes()
-                .find(|b| !(b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'_'))
-            {
+            if let Some(bad) = label.bytes().find(|b| !label_byte(*b)) {
                 return Err(format!(
                     "has {:?} in a label; a label has letters, digits, '-' and '_' only",
                     char::from(bad)
