@@ -171,51 +171,46 @@ impl Target {
         Self { ip: unsafe { (*ctx.sock_addr).user_ip6 }, port: port_of(ctx), given: true }
     }
 
-    /// Whether the hook was run with no address (see the type).
+    /// A send's target: the given address, or, when the hook was run with none (an all-zero
+    /// address: family 0, port 0), the connected peer, read by `peer` from the socket.
     #[inline(always)]
-    fn none_given(ctx: &SockAddrContext) -> bool {
+    fn send(ctx: &SockAddrContext, given: Self, peer: impl Fn(*const bpf_sock) -> [u32; 4]) -> Self {
         // SAFETY: as above; `user_family` is readable in every sock_addr program.
-        let family = unsafe { (*ctx.sock_addr).user_family };
-        family == 0 && port_of(ctx) == [0, 0]
+        if given.port != [0, 0] || unsafe { (*ctx.sock_addr).user_family } != 0 {
+            return given;
+        }
+        // SAFETY: the context's socket is never null; `dst_port` (network order, in the first
+        // two bytes of its 4-byte word) is a readable field of `bpf_sock`. Volatile, field by
+        // field: the verifier allows no pointer arithmetic on a socket, only loads at constant
+        // offsets from it.
+        unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let port = core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()).to_ne_bytes();
+            Self { ip: peer(sk), port: [port[0], port[1]], given: false }
+        }
     }
 
     #[inline(always)]
     fn send_v4(ctx: &SockAddrContext) -> Self {
-        if !Self::none_given(ctx) {
-            return Self::given_v4(ctx);
-        }
-        // SAFETY: the context's socket is never null; `dst_ip4` and `dst_port` (network
-        // order, in the first two bytes of its 4-byte word) are readable fields of `bpf_sock`.
-        // Volatile, field by field: the verifier allows no pointer arithmetic on a socket, only
-        // loads at constant offsets from it.
-        let (ip, port) = unsafe {
-            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-            let ip = core::ptr::read_volatile(&raw const (*sk).dst_ip4);
-            let port = core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()).to_ne_bytes();
-            (ip, [port[0], port[1]])
-        };
-        Self { ip: [ip, 0, 0, 0], port, given: false }
+        // SAFETY (the reader): a socket of the context; `dst_ip4` is network order.
+        Self::send(ctx, Self::given_v4(ctx), |sk| {
+            [unsafe { core::ptr::read_volatile(&raw const (*sk).dst_ip4) }, 0, 0, 0]
+        })
     }
 
     #[inline(always)]
     fn send_v6(ctx: &SockAddrContext) -> Self {
-        if !Self::none_given(ctx) {
-            return Self::given_v6(ctx);
-        }
-        // SAFETY: as in `send_v4`; `dst_ip6` is four network-order words, read one by one.
-        let (ip, port) = unsafe {
-            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        // SAFETY (the reader): as in `send_v4`; `dst_ip6` is four network-order words, read one
+        // by one.
+        Self::send(ctx, Self::given_v6(ctx), |sk| unsafe {
             let ip6 = (&raw const (*sk).dst_ip6).cast::<u32>();
-            let ip = [
+            [
                 core::ptr::read_volatile(ip6),
                 core::ptr::read_volatile(ip6.add(1)),
                 core::ptr::read_volatile(ip6.add(2)),
                 core::ptr::read_volatile(ip6.add(3)),
-            ];
-            let port = core::ptr::read_volatile((&raw const (*sk).dst_port).cast::<u32>()).to_ne_bytes();
-            (ip, [port[0], port[1]])
-        };
-        Self { ip, port, given: false }
+            ]
+        })
     }
 }
 
