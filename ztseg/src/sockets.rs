@@ -231,13 +231,13 @@ const MAX_LINKS: usize = 1 << 20;
 /// skipped, and so is a process no longer in the cgroup once its descriptors are read: its pid
 /// may have been reused by a process that is no agent's, whose sockets must not be closed.
 fn held_sockets(targets: &[(&Path, u64)]) -> HashMap<u64, u64> {
-    let mount =
-        fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| crate::cgroup::cgroup2_mount(&m));
     let mut held = HashMap::new();
+    // Agents' cgroups exist only below a cgroup2 mount: without one there is nothing to scan.
+    let Ok(cgroups) = crate::cgroup::CgroupFs::discover() else { return held };
     let mut budget = MAX_LINKS;
     for (cgroup, id) in targets {
-        for pid in fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines() {
-            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+        for pid in crate::cgroup::processes(cgroup).unwrap_or_default() {
+            let Ok(pid) = i32::try_from(pid) else { continue };
             let process = Path::new("/proc").join(pid.to_string());
             let mut inodes = Vec::new();
             read_table(&process.join("fd"), &mut inodes, &mut budget);
@@ -247,7 +247,7 @@ fn held_sockets(targets: &[(&Path, u64)]) -> HashMap<u64, u64> {
                     read_table(&task.path().join("fd"), &mut inodes, &mut budget);
                 }
             }
-            if still_in(&process, cgroup, mount.as_deref()) {
+            if still_in(&process, cgroup, cgroups.mount()) {
                 held.extend(inodes.into_iter().map(|inode| (inode, *id)));
             }
             if budget == 0 {
@@ -288,14 +288,12 @@ fn socket_inode(link: &Path) -> Option<u64> {
 }
 
 /// Whether `/proc/PID` is (still) a process of `cgroup`: its cgroup2 line (`0::/a/b`) names the
-/// cgroup, below the cgroup2 `mount` (when it cannot be found: the cgroup's path ends in it).
-fn still_in(process: &Path, cgroup: &Path, mount: Option<&Path>) -> bool {
+/// cgroup, below the cgroup2 `mount`.
+fn still_in(process: &Path, cgroup: &Path, mount: &Path) -> bool {
     let Ok(text) = fs::read_to_string(process.join("cgroup")) else { return false };
-    let Some(relative) = text.lines().find_map(|line| line.strip_prefix("0::/")) else { return false };
-    match mount {
-        Some(mount) => mount.join(relative) == cgroup,
-        None => !relative.is_empty() && cgroup.ends_with(relative),
-    }
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::/"))
+        .is_some_and(|relative| mount.join(relative) == cgroup)
 }
 
 /// Destroys every TCP and UDP socket (v4 and v6) of the cgroups in `targets` (path, id), and
@@ -400,12 +398,12 @@ mod tests {
         let me = Path::new("/proc/self");
         let mount = Path::new("/sys/fs/cgroup");
         let cgroup = mount.join(&relative);
-        assert!(still_in(me, &cgroup, Some(mount)));
+        assert!(still_in(me, &cgroup, mount));
         // A cgroup whose path merely ends in the same names is another one.
-        assert!(!still_in(me, &mount.join("ztseg-elsewhere.slice").join(&relative), Some(mount)));
-        assert!(!still_in(me, &mount.join(format!("{relative}-other")), Some(mount)));
-        assert!(!still_in(me, Path::new("/sys/fs/cgroup/ztseg-no-such.slice/agent"), None));
-        assert!(!still_in(Path::new("/proc/no-such-process"), &cgroup, Some(mount)));
+        assert!(!still_in(me, &mount.join("ztseg-elsewhere.slice").join(&relative), mount));
+        assert!(!still_in(me, &mount.join(format!("{relative}-other")), mount));
+        assert!(!still_in(me, Path::new("/sys/fs/cgroup/ztseg-no-such.slice/agent"), mount));
+        assert!(!still_in(Path::new("/proc/no-such-process"), &cgroup, mount));
     }
 
     #[test]
