@@ -481,12 +481,6 @@ fn pipeline_rate(
     })
 }
 
-/// The middle value (the upper of the two middle ones).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The risk engine's cost per record, alone: 20 agents' decisions (allows to a few granted
 /// destinations, routine denials, one agent scanning), fed as the audit writer feeds them.
 fn scoring_cost() -> (f64, usize) {
@@ -750,11 +744,11 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
             }
             rates.push(drain.rate);
         }
-        if turn { scored.push(median(&mut rates)) } else { unscored.push(median(&mut rates)) }
+        if turn { scored.push(stat(&rates).median) } else { unscored.push(stat(&rates).median) }
     }
     let ratios: Vec<f64> = scored.iter().zip(&unscored).map(|(s, u)| s / u).collect();
     let listed = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
-    let (scored_median, unscored_median) = (median(&mut scored), median(&mut unscored));
+    let (scored_median, unscored_median) = (stat(&scored).median, stat(&unscored).median);
     fig.add(
         "event pipeline: ring -> attribution -> audit append -> risk scoring -> stream",
         format!(
@@ -770,7 +764,7 @@ pub fn run(bench: &Path, daemon_bin: &Path, ns: &Netns, fs_: &CgroupFs) -> Resul
         format!(
             "{unscored_median:.0} events/s (median of {}); with scoring {:.1}% of that (median of the pairs' {}); the engine alone takes {:.1}% of the pipeline's time per record",
             listed(&unscored),
-            100.0 * median(&mut ratios.clone()),
+            100.0 * stat(&ratios).median,
             ratios.iter().map(|r| format!("{:.1}%", 100.0 * r)).collect::<Vec<_>>().join(", "),
             100.0 * per_event * 1e-9 * scored_median
         ),
